@@ -1,0 +1,1 @@
+"""Consumer stages: one module per stage, plus the shared runtime."""

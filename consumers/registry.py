@@ -1,0 +1,8 @@
+"""Every stage omniroute can run, by name."""
+
+from __future__ import annotations
+
+from consumers import conversations
+from consumers.runtime import Stage
+
+STAGES: dict[str, Stage] = {stage.name: stage for stage in (conversations.STAGE,)}

@@ -1,0 +1,349 @@
+"""The consumer runtime every stage shares: decode → handle → commit → publish → ack.
+
+Read top to bottom:
+
+- ``Stage`` names a stage, the payload model it expects and its ``handle`` coroutine. A
+  handler runs inside one database transaction and returns the events it causes; the
+  runner writes them to the outbox in that same transaction, so effects and events commit
+  together, then publishes them with confirms and only then acks.
+- An undecodable or invalid payload (or ``InvalidEvent``) is dead-lettered at once, with
+  the reason in its headers. Any other failure is redelivered with backoff, and
+  dead-lettered with its reason when the delivery limit is reached.
+- When the database is unreachable the message is held and retried in place: the stage
+  pauses instead of burning through the delivery limit, and resumes when it returns.
+- ``OutboxRelay`` publishes events whose process died between commit and publish.
+- SIGTERM (``stop``) cancels the consumer, lets in-flight messages finish within the grace
+  period and closes; what was prefetched but not started goes back to the queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import aio_pika
+import orjson
+import structlog
+from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
+from pydantic import BaseModel, ValidationError
+
+from omniroute.bus import Bus, declare_stage, event_message
+from omniroute.config_loader import LiveConfig
+from omniroute.errors import BrokerUnavailable, InvalidEvent, StoreUnavailable
+from omniroute.metrics import STAGE_DURATION, STAGE_MESSAGES
+from omniroute.settings import Settings
+from omniroute.store import Connection, Store, add_to_outbox, claim_unpublished, mark_published
+from omniroute.topology import STAGES
+from schemas.events import Envelope
+
+log = structlog.get_logger("omniroute.consumer")
+
+Clock = Callable[[], datetime]
+
+
+def system_clock() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass
+class StageTx:
+    """What a handler gets: the open transaction, the live configuration and the clock."""
+
+    conn: Connection
+    config: LiveConfig
+    now: datetime
+    settings: Settings
+
+
+Handler = Callable[[Envelope, BaseModel, StageTx], Awaitable[list[Envelope]]]
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    payloads: dict[str, type[BaseModel]]  # routing key → payload model
+    handle: Handler
+
+
+@dataclass
+class Outcome:
+    name: str
+    reason: str | None = None
+    published: list[str] = field(default_factory=list)
+
+
+def delivery_count(message: AbstractIncomingMessage) -> int:
+    """How many times the broker delivered this message before (quorum queues count)."""
+    value = (message.headers or {}).get("x-delivery-count", 0)
+    return int(value) if isinstance(value, int | str) and str(value).isdigit() else 0
+
+
+def decode(stage: Stage, body: bytes) -> tuple[Envelope, BaseModel]:
+    """Raise InvalidEvent with a readable reason if the body is not a valid event."""
+    try:
+        event = Envelope.model_validate(orjson.loads(body))
+    except (orjson.JSONDecodeError, ValidationError) as exc:
+        raise InvalidEvent(f"not a valid event envelope: {_short(exc)}") from None
+    model = stage.payloads.get(event.type)
+    if model is None:
+        raise InvalidEvent(f"stage {stage.name} does not handle events of type {event.type!r}")
+    try:
+        payload = model.model_validate(event.data)
+    except ValidationError as exc:
+        raise InvalidEvent(f"invalid {event.type} payload: {_short(exc)}") from None
+    return event, payload
+
+
+def _short(exc: Exception) -> str:
+    if isinstance(exc, ValidationError):
+        return "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg']}" for e in exc.errors()
+        )[:500]
+    return str(exc)[:500]
+
+
+class StageRunner:
+    """Consumes one stage's queue until stopped."""
+
+    def __init__(
+        self,
+        stage: Stage,
+        *,
+        bus: Bus,
+        store: Store,
+        config: LiveConfig,
+        settings: Settings,
+        clock: Clock = system_clock,
+    ) -> None:
+        self.stage = stage
+        self._bus = bus
+        self._store = store
+        self._config = config
+        self._settings = settings
+        self._clock = clock
+        self._queue: AbstractQueue | None = None
+        self._consumer_tag: str | None = None
+        self._in_flight: set[asyncio.Task[Any]] = set()
+        self._stopping = asyncio.Event()
+
+    async def start(self) -> None:
+        """Declare the stage's topology and start consuming."""
+        channel = await self._bus.channel(self._settings.prefetch)
+        self._queue = await declare_stage(
+            channel, STAGES[self.stage.name], self._settings.delivery_limit
+        )
+        self._consumer_tag = await self._queue.consume(self._on_message)
+        log.info("stage.started", stage=self.stage.name, prefetch=self._settings.prefetch)
+
+    async def stop(self) -> None:
+        """Stop intake, let in-flight messages finish within the grace period, close."""
+        self._stopping.set()
+        if self._queue is not None and self._consumer_tag is not None:
+            with contextlib.suppress(Exception):
+                await self._queue.cancel(self._consumer_tag)
+        if self._in_flight:
+            _, pending = await asyncio.wait(
+                set(self._in_flight), timeout=self._settings.shutdown_grace
+            )
+            for task in pending:
+                task.cancel()
+        if self._queue is not None:
+            with contextlib.suppress(Exception):
+                await self._queue.channel.close()
+        log.info("stage.stopped", stage=self.stage.name)
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._in_flight.add(task)
+        try:
+            await self.process(message)
+        finally:
+            if task is not None:
+                self._in_flight.discard(task)
+
+    async def process(self, message: AbstractIncomingMessage) -> None:
+        started = time.perf_counter()
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(
+            stage=self.stage.name, routing_key=message.routing_key, message_id=message.message_id
+        )
+        try:
+            outcome = await self._process(message)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await message.nack(requeue=True)
+            raise
+        elapsed = time.perf_counter() - started
+        STAGE_MESSAGES.labels(self.stage.name, outcome.name).inc()
+        STAGE_DURATION.labels(self.stage.name).observe(elapsed)
+        log.info(
+            "stage.handled",
+            outcome=outcome.name,
+            reason=outcome.reason,
+            published=outcome.published,
+            duration_ms=round(elapsed * 1000, 2),
+        )
+
+    async def _process(self, message: AbstractIncomingMessage) -> Outcome:
+        try:
+            event, payload = decode(self.stage, message.body)
+        except InvalidEvent as exc:
+            return await self._dead_letter(message, str(exc))
+        structlog.contextvars.bind_contextvars(
+            event_id=event.id,
+            event_type=event.type,
+            conversation_id=event.conversation_id,
+            correlation_id=event.correlation_id,
+        )
+        try:
+            added = await self._handle_until_stored(event, payload)
+        except InvalidEvent as exc:
+            return await self._dead_letter(message, str(exc))
+        except _Stopping:
+            await message.nack(requeue=True)
+            return Outcome("requeued", "shutting down while the database was unavailable")
+        except Exception as exc:
+            reason = f"{type(exc).__name__}: {str(exc)[:300]}"
+            deliveries = delivery_count(message) + 1
+            if deliveries >= self._settings.delivery_limit:
+                return await self._dead_letter(
+                    message, f"failed {deliveries} times, last error {reason}"
+                )
+            log.warning("stage.retry", error=reason, delivery=deliveries)
+            await asyncio.sleep(self._backoff(deliveries))
+            await message.nack(requeue=True)
+            return Outcome("redelivered", reason)
+        published = await self._publish(added)
+        await message.ack()
+        return Outcome("handled", published=published)
+
+    async def _handle_until_stored(self, event: Envelope, payload: BaseModel) -> list[Envelope]:
+        attempt = 0
+        while True:
+            try:
+                async with self._store.transaction() as conn:
+                    tx = StageTx(conn, self._config, self._clock(), self._settings)
+                    events = await self.stage.handle(event, payload, tx)
+                    return await add_to_outbox(conn, events)
+            except StoreUnavailable as exc:
+                attempt += 1
+                delay = self._backoff(attempt)
+                log.warning("stage.store_unavailable", error=str(exc), retry_in=round(delay, 2))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), delay)
+                if self._stopping.is_set():
+                    raise _Stopping from exc
+
+    async def _publish(self, events: list[Envelope]) -> list[str]:
+        """Publish committed outbox events; on failure the relay publishes them later."""
+        published = []
+        for event in events:
+            try:
+                await self._bus.publish(event)
+            except BrokerUnavailable:
+                log.warning("stage.publish_deferred", event_id=event.id, event_type=event.type)
+                break
+            published.append(event.id)
+        with contextlib.suppress(StoreUnavailable):
+            await mark_published(self._store, published)
+        return [e.type for e in events if e.id in published]
+
+    async def _dead_letter(self, message: AbstractIncomingMessage, reason: str) -> Outcome:
+        headers = dict(message.headers or {})
+        headers.update(
+            {
+                "x-omniroute-stage": self.stage.name,
+                "x-omniroute-reason": reason,
+                "x-omniroute-routing-key": message.routing_key or "",
+                "x-omniroute-dead-at": datetime.now(UTC).isoformat(),
+            }
+        )
+        dead = aio_pika.Message(
+            body=message.body,
+            headers=headers,
+            content_type=message.content_type,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            message_id=message.message_id,
+            correlation_id=message.correlation_id,
+            type=message.type,
+            timestamp=message.timestamp,
+        )
+        try:
+            await self._bus.publish_dead(self.stage.name, dead)
+        except BrokerUnavailable:
+            # Not confirmed: leave it to the broker (it dead-letters at the delivery limit).
+            await message.nack(requeue=True)
+            return Outcome("requeued", f"dead-letter publish failed; {reason}")
+        await message.ack()
+        log.error("stage.dead_lettered", reason=reason)
+        return Outcome("dead-lettered", reason)
+
+    def _backoff(self, attempt: int) -> float:
+        base = self._settings.retry_backoff_base * (2 ** min(attempt - 1, 16))
+        capped: float = min(self._settings.retry_backoff_max, base)
+        return capped * random.uniform(0.5, 1.0)
+
+
+class _Stopping(Exception):
+    """Raised inside the runner when shutdown interrupts a wait for the database."""
+
+
+class OutboxRelay:
+    """Publishes outbox events left unpublished (a process died between commit and publish)."""
+
+    def __init__(self, *, bus: Bus, store: Store, settings: Settings) -> None:
+        self._bus = bus
+        self._store = store
+        self._settings = settings
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="outbox-relay")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def relay_once(self) -> int:
+        """Publish one batch of stale outbox rows; return how many were published."""
+        count = 0
+        async with self._store.transaction() as conn:
+            rows = await claim_unpublished(conn, self._settings.outbox_relay_age)
+            published = []
+            for row in rows:
+                event = Envelope.model_validate(row["body"])
+                try:
+                    await self._bus.publish_raw(row["routing_key"], event_message(event))
+                except BrokerUnavailable:
+                    break
+                published.append(row["id"])
+            if published:
+                await conn.execute(
+                    "UPDATE outbox SET published_at = now() WHERE id = ANY($1::uuid[])",
+                    published,
+                )
+                count = len(published)
+        if count:
+            log.info("outbox.relayed", count=count)
+        return count
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self._settings.outbox_relay_interval)
+            if not self._bus.ready:
+                continue
+            try:
+                await self.relay_once()
+            except StoreUnavailable:
+                continue
+            except Exception as exc:
+                log.error("outbox.relay_failed", error=f"{type(exc).__name__}: {exc}")

@@ -1,0 +1,1 @@
+"""omniroute: the application shell and the plumbing every side shares."""

@@ -1,0 +1,211 @@
+"""The AMQP bus: a connection that survives broker restarts, the topology, and a publisher
+with confirms.
+
+The router must start and answer while the broker is down, so connecting is a background
+supervisor: ``publish`` fails fast with ``BrokerUnavailable`` until the connection is up,
+and aio-pika's robust connection takes over reconnection once it has been established.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+import aio_pika
+import orjson
+import structlog
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractQueue,
+    AbstractRobustConnection,
+    DeliveryMode,
+)
+
+from omniroute.errors import BrokerUnavailable
+from omniroute.topology import DEAD_LETTER_EXCHANGE, EXCHANGE, STAGES, StageQueue
+from schemas.events import Envelope
+
+log = structlog.get_logger("omniroute.bus")
+
+
+def encode(event: Envelope) -> bytes:
+    return orjson.dumps(event.model_dump(mode="json"))
+
+
+def event_message(event: Envelope, headers: dict[str, Any] | None = None) -> aio_pika.Message:
+    return aio_pika.Message(
+        body=encode(event),
+        content_type="application/json",
+        delivery_mode=DeliveryMode.PERSISTENT,
+        message_id=event.id,
+        correlation_id=event.correlation_id,
+        type=event.type,
+        timestamp=event.occurred_at,
+        headers=headers or {},
+    )
+
+
+async def declare_stage(
+    channel: AbstractChannel, stage: StageQueue, delivery_limit: int
+) -> AbstractQueue:
+    """Declare a stage's quorum queue, its bindings and its dead-letter queue (idempotent)."""
+    events = await channel.declare_exchange(EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
+    dead = await channel.declare_exchange(
+        DEAD_LETTER_EXCHANGE, aio_pika.ExchangeType.DIRECT, durable=True
+    )
+    dead_queue = await channel.declare_queue(
+        stage.dead_queue, durable=True, arguments={"x-queue-type": "quorum"}
+    )
+    await dead_queue.bind(dead, routing_key=stage.stage)
+    queue = await channel.declare_queue(
+        stage.queue,
+        durable=True,
+        arguments={
+            "x-queue-type": "quorum",
+            "x-delivery-limit": delivery_limit,
+            "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE,
+            "x-dead-letter-routing-key": stage.stage,
+        },
+    )
+    for key in stage.bindings:
+        await queue.bind(events, routing_key=key)
+    return queue
+
+
+class Bus:
+    """One robust connection and one confirming publisher channel per process."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        publish_timeout: float,
+        connect_timeout: float,
+        retry_max: float,
+        delivery_limit: int,
+        declare_stages: tuple[str, ...] = tuple(STAGES),
+    ) -> None:
+        self._url = url
+        self._publish_timeout = publish_timeout
+        self._connect_timeout = connect_timeout
+        self._retry_max = retry_max
+        self._delivery_limit = delivery_limit
+        self._declare_stages = declare_stages
+        self._connection: AbstractRobustConnection | None = None
+        self._channel: AbstractChannel | None = None
+        self._exchange: AbstractExchange | None = None
+        self._dead_exchange: AbstractExchange | None = None
+        self._ready = asyncio.Event()
+        self._supervisor: asyncio.Task[None] | None = None
+
+    @property
+    def connection(self) -> AbstractRobustConnection:
+        if self._connection is None:
+            raise BrokerUnavailable("not connected to the broker")
+        return self._connection
+
+    @property
+    def ready(self) -> bool:
+        return (
+            self._ready.is_set()
+            and self._connection is not None
+            and not self._connection.is_closed
+            and self._channel is not None
+            and not self._channel.is_closed
+        )
+
+    async def start(self) -> None:
+        """Begin connecting in the background; returns at once."""
+        if self._supervisor is None:
+            self._supervisor = asyncio.create_task(self._connect_forever(), name="bus-connect")
+
+    async def wait_ready(self) -> None:
+        """Wait until the first connection is up (bound it with ``asyncio.timeout``)."""
+        await self._ready.wait()
+
+    async def _connect_forever(self) -> None:
+        delay = 0.1
+        while True:
+            try:
+                await self._connect()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("bus.connect_failed", error=type(exc).__name__, retry_in=delay)
+                await self._close_connection()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self._retry_max)
+
+    async def _connect(self) -> None:
+        connection = await aio_pika.connect_robust(
+            self._url,
+            timeout=self._connect_timeout,
+            client_properties={"connection_name": "omniroute"},
+        )
+        self._connection = connection
+        channel = await connection.channel(publisher_confirms=True)
+        for name in self._declare_stages:
+            await declare_stage(channel, STAGES[name], self._delivery_limit)
+        self._exchange = await channel.get_exchange(EXCHANGE)
+        self._dead_exchange = await channel.get_exchange(DEAD_LETTER_EXCHANGE)
+        self._channel = channel
+        self._ready.set()
+        log.info("bus.connected", stages=list(self._declare_stages))
+
+    async def channel(self, prefetch: int) -> AbstractChannel:
+        """A new channel on the shared connection (consumers use one each)."""
+        channel = await self.connection.channel(publisher_confirms=True)
+        await channel.set_qos(prefetch_count=prefetch)
+        return channel
+
+    async def publish(self, event: Envelope, headers: dict[str, Any] | None = None) -> None:
+        """Publish persistently and wait for the broker's confirm.
+
+        Raises BrokerUnavailable when not connected, on a nack, or when no confirm arrives
+        within ``publish_timeout``; the caller must then not report success.
+        """
+        await self._publish(self._exchange, event.type, event_message(event, headers))
+
+    async def publish_dead(self, stage: str, message: aio_pika.Message) -> None:
+        """Put a message on a stage's dead-letter queue, confirmed."""
+        await self._publish(self._dead_exchange, stage, message)
+
+    async def publish_raw(self, routing_key: str, message: aio_pika.Message) -> None:
+        await self._publish(self._exchange, routing_key, message)
+
+    async def _publish(
+        self, exchange: AbstractExchange | None, routing_key: str, message: aio_pika.Message
+    ) -> None:
+        if exchange is None or not self.ready:
+            raise BrokerUnavailable("not connected to the broker")
+        try:
+            await asyncio.wait_for(
+                exchange.publish(message, routing_key, mandatory=False),
+                timeout=self._publish_timeout,
+            )
+        except TimeoutError as exc:
+            raise BrokerUnavailable("the broker did not confirm the publish in time") from exc
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            raise BrokerUnavailable(f"publish failed: {type(exc).__name__}") from exc
+
+    async def _close_connection(self) -> None:
+        connection, self._connection = self._connection, None
+        self._channel = None
+        self._exchange = None
+        if connection is not None:
+            with contextlib.suppress(Exception):
+                await connection.close()
+
+    async def close(self) -> None:
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._supervisor
+            self._supervisor = None
+        self._ready.clear()
+        await self._close_connection()

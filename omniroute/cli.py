@@ -1,0 +1,190 @@
+"""The ``omniroute`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any
+
+from omniroute.config_loader import LiveConfig, load_config
+from omniroute.errors import ConfigError
+from omniroute.logging import configure_logging
+from omniroute.settings import Settings
+
+
+def _run(coro: Coroutine[Any, Any, int | None]) -> int:
+    try:
+        import uvloop
+
+        factory = uvloop.new_event_loop
+    except ImportError:  # pragma: no cover - uvloop is not on every platform
+        factory = asyncio.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(coro) or 0
+
+
+def _config(settings: Settings, path: str | None = None) -> LiveConfig:
+    config_path = Path(path) if path else settings.config
+    return LiveConfig(load_config(config_path, os.environ), config_path)
+
+
+def cmd_service(args: argparse.Namespace, settings: Settings) -> int:
+    from consumers.registry import STAGES
+    from omniroute.service import Service, run_service
+
+    if args.command == "run":
+        stages, http = list(STAGES), True
+    elif args.command == "serve":
+        stages, http = [], True
+    else:
+        stages, http = args.stages, False
+    service = Service(settings=settings, config=_config(settings), stages=stages, serve_http=http)
+    return _run(run_service(service))
+
+
+def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
+    from omniroute.database import create_database
+    from omniroute.store import migrate
+
+    dsn = settings.database_url.get_secret_value()
+
+    async def main() -> int:
+        if args.create_database:
+            created = await create_database(dsn)
+            print(f"database {'created' if created else 'exists'}")
+        applied = await migrate(dsn)
+        print(f"migrations applied: {', '.join(applied) if applied else 'none (up to date)'}")
+        return 0
+
+    return _run(main())
+
+
+def cmd_accounts(args: argparse.Namespace, settings: Settings) -> int:
+    config = load_config(
+        Path(args.config) if args.config else settings.config, os.environ, require_secrets=False
+    )
+    base = settings.public_base()
+    for account in config.accounts:
+        print(f"account {account.name} ({account.account_sid})")
+        print(f"  auth token from ${account.auth_token_env}")
+        for number in account.numbers:
+            sandbox = " [sandbox]" if number.sandbox else ""
+            print(f"  {number.name}: whatsapp:{number.number}{sandbox} → {number.workstream}")
+            print(f"    when a message comes in (POST): {base}/twilio/{account.name}/inbound")
+            print(f"    status callback URL (POST):     {base}/twilio/{account.name}/status")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace, settings: Settings) -> int:
+    if args.config_command == "schema":
+        import json
+
+        from schemas.config import Config
+
+        print(json.dumps(Config.model_json_schema(), indent=2))
+        return 0
+    path = Path(args.file) if args.file else settings.config
+    try:
+        config = load_config(path, os.environ, require_secrets=not args.no_secrets)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return 1
+    numbers = sum(len(a.numbers) for a in config.accounts)
+    print(
+        f"{path}: ok — {len(config.accounts)} account(s), {numbers} number(s), "
+        f"{len(config.workstreams)} workstream(s), {len(config.queues)} queue(s)"
+    )
+    return 0
+
+
+def cmd_emulator(args: argparse.Namespace, settings: Settings) -> int:
+    from omniroute.twilio_emulator import run_emulator
+
+    config = load_config(settings.config, os.environ)
+    accounts = {
+        a.account_sid: a.auth_token.get_secret_value() for a in config.accounts if a.auth_token
+    }
+    return _run(run_emulator(args.host, args.port, accounts))
+
+
+def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    from omniroute.demo import run_demo
+
+    return _run(run_demo(settings, keep_running=args.keep_running))
+
+
+def cmd_dead_letters(args: argparse.Namespace, settings: Settings) -> int:
+    from omniroute.dead_letters import run_dead_letters
+
+    return _run(run_dead_letters(settings, args.action, args.stage, args.limit))
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="omniroute", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("run", help="router and every stage in one process")
+    sub.add_parser("serve", help="the router (HTTP) alone")
+    consume = sub.add_parser("consume", help="run the given consumer stages")
+    consume.add_argument("stages", nargs="+", metavar="STAGE")
+    migrate = sub.add_parser("migrate", help="apply database migrations (idempotent)")
+    migrate.add_argument(
+        "--create-database",
+        action="store_true",
+        help="create the database first if it does not exist",
+    )
+    accounts = sub.add_parser("accounts", help="the URLs to paste into the Twilio console")
+    accounts.add_argument("--config", help="configuration file (default $OMNIROUTE_CONFIG)")
+    config = sub.add_parser("config", help="check the configuration or print its JSON Schema")
+    config_sub = config.add_subparsers(dest="config_command", required=True)
+    check = config_sub.add_parser("check", help="validate a configuration file")
+    check.add_argument("file", nargs="?")
+    check.add_argument(
+        "--no-secrets",
+        action="store_true",
+        help="do not require the auth-token environment variables",
+    )
+    config_sub.add_parser("schema", help="print the configuration's JSON Schema")
+    emulator = sub.add_parser("emulator", help="run the local Twilio emulator")
+    emulator.add_argument("--host", default="127.0.0.1")
+    emulator.add_argument("--port", type=int, default=8081)
+    demo = sub.add_parser("demo", help="emulator + router + stages with simulated customers")
+    demo.add_argument("--keep-running", action="store_true", help="keep serving after the demo")
+    dead = sub.add_parser("dead-letters", help="inspect or replay a stage's dead letters")
+    dead.add_argument("action", choices=["list", "replay", "purge"])
+    dead.add_argument("stage")
+    dead.add_argument("--limit", type=int, default=100)
+    return p
+
+
+COMMANDS = {
+    "run": cmd_service,
+    "serve": cmd_service,
+    "consume": cmd_service,
+    "migrate": cmd_migrate,
+    "accounts": cmd_accounts,
+    "config": cmd_config,
+    "emulator": cmd_emulator,
+    "demo": cmd_demo,
+    "dead-letters": cmd_dead_letters,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    settings = Settings()
+    configure_logging(settings.log_format, settings.log_level)
+    try:
+        return COMMANDS[args.command](args, settings)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"config error: {problem}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""Run the router and/or stages in one process until SIGTERM/SIGINT, then drain.
+
+``omniroute run`` (everything), ``serve`` (router) and ``consume`` (stages) all go through
+``run_service``: the same code path whichever way a deployment splits the processes. This
+module is the composition root, so it is where the router and the consumers meet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import structlog
+from aiohttp import web
+
+from omniroute.config_loader import LiveConfig
+from omniroute.errors import ConfigError
+from omniroute.settings import Settings
+
+log = structlog.get_logger("omniroute.service")
+
+
+@dataclass
+class Service:
+    """A running process: its bus, store, HTTP site and stage runners."""
+
+    settings: Settings
+    config: LiveConfig
+    stages: list[str]
+    serve_http: bool
+    stop_event: asyncio.Event = field(default_factory=asyncio.Event)
+    http_port: int | None = None
+    _cleanups: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+
+    async def start(self) -> None:
+        from consumers.registry import STAGES
+        from consumers.runtime import OutboxRelay, StageRunner
+        from router.app import create_app, make_bus, make_store
+
+        unknown = [s for s in self.stages if s not in STAGES]
+        if unknown:
+            raise ValueError(f"unknown stage(s): {', '.join(unknown)}; known: {', '.join(STAGES)}")
+        bus = make_bus(self.settings)
+        store = make_store(self.settings)
+        await bus.start()
+        self._cleanups.append(store.close)
+        self._cleanups.append(bus.close)
+        if self.serve_http:
+            app = create_app(self.settings, self.config, bus=bus, store=store)
+            runner = web.AppRunner(app, handle_signals=False, access_log=None)
+            await runner.setup()
+            site = web.TCPSite(runner, self.settings.http_host, self.settings.http_port)
+            await site.start()
+            sockets = getattr(site._server, "sockets", None) or []
+            self.http_port = sockets[0].getsockname()[1] if sockets else self.settings.http_port
+            self._cleanups.append(runner.cleanup)
+            log.info("router.listening", host=self.settings.http_host, port=self.http_port)
+        if self.stages:
+            # Consumers need the broker; wait for it, but let SIGTERM end the wait.
+            ready = asyncio.ensure_future(bus.wait_ready())
+            stop = asyncio.ensure_future(self.stop_event.wait())
+            await asyncio.wait({ready, stop}, return_when=asyncio.FIRST_COMPLETED)
+            for task in (ready, stop):
+                task.cancel()
+            if self.stop_event.is_set():
+                return
+            relay = OutboxRelay(bus=bus, store=store, settings=self.settings)
+            await relay.start()
+            self._cleanups.append(relay.stop)
+            for name in self.stages:
+                stage_runner = StageRunner(
+                    STAGES[name], bus=bus, store=store, config=self.config, settings=self.settings
+                )
+                await stage_runner.start()
+                self._cleanups.append(stage_runner.stop)
+
+    async def stop(self) -> None:
+        """Drain in reverse order of start: stages finish in-flight work before the bus closes."""
+        while self._cleanups:
+            cleanup = self._cleanups.pop()
+            try:
+                await cleanup()
+            except Exception as exc:
+                log.warning("service.cleanup_failed", error=f"{type(exc).__name__}: {exc}")
+
+    def reload_config(self) -> None:
+        try:
+            self.config.reload(os.environ)
+            log.info("config.reloaded", path=str(self.config.path))
+        except ConfigError as exc:
+            log.error("config.reload_failed", problems=exc.problems)
+
+
+async def run_service(service: Service) -> None:
+    """Start, wait for SIGTERM/SIGINT (SIGHUP reloads the configuration), drain, return."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, service.stop_event.set)
+    loop.add_signal_handler(signal.SIGHUP, service.reload_config)
+    try:
+        await service.start()
+        log.info("service.started", stages=service.stages, http=service.serve_http)
+        await service.stop_event.wait()
+        log.info("service.stopping")
+    finally:
+        await service.stop()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            with contextlib.suppress(Exception):
+                loop.remove_signal_handler(sig)
+        log.info("service.stopped")

@@ -1,0 +1,53 @@
+"""Process settings: one pydantic-settings class, built in ``main()`` and passed down."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AnyHttpUrl, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every environment variable omniroute reads, with its default.
+
+    Limits, timeouts and retry bounds are settings too, so operators can tune them without
+    a code change.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="OMNIROUTE_", extra="ignore")
+
+    amqp_url: SecretStr = SecretStr("amqp://guest:guest@127.0.0.1:5672/")
+    database_url: SecretStr = SecretStr("postgresql://127.0.0.1:5432/omniroute")
+    config: Path = Path("omniroute.yaml")
+    public_url: AnyHttpUrl = AnyHttpUrl("http://127.0.0.1:8080")
+    http_host: str = "0.0.0.0"
+    http_port: int = Field(default=8080, ge=0, le=65535)
+    log_format: Literal["json", "console"] = "json"
+    log_level: str = "info"
+    admin_token: SecretStr | None = None
+    twilio_api_url: AnyHttpUrl = AnyHttpUrl("https://api.twilio.com")
+
+    # Ingress
+    max_body_bytes: int = Field(default=64 * 1024, gt=0)
+    publish_timeout: float = Field(default=1.0, gt=0, description="seconds, then 503")
+    broker_connect_timeout: float = Field(default=2.0, gt=0)
+    broker_retry_max: float = Field(default=5.0, gt=0, description="max reconnect backoff, s")
+
+    # Consumers
+    prefetch: int = Field(default=32, ge=1)
+    delivery_limit: int = Field(default=5, ge=1)
+    retry_backoff_base: float = Field(default=0.2, gt=0)
+    retry_backoff_max: float = Field(default=10.0, gt=0)
+    shutdown_grace: float = Field(default=20.0, gt=0)
+    outbox_relay_interval: float = Field(default=1.0, gt=0)
+    outbox_relay_age: float = Field(default=5.0, ge=0)
+
+    # Database
+    db_pool_min: int = Field(default=1, ge=0)
+    db_pool_max: int = Field(default=10, ge=1)
+    db_connect_timeout: float = Field(default=3.0, gt=0)
+
+    def public_base(self) -> str:
+        return str(self.public_url).rstrip("/")

@@ -1,0 +1,36 @@
+"""The broker topology of DESIGN.md, declared idempotently by every process.
+
+One durable topic exchange for events; one durable quorum queue per stage with a bounded
+delivery limit; a dead-letter exchange and one dead-letter queue per stage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from schemas.events import DEAD_LETTER_EXCHANGE, EXCHANGE, EventType
+
+
+@dataclass(frozen=True)
+class StageQueue:
+    stage: str
+    bindings: tuple[str, ...]
+
+    @property
+    def queue(self) -> str:
+        return f"omniroute.{self.stage}"
+
+    @property
+    def dead_queue(self) -> str:
+        return f"omniroute.{self.stage}.dead"
+
+
+STAGES: dict[str, StageQueue] = {
+    stage.stage: stage
+    for stage in (
+        StageQueue("conversations", (EventType.MESSAGE_RECEIVED,)),
+        StageQueue("status", (EventType.MESSAGE_STATUS,)),
+    )
+}
+
+__all__ = ["DEAD_LETTER_EXCHANGE", "EXCHANGE", "STAGES", "StageQueue"]

@@ -1,0 +1,1 @@
+"""The HTTP edge: Twilio webhooks, agent and admin APIs, health and metrics."""

@@ -1,0 +1,61 @@
+"""The router's application factory: Twilio webhooks, health and metrics."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from omniroute.bus import Bus
+from omniroute.config_loader import LiveConfig
+from omniroute.settings import Settings
+from omniroute.store import Store
+from router import health, twilio_webhooks
+from router.state import BUS, CONFIG, SETTINGS, STORE
+
+
+def make_bus(settings: Settings) -> Bus:
+    return Bus(
+        settings.amqp_url.get_secret_value(),
+        publish_timeout=settings.publish_timeout,
+        connect_timeout=settings.broker_connect_timeout,
+        retry_max=settings.broker_retry_max,
+        delivery_limit=settings.delivery_limit,
+    )
+
+
+def make_store(settings: Settings) -> Store:
+    return Store(
+        settings.database_url.get_secret_value(),
+        min_size=settings.db_pool_min,
+        max_size=settings.db_pool_max,
+        connect_timeout=settings.db_connect_timeout,
+    )
+
+
+def create_app(
+    settings: Settings, config: LiveConfig, *, bus: Bus | None = None, store: Store | None = None
+) -> web.Application:
+    """Build the router. Resources given by the caller (``omniroute run`` shares one bus and
+    store with the stages) are used as they are and not closed here."""
+    # The body limit is enforced by the webhook handlers themselves (413 with a JSON error).
+    app = web.Application(client_max_size=settings.max_body_bytes + 1)
+    app[SETTINGS] = settings
+    app[CONFIG] = config
+
+    async def resources(app: web.Application) -> AsyncIterator[None]:
+        own_bus = bus is None
+        own_store = store is None
+        app[BUS] = bus if bus is not None else make_bus(settings)
+        app[STORE] = store if store is not None else make_store(settings)
+        await app[BUS].start()
+        yield
+        if own_bus:
+            await app[BUS].close()
+        if own_store:
+            await app[STORE].close()
+
+    app.cleanup_ctx.append(resources)
+    twilio_webhooks.add_routes(app)
+    health.add_routes(app)
+    return app

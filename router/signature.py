@@ -1,0 +1,63 @@
+"""X-Twilio-Signature checks with the official ``twilio`` validator.
+
+The URL Twilio signed is rebuilt from the configured public URL plus the request's path and
+query (never from the Host header or scheme the proxy forwarded), and every parameter
+received is signed over, blank and repeated ones included. The validator itself tries the
+URL with and without the default port, as Twilio signs either way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from multidict import MultiDict
+from pydantic import SecretStr
+from twilio.request_validator import (
+    SIGNATURE_HEADER,
+    SIGNATURE_SETTINGS_HEADER,
+    RequestValidator,
+    get_signature_algorithm,
+)
+
+__all__ = ["SIGNATURE_HEADER", "SIGNATURE_SETTINGS_HEADER", "signing_key", "valid_signature"]
+
+
+def signing_key(
+    headers: Mapping[str, str], auth_token: SecretStr, shared_keys: Mapping[str, SecretStr]
+) -> tuple[SecretStr | None, str]:
+    """The secret and algorithm a request was signed with.
+
+    Without ``X-Twilio-Webhooks-Signature-Settings`` it is the auth token with HMAC-SHA1.
+    With it, the named shared key and algorithm; an unknown key id gives ``None``.
+    """
+    settings = headers.get(SIGNATURE_SETTINGS_HEADER, "")
+    algorithm = get_signature_algorithm(settings)
+    key_id = next(
+        (
+            value.strip()
+            for name, _, value in (p.partition("=") for p in settings.split(","))
+            if name.strip() == "key"
+        ),
+        None,
+    )
+    if key_id is None:
+        return auth_token, algorithm
+    return shared_keys.get(key_id), algorithm
+
+
+def valid_signature(
+    url: str,
+    params: MultiDict[str] | str,
+    signature: str | None,
+    secret: SecretStr | None,
+    algorithm: str,
+) -> bool:
+    """True when ``signature`` is Twilio's signature of ``url`` + ``params`` under ``secret``.
+
+    ``params`` is the form as a multi-dict, or the raw body for JSON requests (signed
+    through the ``bodySHA256`` query parameter).
+    """
+    if not signature or secret is None:
+        return False
+    validator = RequestValidator(secret.get_secret_value())
+    return bool(validator.validate(url, params, signature, algorithm))

@@ -1,0 +1,15 @@
+"""Typed application keys: router resources live on the app, never in globals."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from omniroute.bus import Bus
+from omniroute.config_loader import LiveConfig
+from omniroute.settings import Settings
+from omniroute.store import Store
+
+SETTINGS = web.AppKey("settings", Settings)
+CONFIG = web.AppKey("config", LiveConfig)
+BUS = web.AppKey("bus", Bus)
+STORE = web.AppKey("store", Store)

@@ -1,0 +1,259 @@
+"""``POST /twilio/{account}/inbound`` and ``/status``: Twilio's form posts become events.
+
+Order of checks: unknown account → 404; body over the limit → 413; signature → 403 (before
+the form is interpreted); malformed form → 400; number not configured → 404. The answer is
+200 (empty TwiML) only once the broker confirmed the persistent publish; if it cannot
+confirm within ``publish_timeout`` the answer is 503, so Twilio's retry can succeed later.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from urllib.parse import parse_qsl
+
+import structlog
+from aiohttp import web
+from multidict import MultiDict
+from pydantic import ValidationError
+
+from omniroute.errors import BrokerUnavailable
+from omniroute.metrics import PUBLISH_CONFIRM, WEBHOOK_DURATION, WEBHOOKS
+from router.responses import empty_twiml, error
+from router.signature import SIGNATURE_HEADER, signing_key, valid_signature
+from router.state import BUS, CONFIG, SETTINGS
+from schemas.config import Account
+from schemas.events import (
+    Envelope,
+    EventType,
+    Media,
+    MessageReceived,
+    MessageStatus,
+    event_id,
+)
+from schemas.twilio import InboundMessageForm, StatusCallbackForm
+
+log = structlog.get_logger("omniroute.router")
+
+FORM_TYPE = "application/x-www-form-urlencoded"
+
+
+class Rejected(Exception):
+    """A webhook answered with an error; carries the response."""
+
+    def __init__(self, response: web.Response, outcome: str) -> None:
+        super().__init__(outcome)
+        self.response = response
+        self.outcome = outcome
+
+
+async def _read_body(request: web.Request, limit: int) -> bytes:
+    if request.content_length is not None and request.content_length > limit:
+        raise Rejected(
+            error(413, "payload_too_large", f"body over {limit} bytes", limit=limit), "too_large"
+        )
+    body = await request.content.read(limit + 1)
+    if len(body) > limit:
+        raise Rejected(
+            error(413, "payload_too_large", f"body over {limit} bytes", limit=limit), "too_large"
+        )
+    return body
+
+
+def _parse_form(body: bytes) -> MultiDict[str]:
+    try:
+        text = body.decode("utf-8")
+        pairs = parse_qsl(text, keep_blank_values=True, strict_parsing=bool(text), errors="strict")
+    except (UnicodeDecodeError, ValueError):
+        raise Rejected(
+            error(400, "malformed_form", "body is not a UTF-8 url-encoded form"), "malformed"
+        ) from None
+    return MultiDict(pairs)
+
+
+def _flat(form: MultiDict[str]) -> dict[str, str | list[str]]:
+    out: dict[str, str | list[str]] = {}
+    for key in form:
+        if key in out:
+            continue
+        values = form.getall(key)
+        out[key] = values[0] if len(values) == 1 else values
+    return out
+
+
+async def _authenticated_form(request: web.Request, account: Account) -> MultiDict[str]:
+    """Read the body and check Twilio's signature over the public URL; the form if valid."""
+    settings = request.app[SETTINGS]
+    body = await _read_body(request, settings.max_body_bytes)
+    url = settings.public_base() + request.path_qs
+    is_form = request.content_type == FORM_TYPE
+    if is_form:
+        params: MultiDict[str] | str = _parse_form(body)
+    else:
+        try:
+            params = body.decode("utf-8")
+        except UnicodeDecodeError:
+            params = ""
+    if account.auth_token is None or not valid_signature(
+        url,
+        params,
+        request.headers.get(SIGNATURE_HEADER),
+        *signing_key(request.headers, account.auth_token, account.webhook_keys),
+    ):
+        raise Rejected(
+            error(403, "invalid_signature", "X-Twilio-Signature does not match this request"),
+            "forbidden",
+        )
+    if not isinstance(params, MultiDict):
+        raise Rejected(error(415, "unsupported_media_type", f"expected {FORM_TYPE}"), "unsupported")
+    return params
+
+
+def _validation_error(exc: ValidationError) -> web.Response:
+    problems = [
+        {"field": ".".join(str(p) for p in e["loc"]) or "(form)", "problem": e["msg"]}
+        for e in exc.errors()
+    ]
+    return error(400, "malformed_form", "the form is not a valid Twilio webhook", fields=problems)
+
+
+def _account(request: web.Request) -> Account:
+    name = request.match_info["account"]
+    account = request.app[CONFIG].current.account(name)
+    if account is None:
+        raise Rejected(error(404, "unknown_account", f"no account named {name!r}"), "not_found")
+    return account
+
+
+def _inbound_event(account: Account, form: MultiDict[str], received_at: datetime) -> Envelope:
+    try:
+        inbound = InboundMessageForm.model_validate(dict(form))
+    except ValidationError as exc:
+        raise Rejected(_validation_error(exc), "malformed") from None
+    if inbound.account_sid != account.account_sid:
+        raise Rejected(
+            error(404, "unknown_account", "AccountSid does not match this account"), "not_found"
+        )
+    number = account.find_number(inbound.business_number)
+    if number is None:
+        raise Rejected(
+            error(404, "unknown_number", f"{inbound.business_number} is not configured"),
+            "not_found",
+        )
+    payload = MessageReceived(
+        message_sid=inbound.message_sid,
+        account_sid=inbound.account_sid,
+        business_number=number.number,
+        number_name=number.name,
+        workstream=number.workstream,
+        customer=inbound.customer,
+        customer_wa_id=inbound.wa_id,
+        external_user_id=inbound.external_user_id,
+        profile_name=inbound.profile_name,
+        body=inbound.body,
+        media=[Media.model_validate(m) for m in inbound.media()],
+        message_type=inbound.message_type,
+        button_text=inbound.button_text,
+        button_payload=inbound.button_payload,
+        location=inbound.location(),
+        replied_to_sid=inbound.original_replied_message_sid,
+        sandbox=number.sandbox,
+        received_at=received_at,
+        form=_flat(form),
+    )
+    eid = event_id(EventType.MESSAGE_RECEIVED, account.name, inbound.message_sid)
+    structlog.contextvars.bind_contextvars(message_sid=inbound.message_sid)
+    return Envelope(
+        id=eid,
+        type=EventType.MESSAGE_RECEIVED,
+        occurred_at=received_at,
+        account=account.name,
+        correlation_id=eid,
+        data=payload.model_dump(mode="json"),
+    )
+
+
+def _status_event(account: Account, form: MultiDict[str], received_at: datetime) -> Envelope:
+    try:
+        callback = StatusCallbackForm.model_validate(dict(form))
+    except ValidationError as exc:
+        raise Rejected(_validation_error(exc), "malformed") from None
+    payload = MessageStatus(
+        message_sid=callback.message_sid,
+        account_sid=callback.account_sid,
+        status=callback.message_status,
+        error_code=callback.error_code,
+        error_message=callback.error_message,
+        received_at=received_at,
+        form=_flat(form),
+    )
+    eid = event_id(
+        EventType.MESSAGE_STATUS,
+        account.name,
+        callback.message_sid,
+        callback.message_status,
+        callback.error_code or "",
+    )
+    structlog.contextvars.bind_contextvars(message_sid=callback.message_sid)
+    return Envelope(
+        id=eid,
+        type=EventType.MESSAGE_STATUS,
+        occurred_at=received_at,
+        account=account.name,
+        correlation_id=event_id(account.name, callback.message_sid),
+        data=payload.model_dump(mode="json"),
+    )
+
+
+EventBuilder = Callable[[Account, MultiDict[str], datetime], Envelope]
+
+
+def _webhook(kind: str, build: EventBuilder) -> Callable[[web.Request], Awaitable[web.Response]]:
+    async def handler(request: web.Request) -> web.Response:
+        started = time.perf_counter()
+        received_at = datetime.now(UTC)
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(
+            request_id=request.headers.get("I-Twilio-Idempotency-Token") or str(uuid.uuid4()),
+            webhook=kind,
+            account=request.match_info["account"],
+        )
+        try:
+            account = _account(request)
+            form = await _authenticated_form(request, account)
+            event = build(account, form, received_at)
+            confirm_started = time.perf_counter()
+            try:
+                await request.app[BUS].publish(event)
+            except BrokerUnavailable as exc:
+                raise Rejected(
+                    error(503, "broker_unavailable", "event not confirmed; retry later"),
+                    "unavailable",
+                ) from exc
+            PUBLISH_CONFIRM.observe(time.perf_counter() - confirm_started)
+            response, outcome = empty_twiml(), "accepted"
+        except Rejected as rejected:
+            response, outcome = rejected.response, rejected.outcome
+        elapsed = time.perf_counter() - started
+        WEBHOOKS.labels(kind, outcome).inc()
+        WEBHOOK_DURATION.labels(kind).observe(elapsed)
+        log.info(
+            "webhook.handled",
+            outcome=outcome,
+            status=response.status,
+            duration_ms=round(elapsed * 1000, 2),
+        )
+        return response
+
+    return handler
+
+
+inbound = _webhook("inbound", _inbound_event)
+status = _webhook("status", _status_event)
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/twilio/{account}/inbound", inbound)
+    app.router.add_post("/twilio/{account}/status", status)

@@ -1,0 +1,1 @@
+"""Contracts: events, Twilio webhook forms, configuration, API bodies. No I/O."""

@@ -1,0 +1,165 @@
+"""The event contract: one envelope for every event on the `omniroute.events` exchange.
+
+`type` is the routing key. Consumers tolerate unknown fields (``extra="allow"`` on data
+models), and a breaking change of a payload bumps ``version``.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+EXCHANGE = "omniroute.events"
+DEAD_LETTER_EXCHANGE = "omniroute.dead"
+
+# Deterministic event ids: uuid5 over a natural key, so a retried webhook or a redelivered
+# event yields the same id and downstream services can dedup on it.
+EVENT_NAMESPACE = uuid.UUID("6f1f5a0e-8f0b-4f55-9a3e-3c1d7f0a9b21")
+
+
+class EventType(StrEnum):
+    MESSAGE_RECEIVED = "message.received"
+    MESSAGE_STATUS = "message.status"
+    CONVERSATION_OPENED = "conversation.opened"
+    CONVERSATION_CLASSIFIED = "conversation.classified"
+    CONVERSATION_QUEUED = "conversation.queued"
+    CONVERSATION_OFFERED = "conversation.offered"
+    CONVERSATION_ASSIGNED = "conversation.assigned"
+    CONVERSATION_TRANSFERRED = "conversation.transferred"
+    CONVERSATION_CLOSED = "conversation.closed"
+    MESSAGE_SEND_REQUESTED = "message.send-requested"
+    MESSAGE_SENT = "message.sent"
+    MESSAGE_REJECTED = "message.rejected"
+    MESSAGE_FAILED = "message.failed"
+    MESSAGE_DELIVERED = "message.delivered"
+    MESSAGE_READ = "message.read"
+    AGENT_PRESENCE_CHANGED = "agent.presence-changed"
+
+
+def event_id(*natural_key: str) -> str:
+    """A deterministic event id for a natural key (same key, same id)."""
+    return str(uuid.uuid5(EVENT_NAMESPACE, "\x1f".join(natural_key)))
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Envelope(BaseModel):
+    """Every event on the bus. ``data`` is the type-specific payload."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: str
+    type: str
+    version: int = 1
+    occurred_at: datetime
+    account: str
+    conversation_id: str | None = None
+    correlation_id: str
+    causation_id: str | None = None
+    data: dict[str, Any] = Field(default_factory=dict)
+
+    def caused(
+        self,
+        type: str,
+        data: dict[str, Any],
+        *,
+        conversation_id: str | None = None,
+        version: int = 1,
+        occurred_at: datetime | None = None,
+    ) -> Envelope:
+        """A follow-up event: same account and correlation, caused by this one.
+
+        The id is derived from this event's id and the new type, so handling the same
+        event twice produces the same follow-up event id.
+        """
+        return Envelope(
+            id=event_id(self.id, type),
+            type=type,
+            version=version,
+            occurred_at=occurred_at or utcnow(),
+            account=self.account,
+            conversation_id=conversation_id or self.conversation_id,
+            correlation_id=self.correlation_id,
+            causation_id=self.id,
+            data=data,
+        )
+
+
+class Media(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    url: str
+    content_type: str | None = None
+
+
+class MessageReceived(BaseModel):
+    """``message.received``: a customer's WhatsApp message, as the router accepted it."""
+
+    model_config = ConfigDict(extra="allow")
+
+    message_sid: str
+    account_sid: str
+    business_number: str  # E.164 of our WhatsApp sender, e.g. +5511999990000
+    number_name: str
+    workstream: str
+    customer: str  # the sender address without the channel prefix (+E164 or business-scoped id)
+    customer_wa_id: str | None = None
+    external_user_id: str | None = None
+    profile_name: str | None = None
+    body: str = ""
+    media: list[Media] = Field(default_factory=list)
+    message_type: str | None = None
+    button_text: str | None = None
+    button_payload: str | None = None
+    location: dict[str, str] | None = None
+    replied_to_sid: str | None = None
+    sandbox: bool = False
+    received_at: datetime
+    form: dict[str, str | list[str]] = Field(
+        default_factory=dict, description="every field Twilio posted, known or not"
+    )
+
+
+class MessageStatus(BaseModel):
+    """``message.status``: a delivery status callback, as the router accepted it."""
+
+    model_config = ConfigDict(extra="allow")
+
+    message_sid: str
+    account_sid: str | None = None
+    status: str
+    error_code: str | None = None
+    error_message: str | None = None
+    received_at: datetime
+    form: dict[str, str | list[str]] = Field(default_factory=dict)
+
+
+class ConversationOpened(BaseModel):
+    """``conversation.opened``: the first message of a customer opened a conversation."""
+
+    model_config = ConfigDict(extra="allow")
+
+    conversation_id: str
+    contact_id: str
+    business_number: str
+    customer: str
+    workstream: str
+    profile_name: str | None = None
+    first_message_id: str
+    first_message_sid: str
+    first_message_body: str = ""
+    has_media: bool = False
+    opened_at: datetime
+
+
+PAYLOADS: dict[str, type[BaseModel]] = {
+    EventType.MESSAGE_RECEIVED: MessageReceived,
+    EventType.MESSAGE_STATUS: MessageStatus,
+    EventType.CONVERSATION_OPENED: ConversationOpened,
+}

@@ -1,0 +1,119 @@
+"""Shared fixtures: a private PostgreSQL database and RabbitMQ vhost per test run, the
+settings and configuration pointing at them, and a running router.
+
+Every run creates ``omniroute_test_<random>`` and vhost ``omniroute-test-<random>`` and drops
+them afterwards, so runs (and CI next to a developer) never collide.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+from dataclasses import dataclass
+from urllib.parse import quote
+
+import asyncpg
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from omniroute.config_loader import LiveConfig, parse_config
+from omniroute.database import create_database, drop_database
+from omniroute.logging import configure_logging
+from omniroute.settings import Settings
+from omniroute.store import Store, migrate
+from router.app import create_app
+from router.state import BUS
+from tests.support import CONFIG_YAML, ENVIRON, PUBLIC_URL
+
+BASE_AMQP = os.environ.get("OMNIROUTE_TEST_AMQP_BASE", "amqp://guest:guest@127.0.0.1:5672")
+BASE_DB = os.environ.get("OMNIROUTE_TEST_DATABASE_BASE", "postgresql://127.0.0.1:5432")
+
+
+@dataclass(frozen=True)
+class Infra:
+    amqp_url: str
+    database_url: str
+    vhost: str
+
+
+async def _rabbitmqctl(*args: str) -> None:
+    ctl = shutil.which("rabbitmqctl")
+    if ctl is None:
+        pytest.exit("rabbitmqctl is needed to create a private vhost for the test run", 3)
+    proc = await asyncio.create_subprocess_exec(
+        ctl, *args, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
+    )
+    _, err = await proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"rabbitmqctl {' '.join(args)} failed: {err.decode()[:300]}")
+
+
+@pytest.fixture(scope="session")
+async def infra() -> AsyncIterator[Infra]:
+    configure_logging("console", os.environ.get("OMNIROUTE_TEST_LOG_LEVEL", "warning"))
+    suffix = uuid.uuid4().hex[:10]
+    vhost = f"omniroute-test-{suffix}"
+    database_url = f"{BASE_DB}/omniroute_test_{suffix}"
+    await create_database(database_url)
+    await migrate(database_url)
+    await _rabbitmqctl("add_vhost", vhost)
+    await _rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+    try:
+        yield Infra(f"{BASE_AMQP}/{quote(vhost, safe='')}", database_url, vhost)
+    finally:
+        await _rabbitmqctl("delete_vhost", vhost)
+        await drop_database(database_url)
+
+
+def make_settings(infra: Infra, **overrides: object) -> Settings:
+    values: dict[str, object] = {
+        "amqp_url": infra.amqp_url,
+        "database_url": infra.database_url,
+        "public_url": PUBLIC_URL,
+        "delivery_limit": 3,
+        "retry_backoff_base": 0.01,
+        "retry_backoff_max": 0.2,
+        "shutdown_grace": 5.0,
+        "outbox_relay_interval": 0.2,
+        "outbox_relay_age": 1.0,
+        "db_pool_max": 5,
+    }
+    values.update(overrides)
+    return Settings.model_validate(values)
+
+
+@pytest.fixture
+def settings(infra: Infra) -> Settings:
+    return make_settings(infra)
+
+
+@pytest.fixture
+def config() -> LiveConfig:
+    return LiveConfig(parse_config(CONFIG_YAML, "test-config.yaml", ENVIRON))
+
+
+@pytest.fixture
+async def router(settings: Settings, config: LiveConfig) -> AsyncIterator[TestClient[Any, Any]]:
+    app = create_app(settings, config)
+    async with TestClient(TestServer(app)) as client:
+        async with asyncio.timeout(10):
+            await app[BUS].wait_ready()
+        yield client
+
+
+@pytest.fixture(scope="session")
+async def db(infra: Infra) -> AsyncIterator[asyncpg.Pool]:
+    pool = await asyncpg.create_pool(infra.database_url, min_size=1, max_size=4)
+    yield pool
+    await pool.close()
+
+
+@pytest.fixture
+async def store(infra: Infra) -> AsyncIterator[Store]:
+    store = Store(infra.database_url, max_size=5)
+    yield store
+    await store.close()

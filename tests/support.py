@@ -1,0 +1,166 @@
+"""Test helpers shared by the suites: signed webhooks, event capture, waiting on conditions."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+from urllib.parse import urlencode
+
+import aio_pika
+import orjson
+from aio_pika.abc import AbstractIncomingMessage
+from twilio.request_validator import RequestValidator
+
+from schemas.events import EXCHANGE
+
+ACCOUNT_SID = "AC00000000000000000000000000000001"
+AUTH_TOKEN = "test-auth-token-0123456789abcdef"
+OTHER_ACCOUNT_SID = "AC00000000000000000000000000000002"
+OTHER_TOKEN = "other-auth-token-0123456789abcdef"
+BUSINESS = "+5511999990000"
+SANDBOX = "+14155238886"
+PUBLIC_URL = "https://omniroute.example.com"
+
+CONFIG_YAML = f"""
+accounts:
+  - name: contoso
+    account_sid: {ACCOUNT_SID}
+    auth_token_env: TEST_TWILIO_TOKEN_CONTOSO
+    webhook_keys_env: {{webhooks_sharedkey_test: TEST_TWILIO_SHARED_KEY}}
+    numbers:
+      - {{name: Support BR, number: "{BUSINESS}", workstream: support-pt}}
+      - {{name: Sandbox, number: "{SANDBOX}", workstream: support-en, sandbox: true}}
+  - name: fabrikam
+    account_sid: {OTHER_ACCOUNT_SID}
+    auth_token_env: TEST_TWILIO_TOKEN_FABRIKAM
+    numbers:
+      - {{name: Sales, number: "+442071838750", workstream: support-en}}
+workstreams:
+  - name: support-pt
+    language: pt-BR
+    fallback_queue: general
+  - name: support-en
+    language: en
+    fallback_queue: general
+queues:
+  - {{name: general}}
+"""
+ENVIRON = {
+    "TEST_TWILIO_TOKEN_CONTOSO": AUTH_TOKEN,
+    "TEST_TWILIO_TOKEN_FABRIKAM": OTHER_TOKEN,
+    "TEST_TWILIO_SHARED_KEY": "shared-key-secret-for-tests",
+}
+
+
+def new_sid(prefix: str = "SM") -> str:
+    return prefix + uuid.uuid4().hex
+
+
+def inbound_form(
+    *,
+    sid: str | None = None,
+    customer: str = "+5511988887777",
+    to: str = BUSINESS,
+    body: str = "Olá, preciso de ajuda",
+    profile: str = "Maria",
+    account_sid: str = ACCOUNT_SID,
+    **extra: str,
+) -> list[tuple[str, str]]:
+    """A Twilio inbound WhatsApp form, as Twilio posts it."""
+    sid = sid or new_sid()
+    form = [
+        ("SmsMessageSid", sid),
+        ("NumMedia", "0"),
+        ("ProfileName", profile),
+        ("MessageType", "text"),
+        ("SmsSid", sid),
+        ("WaId", customer.lstrip("+")),
+        ("SmsStatus", "received"),
+        ("Body", body),
+        ("To", f"whatsapp:{to}"),
+        ("NumSegments", "1"),
+        ("ReferralNumMedia", "0"),
+        ("MessageSid", sid),
+        ("AccountSid", account_sid),
+        ("From", f"whatsapp:{customer}"),
+        ("ApiVersion", "2010-04-01"),
+    ]
+    replaced = {k for k in extra}
+    return [(k, v) for k, v in form if k not in replaced] + list(extra.items())
+
+
+def sign(url: str, form: list[tuple[str, str]], token: str = AUTH_TOKEN) -> str:
+    from multidict import MultiDict
+
+    return str(RequestValidator(token).compute_signature(url, MultiDict(form)))
+
+
+def signed_post(
+    path: str, form: list[tuple[str, str]], token: str = AUTH_TOKEN, base: str = PUBLIC_URL
+) -> tuple[bytes, dict[str, str]]:
+    """Body and headers of a webhook signed over ``base + path``."""
+    return urlencode(form).encode(), {
+        "Content-Type": "application/x-www-form-urlencoded",
+        "X-Twilio-Signature": sign(base + path, form, token),
+    }
+
+
+async def wait_for(
+    condition: Callable[[], Awaitable[Any]], timeout: float = 10.0, interval: float = 0.05
+) -> Any:
+    """Poll ``condition`` until it returns something truthy; fail after ``timeout``."""
+    async with asyncio.timeout(timeout):
+        while True:
+            result = await condition()
+            if result:
+                return result
+            await asyncio.sleep(interval)
+
+
+class EventTap:
+    """A private, exclusive queue bound to the event exchange: what a downstream service sees."""
+
+    def __init__(self) -> None:
+        self.events: asyncio.Queue[tuple[dict[str, Any], AbstractIncomingMessage]] = (
+            asyncio.Queue()
+        )
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        await message.ack()
+        await self.events.put((orjson.loads(message.body), message))
+
+    async def next(self, timeout: float = 5.0) -> dict[str, Any]:
+        async with asyncio.timeout(timeout):
+            event, _ = await self.events.get()
+            return event
+
+    async def next_message(
+        self, timeout: float = 5.0
+    ) -> tuple[dict[str, Any], AbstractIncomingMessage]:
+        async with asyncio.timeout(timeout):
+            return await self.events.get()
+
+    async def expect_none(self, within: float = 0.5) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(within):
+                event, _ = await self.events.get()
+                raise AssertionError(f"unexpected event {event['type']}")
+
+
+@contextlib.asynccontextmanager
+async def tap(amqp_url: str, *keys: str) -> AsyncIterator[EventTap]:
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        exchange = await channel.declare_exchange(
+            EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
+        )
+        queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+        for key in keys or ("#",):
+            await queue.bind(exchange, routing_key=key)
+        spy = EventTap()
+        await queue.consume(spy._on_message)
+        yield spy
