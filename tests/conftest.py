@@ -12,8 +12,8 @@ import os
 import shutil
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import quote
 
 import asyncpg

@@ -124,9 +124,7 @@ class EventTap:
     """A private, exclusive queue bound to the event exchange: what a downstream service sees."""
 
     def __init__(self) -> None:
-        self.events: asyncio.Queue[tuple[dict[str, Any], AbstractIncomingMessage]] = (
-            asyncio.Queue()
-        )
+        self.events: asyncio.Queue[tuple[dict[str, Any], AbstractIncomingMessage]] = asyncio.Queue()
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         await message.ack()
@@ -164,3 +162,99 @@ async def tap(amqp_url: str, *keys: str) -> AsyncIterator[EventTap]:
         spy = EventTap()
         await queue.consume(spy._on_message)
         yield spy
+
+
+def received_event(
+    *,
+    customer: str = "+5511988887777",
+    sid: str | None = None,
+    body: str = "Olá",
+    received_at: Any = None,
+    media: list[dict[str, str]] | None = None,
+    business: str = BUSINESS,
+) -> Any:
+    """A ``message.received`` envelope as the router publishes it."""
+    from datetime import UTC, datetime
+
+    from schemas.events import Envelope, EventType, Media, MessageReceived, event_id
+
+    sid = sid or new_sid()
+    at = received_at or datetime.now(UTC)
+    payload = MessageReceived(
+        message_sid=sid,
+        account_sid=ACCOUNT_SID,
+        business_number=business,
+        number_name="Support BR",
+        workstream="support-pt",
+        customer=customer,
+        customer_wa_id=customer.lstrip("+"),
+        profile_name="Maria",
+        body=body,
+        media=[Media.model_validate(m) for m in media or []],
+        received_at=at,
+        form={"MessageSid": sid},
+    )
+    eid = event_id(EventType.MESSAGE_RECEIVED, "contoso", sid)
+    return Envelope(
+        id=eid,
+        type=EventType.MESSAGE_RECEIVED,
+        occurred_at=at,
+        account="contoso",
+        correlation_id=eid,
+        data=payload.model_dump(mode="json"),
+    )
+
+
+def new_customer() -> str:
+    return "+55119" + str(uuid.uuid4().int)[:8]
+
+
+class TcpProxy:
+    """A loopback TCP proxy a test can cut and restore, to take the broker 'away'."""
+
+    def __init__(self, target_host: str, target_port: int) -> None:
+        self.target = (target_host, target_port)
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._pipes: set[asyncio.Task[None]] = set()
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def cut(self) -> None:
+        """Refuse new connections and drop the open ones."""
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+        for writer in list(self._writers):
+            writer.transport.abort()
+        for task in list(self._pipes):
+            task.cancel()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.target)
+        except OSError:
+            writer.close()
+            return
+        self._writers.update({writer, up_writer})
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except (OSError, asyncio.CancelledError):
+                pass
+            finally:
+                dst.transport.abort()
+
+        for task in (
+            asyncio.create_task(pipe(reader, up_writer)),
+            asyncio.create_task(pipe(up_reader, writer)),
+        ):
+            self._pipes.add(task)
+            task.add_done_callback(self._pipes.discard)

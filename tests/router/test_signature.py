@@ -29,13 +29,16 @@ def test_vectors(vector: dict[str, Any]) -> None:
         params = vector["raw_body"]
     else:
         params = MultiDict([tuple(p) for p in vector["params"]])
-    assert valid_signature(vector["url"], params, vector["signature"], key, algorithm) is (
-        vector["expected_valid"]
+    assert (
+        valid_signature(vector["url"], params, vector["signature"], key, algorithm)
+        is (vector["expected_valid"])
     )
 
 
 def test_missing_signature_is_invalid() -> None:
-    assert not valid_signature("https://x.example/a", MultiDict(), None, SecretStr("t"), "HMAC_SHA1")
+    assert not valid_signature(
+        "https://x.example/a", MultiDict(), None, SecretStr("t"), "HMAC_SHA1"
+    )
 
 
 def test_unknown_shared_key_id_has_no_secret() -> None:

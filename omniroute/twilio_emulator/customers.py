@@ -1,0 +1,178 @@
+"""Customer simulation: signed inbound WhatsApp webhooks posted to the router."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+import uuid
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from omniroute.twilio_emulator.runtime import (
+    SESSION_KEY,
+    STATE_KEY,
+    bad_request,
+    log,
+    post_signed_form,
+)
+from omniroute.twilio_emulator.state import (
+    API_VERSION,
+    EmulatorState,
+    InboundMessage,
+    StoredMedia,
+    new_sid,
+)
+
+PHONE_SENDER = re.compile(r"^whatsapp:\+(\d+)$")
+MEDIA_TYPES = {"image": "image", "video": "video", "audio": "audio"}
+
+
+class MediaSpec(BaseModel):
+    """One attachment of a simulated customer message."""
+
+    content_type: str
+    data_base64: str
+
+
+class CustomerMessage(BaseModel):
+    """Body of ``POST /_emulator/customers/send``."""
+
+    model_config = ConfigDict(populate_by_name=True, extra="forbid")
+
+    account_sid: str
+    url: str
+    from_: str = Field(alias="from")
+    to: str
+    body: str = ""
+    profile_name: str | None = None
+    media: list[MediaSpec] = Field(default_factory=list)
+    extra: dict[str, str | int | float] = Field(default_factory=dict)
+    message_sid: str | None = None
+    repeat: int = Field(default=1, ge=1, le=50)
+
+
+def message_type(spec: CustomerMessage) -> str:
+    """Twilio's ``MessageType`` for the message: text, image, video, audio, document, …"""
+    if spec.media:
+        major = spec.media[0].content_type.split("/", 1)[0]
+        return MEDIA_TYPES.get(major, "document")
+    if "Latitude" in spec.extra:
+        return "location"
+    if "ButtonPayload" in spec.extra:
+        return "button"
+    return "text"
+
+
+def _decode_media(spec: CustomerMessage) -> list[tuple[str, bytes]]:
+    try:
+        return [
+            (m.content_type, base64.b64decode(m.data_base64, validate=True)) for m in spec.media
+        ]
+    except (binascii.Error, ValueError):
+        raise bad_request("media data_base64 is not valid base64") from None
+
+
+def build_form(
+    state: EmulatorState, spec: CustomerMessage, message_sid: str, base_url: str
+) -> dict[str, str]:
+    """Build the inbound webhook form exactly as Twilio posts it; store the media it names."""
+    form: dict[str, str] = {
+        "SmsMessageSid": message_sid,
+        "NumMedia": str(len(spec.media)),
+    }
+    if spec.profile_name is not None:
+        form["ProfileName"] = spec.profile_name
+    form["MessageType"] = message_type(spec)
+    form["SmsSid"] = message_sid
+    phone = PHONE_SENDER.fullmatch(spec.from_)
+    if phone:
+        form["WaId"] = phone.group(1)
+    else:
+        form["ExternalUserId"] = spec.from_.removeprefix("whatsapp:")
+    form |= {
+        "SmsStatus": "received",
+        "Body": spec.body,
+        "To": spec.to,
+        "NumSegments": "1",
+        "ReferralNumMedia": "0",
+        "MessageSid": message_sid,
+        "AccountSid": spec.account_sid,
+        "From": spec.from_,
+        "ApiVersion": API_VERSION,
+    }
+    for index, (content_type, data) in enumerate(_decode_media(spec)):
+        media_sid = new_sid("ME")
+        state.media[media_sid] = StoredMedia(
+            spec.account_sid, message_sid, media_sid, content_type, data
+        )
+        form[f"MediaContentType{index}"] = content_type
+        form[f"MediaUrl{index}"] = (
+            f"{base_url}/{API_VERSION}/Accounts/{spec.account_sid}"
+            f"/Messages/{message_sid}/Media/{media_sid}"
+        )
+    form |= {key: str(value) for key, value in spec.extra.items()}
+    return form
+
+
+async def _parse(request: web.Request) -> CustomerMessage:
+    try:
+        return CustomerMessage.model_validate(await request.json())
+    except (ValueError, ValidationError) as exc:
+        raise bad_request(str(exc)) from None
+
+
+async def send_customer_message(request: web.Request) -> web.Response:
+    """``POST /_emulator/customers/send``: post a signed inbound webhook to the router."""
+    spec = await _parse(request)
+    state = request.app[STATE_KEY]
+    token = state.accounts.get(spec.account_sid)
+    if token is None:
+        return web.json_response({"error": f"unknown account {spec.account_sid}"}, status=404)
+    message_sid = spec.message_sid or new_sid("MM" if spec.media else "SM")
+    base_url = f"{request.scheme}://{request.host}"
+    form = build_form(state, spec, message_sid, base_url)
+    state.record_customer_message(spec.account_sid, spec.to, spec.from_)
+    state.inbound[message_sid] = InboundMessage(
+        message_sid, spec.account_sid, spec.to, spec.from_, spec.body, len(spec.media), state.now()
+    )
+    idempotency = f"{spec.account_sid}-{uuid.uuid4()}"
+    statuses: list[int] = []
+    bodies: list[str] = []
+    for _ in range(spec.repeat):
+        try:
+            status, text = await post_signed_form(
+                request.app[SESSION_KEY], spec.url, form, token, idempotency
+            )
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            log.warning(
+                "emulator.customer_post_failed",
+                url=spec.url,
+                message_sid=message_sid,
+                error=type(exc).__name__,
+            )
+            return web.json_response(
+                {
+                    "message_sid": message_sid,
+                    "error": type(exc).__name__,
+                    "form": form,
+                    "statuses": statuses,
+                },
+                status=502,
+            )
+        statuses.append(status)
+        bodies.append(text)
+    log.info(
+        "emulator.customer_message_sent", url=spec.url, message_sid=message_sid, statuses=statuses
+    )
+    answer: dict[str, Any] = {
+        "message_sid": message_sid,
+        "status": statuses[0] if spec.repeat == 1 else statuses,
+        "body": bodies[0] if spec.repeat == 1 else bodies,
+        "statuses": statuses,
+        "form": form,
+    }
+    return web.json_response(answer)

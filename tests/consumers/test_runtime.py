@@ -1,0 +1,150 @@
+"""The shared consumer runtime: dead letters with reasons, bounded redelivery, the outbox
+relay, and replay from the CLI's functions."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aio_pika
+import asyncpg
+from pydantic import BaseModel
+
+from consumers import conversations
+from consumers.runtime import OutboxRelay, Stage, StageTx
+from omniroute.bus import Bus
+from omniroute.dead_letters import list_dead, replay_dead
+from omniroute.settings import Settings
+from omniroute.store import Store
+from schemas.events import Envelope, EventType, MessageReceived
+from tests.consumers.conftest import RunnerFactory
+from tests.support import EventTap, new_customer, received_event, tap, wait_for
+
+
+async def _dead_letter(settings: Settings, message_id: str, timeout: float = 10.0) -> Any:
+    """Wait until a message with this id is on the conversations stage's dead-letter queue."""
+
+    async def find() -> Any:
+        letters = await list_dead(settings, "conversations", 1000)
+        return next((d for d in letters if d.message_id == message_id), None)
+
+    return await wait_for(find, timeout=timeout, interval=0.2)
+
+
+async def test_undecodable_message_is_dead_lettered_with_reason(
+    bus: Bus, start_runner: RunnerFactory, settings: Settings
+) -> None:
+    await start_runner()
+    message = aio_pika.Message(b"{not json", message_id="poison-1", content_type="text/plain")
+    await bus.publish_raw("message.received", message)
+    letter = await _dead_letter(settings, "poison-1")
+    assert "not a valid event envelope" in letter.reason
+    assert letter.routing_key == "message.received"
+    assert letter.body == b"{not json"
+
+
+async def test_invalid_payload_is_dead_lettered_at_once(
+    bus: Bus, start_runner: RunnerFactory, settings: Settings
+) -> None:
+    await start_runner()
+    event = received_event()
+    event.data.pop("message_sid")
+    await bus.publish(event)
+    letter = await _dead_letter(settings, event.id)
+    assert "invalid message.received payload" in letter.reason
+    assert "message_sid" in letter.reason
+
+
+async def test_transient_failure_is_retried_then_dead_lettered_at_the_limit(
+    bus: Bus, start_runner: RunnerFactory, settings: Settings
+) -> None:
+    calls: list[str] = []
+
+    async def failing(event: Envelope, payload: BaseModel, tx: StageTx) -> list[Envelope]:
+        calls.append(event.id)
+        raise RuntimeError("downstream exploded")
+
+    await start_runner(Stage("conversations", conversations.STAGE.payloads, failing))
+    event = received_event()
+    await bus.publish(event)
+    letter = await _dead_letter(settings, event.id)
+    assert calls.count(event.id) == settings.delivery_limit
+    assert f"failed {settings.delivery_limit} times" in letter.reason
+    assert "downstream exploded" in letter.reason
+
+
+async def test_a_failure_that_passes_is_handled_on_redelivery(
+    bus: Bus, start_runner: RunnerFactory, db: asyncpg.Pool
+) -> None:
+    attempts: dict[str, int] = {}
+
+    async def flaky(event: Envelope, payload: BaseModel, tx: StageTx) -> list[Envelope]:
+        attempts[event.id] = attempts.get(event.id, 0) + 1
+        if attempts[event.id] == 1:
+            raise RuntimeError("first time unlucky")
+        return await conversations.handle(event, payload, tx)
+
+    await start_runner(Stage("conversations", conversations.STAGE.payloads, flaky))
+    customer = new_customer()
+    event = received_event(customer=customer)
+    await bus.publish(event)
+    await wait_for(
+        lambda: db.fetchval("SELECT count(*) FROM conversations WHERE customer = $1", customer)
+    )
+    assert attempts[event.id] == 2
+
+
+async def test_dead_letters_replay_to_the_stage_once_it_is_fixed(
+    bus: Bus, start_runner: RunnerFactory, settings: Settings, db: asyncpg.Pool
+) -> None:
+    async def broken(event: Envelope, payload: BaseModel, tx: StageTx) -> list[Envelope]:
+        raise RuntimeError("bug in this release")
+
+    broken_runner = await start_runner(Stage("conversations", conversations.STAGE.payloads, broken))
+    customer = new_customer()
+    event = received_event(customer=customer)
+    await bus.publish(event)
+    await _dead_letter(settings, event.id)
+    await broken_runner.stop()
+
+    await start_runner()  # the fixed release
+    assert await replay_dead(settings, "conversations", 1000) >= 1
+    await wait_for(
+        lambda: db.fetchval("SELECT count(*) FROM conversations WHERE customer = $1", customer)
+    )
+    letters = await list_dead(settings, "conversations", 1000)
+    assert all(d.message_id != event.id for d in letters)
+
+
+async def test_outbox_relay_publishes_events_a_crashed_process_left_behind(
+    bus: Bus, store: Store, settings: Settings, db: asyncpg.Pool
+) -> None:
+    event = received_event().caused(EventType.CONVERSATION_OPENED, {"left": "behind"})
+    await db.execute(
+        "INSERT INTO outbox (id, routing_key, body, created_at)"
+        " VALUES ($1, $2, $3::jsonb, now() - interval '1 minute')",
+        event.id,
+        event.type,
+        event.model_dump_json(),
+    )
+    relay = OutboxRelay(bus=bus, store=store, settings=settings)
+    async with tap(settings.amqp_url.get_secret_value(), "conversation.opened") as spy:
+        await wait_for(relay.relay_once, timeout=5)
+        relayed = await _next_with_id(spy, event.id)
+    assert relayed["data"] == {"left": "behind"}
+    published_at = await db.fetchval("SELECT published_at FROM outbox WHERE id = $1", event.id)
+    assert published_at is not None
+
+
+async def _next_with_id(spy: EventTap, event_id: str) -> dict[str, Any]:
+    async with asyncio.timeout(5):
+        while True:
+            event = await spy.next()
+            if event["id"] == event_id:
+                return event
+
+
+def test_payload_model_keeps_unknown_fields() -> None:
+    event = received_event()
+    data = dict(event.data, brand_new_field="x")
+    assert MessageReceived.model_validate(data).model_extra == {"brand_new_field": "x"}
