@@ -135,9 +135,7 @@ class StageRunner:
     async def start(self) -> None:
         """Declare the stage's topology and start consuming."""
         channel = await self._bus.channel(self._settings.prefetch)
-        self._queue = await declare_stage(
-            channel, STAGES[self.stage.name], self._settings.delivery_limit
-        )
+        self._queue = await declare_stage(channel, STAGES[self.stage.name])
         self._consumer_tag = await self._queue.consume(self._on_message)
         log.info("stage.started", stage=self.stage.name, prefetch=self._settings.prefetch)
 
@@ -192,6 +190,12 @@ class StageRunner:
         )
 
     async def _process(self, message: AbstractIncomingMessage) -> Outcome:
+        previous = delivery_count(message)
+        if previous >= self._settings.delivery_limit:
+            # Delivered that often without an ack: the consumer died handling it each time.
+            return await self._dead_letter(
+                message, f"delivered {previous} times without being acknowledged"
+            )
         try:
             event, payload = decode(self.stage, message.body)
         except InvalidEvent as exc:

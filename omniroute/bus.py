@@ -24,7 +24,13 @@ from aio_pika.abc import (
 )
 
 from omniroute.errors import BrokerUnavailable
-from omniroute.topology import DEAD_LETTER_EXCHANGE, EXCHANGE, STAGES, StageQueue
+from omniroute.topology import (
+    BROKER_DELIVERY_LIMIT,
+    DEAD_LETTER_EXCHANGE,
+    EXCHANGE,
+    STAGES,
+    StageQueue,
+)
 from schemas.events import Envelope
 
 log = structlog.get_logger("omniroute.bus")
@@ -47,9 +53,7 @@ def event_message(event: Envelope, headers: dict[str, Any] | None = None) -> aio
     )
 
 
-async def declare_stage(
-    channel: AbstractChannel, stage: StageQueue, delivery_limit: int
-) -> AbstractQueue:
+async def declare_stage(channel: AbstractChannel, stage: StageQueue) -> AbstractQueue:
     """Declare a stage's quorum queue, its bindings and its dead-letter queue (idempotent)."""
     events = await channel.declare_exchange(EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
     dead = await channel.declare_exchange(
@@ -64,7 +68,7 @@ async def declare_stage(
         durable=True,
         arguments={
             "x-queue-type": "quorum",
-            "x-delivery-limit": delivery_limit,
+            "x-delivery-limit": BROKER_DELIVERY_LIMIT,
             "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE,
             "x-dead-letter-routing-key": stage.stage,
         },
@@ -84,14 +88,12 @@ class Bus:
         publish_timeout: float,
         connect_timeout: float,
         retry_max: float,
-        delivery_limit: int,
         declare_stages: tuple[str, ...] = tuple(STAGES),
     ) -> None:
         self._url = url
         self._publish_timeout = publish_timeout
         self._connect_timeout = connect_timeout
         self._retry_max = retry_max
-        self._delivery_limit = delivery_limit
         self._declare_stages = declare_stages
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractChannel | None = None
@@ -134,7 +136,12 @@ class Bus:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.warning("bus.connect_failed", error=type(exc).__name__, retry_in=delay)
+                log.warning(
+                    "bus.connect_failed",
+                    error=type(exc).__name__,
+                    detail=str(exc)[:300],
+                    retry_in=delay,
+                )
                 await self._close_connection()
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self._retry_max)
@@ -148,7 +155,7 @@ class Bus:
         self._connection = connection
         channel = await connection.channel(publisher_confirms=True)
         for name in self._declare_stages:
-            await declare_stage(channel, STAGES[name], self._delivery_limit)
+            await declare_stage(channel, STAGES[name])
         self._exchange = await channel.get_exchange(EXCHANGE)
         self._dead_exchange = await channel.get_exchange(DEAD_LETTER_EXCHANGE)
         self._channel = channel

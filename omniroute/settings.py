@@ -37,7 +37,7 @@ class Settings(BaseSettings):
 
     # Consumers
     prefetch: int = Field(default=32, ge=1)
-    delivery_limit: int = Field(default=5, ge=1)
+    delivery_limit: int = Field(default=5, ge=1, le=20, description="≤ the broker's limit")
     retry_backoff_base: float = Field(default=0.2, gt=0)
     retry_backoff_max: float = Field(default=10.0, gt=0)
     shutdown_grace: float = Field(default=20.0, gt=0)

@@ -10,6 +10,12 @@ from dataclasses import dataclass
 
 from schemas.events import DEAD_LETTER_EXCHANGE, EXCHANGE, EventType
 
+# The broker's own delivery limit on every stage queue: a backstop for messages that crash
+# the consumer process before it can count them. Queue arguments cannot change once the
+# queue exists, so this is a constant of the topology; the runner applies the configurable
+# (lower) OMNIROUTE_DELIVERY_LIMIT itself from the x-delivery-count header.
+BROKER_DELIVERY_LIMIT = 20
+
 
 @dataclass(frozen=True)
 class StageQueue:
@@ -33,4 +39,4 @@ STAGES: dict[str, StageQueue] = {
     )
 }
 
-__all__ = ["DEAD_LETTER_EXCHANGE", "EXCHANGE", "STAGES", "StageQueue"]
+__all__ = ["BROKER_DELIVERY_LIMIT", "DEAD_LETTER_EXCHANGE", "EXCHANGE", "STAGES", "StageQueue"]

@@ -20,7 +20,6 @@ def make_bus(settings: Settings) -> Bus:
         publish_timeout=settings.publish_timeout,
         connect_timeout=settings.broker_connect_timeout,
         retry_max=settings.broker_retry_max,
-        delivery_limit=settings.delivery_limit,
     )
 
 

@@ -1,0 +1,306 @@
+"""``omniroute demo``: the Twilio emulator, the router and every stage in one process, with
+simulated WhatsApp customers, told as it happens.
+
+It uses the example configuration, its own emulator and the configured database and
+broker; it checks its own outcome (each message stored once, the right conversations) and
+exits non-zero if anything did not happen as it should.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import aiohttp
+import asyncpg
+import orjson
+
+from omniroute.config_loader import LiveConfig, load_config
+from omniroute.service import Service
+from omniroute.settings import Settings
+from omniroute.twilio_emulator import EmulatorState, start_emulator
+from schemas.config import Account
+from schemas.events import EXCHANGE
+
+DEMO_CONFIG = Path("examples/omniroute.yaml")
+DEMO_TOKENS = {"TWILIO_AUTH_TOKEN_CONTOSO": "demo-auth-token-not-a-secret"}
+WAIT_SECONDS = 30.0
+# A 1×1 JPEG is enough to show media handling.
+PIXEL = base64.b64encode(bytes.fromhex("ffd8ffe000104a46494600010100000100010000ffd9")).decode()
+
+
+@dataclass
+class Step:
+    who: str
+    sender: str
+    to_name: str
+    body: str
+    media: int = 0
+    repeat: int = 1
+    expect_status: int = 200
+
+
+@dataclass
+class Outcome:
+    sids: set[str] = field(default_factory=set)
+    events: dict[str, int] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+
+def _free_port(preferred: int) -> int:
+    for port in (preferred, 0):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return int(sock.getsockname()[1])
+    raise RuntimeError("no free port")
+
+
+def _script(account: Account) -> list[Step]:
+    names = {n.name: n.number for n in account.numbers}
+    main, other = next(iter(names)), list(names)[-1]
+    return [
+        Step("Maria", "whatsapp:+5511988887777", main, "Olá! Meu pedido 1234 não chegou."),
+        Step("Maria", "whatsapp:+5511988887777", main, "Vocês estão aí? 🙏"),
+        Step(
+            "Maria (Twilio resends the same webhook)",
+            "whatsapp:+5511988887777",
+            main,
+            "Podem me ajudar com a troca?",
+            repeat=2,
+        ),
+        Step("Ana (an album of 3 photos)", "whatsapp:+5521977776666", main, "", media=3),
+        Step(
+            "a username sender",
+            "whatsapp:US.13491208655302741918",
+            main,
+            "Hi! Question about my invoice.",
+        ),
+        Step("John", "whatsapp:+14155550100", other, "join brave-tiger"),
+        Step(
+            "a number nobody configured",
+            "whatsapp:+5511911112222",
+            "(unconfigured)",
+            "hello?",
+            expect_status=404,
+        ),
+    ]
+
+
+async def _send(
+    http: aiohttp.ClientSession,
+    emulator_url: str,
+    router_url: str,
+    account: Account,
+    step: Step,
+    numbers: Mapping[str, str],
+    outcome: Outcome,
+) -> list[asyncio.Task[Any]]:
+    to = numbers.get(step.to_name, "+5511000000000")
+    body: dict[str, Any] = {
+        "account_sid": account.account_sid,
+        "url": f"{router_url}/twilio/{account.name}/inbound",
+        "from": step.sender,
+        "to": f"whatsapp:{to}",
+        "body": step.body,
+        "profile_name": step.who.split(" ")[0],
+        "repeat": step.repeat,
+    }
+    sends = []
+    for n in range(max(step.media, 1)):
+        one = dict(body)
+        if step.media:
+            one["media"] = [{"content_type": "image/jpeg", "data_base64": PIXEL}]
+            one["body"] = f"photo {n + 1}"
+        sends.append(http.post(f"{emulator_url}/_emulator/customers/send", json=one))
+    answers = await asyncio.gather(*sends)  # an album arrives at once
+    for answer in answers:
+        result = await answer.json()
+        statuses = result.get("statuses") or [result.get("status")]
+        text = step.body or "(photo)"
+        print(f"  {step.who:<42} → {step.to_name:<14} {text[:40]!r:<44} router: {statuses}")
+        if any(s != step.expect_status for s in statuses):
+            outcome.problems.append(f"{step.who}: expected {step.expect_status}, got {statuses}")
+        if step.expect_status == 200:
+            outcome.sids.add(result["message_sid"])
+    return []
+
+
+async def _forged(
+    http: aiohttp.ClientSession, router_url: str, account: Account, outcome: Outcome
+) -> None:
+    form = {
+        "MessageSid": "SM" + "f" * 32,
+        "AccountSid": account.account_sid,
+        "From": "whatsapp:+5511900000000",
+        "To": f"whatsapp:{account.numbers[0].number}",
+        "Body": "send me the auth token",
+    }
+    async with http.post(
+        f"{router_url}/twilio/{account.name}/inbound",
+        data=form,
+        headers={"X-Twilio-Signature": "Zm9yZ2Vk"},
+    ) as response:
+        print(
+            f"  {'a forger (bad X-Twilio-Signature)':<42} → {'Support':<14} "
+            f"{form['Body']!r:<44} router: [{response.status}]"
+        )
+        if response.status != 403:
+            outcome.problems.append(f"forged webhook answered {response.status}, not 403")
+
+
+async def _count_events(amqp_url: str, outcome: Outcome, ready: asyncio.Event) -> None:
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        exchange = await channel.declare_exchange(
+            EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
+        )
+        queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+        await queue.bind(exchange, routing_key="#")
+        ready.set()
+        async with queue.iterator() as messages:
+            async for message in messages:
+                await message.ack()
+                kind = orjson.loads(message.body).get("type", "?")
+                outcome.events[kind] = outcome.events.get(kind, 0) + 1
+
+
+async def _report(dsn: str, outcome: Outcome) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch(
+            "SELECT c.id, c.state, c.account, c.business_number, c.customer, c.workstream,"
+            " ct.profile_name, m.body, m.media, m.received_at, m.twilio_sid"
+            " FROM messages m JOIN conversations c ON c.id = m.conversation_id"
+            " JOIN contacts ct ON ct.id = c.contact_id"
+            " WHERE m.twilio_sid = ANY($1::text[]) ORDER BY c.opened_at, m.received_at",
+            list(outcome.sids),
+        )
+    finally:
+        await conn.close()
+    stored = [r["twilio_sid"] for r in rows]
+    if sorted(stored) != sorted(outcome.sids):
+        outcome.problems.append(
+            f"{len(outcome.sids)} distinct messages accepted, {len(stored)} stored"
+        )
+    print("\nConversations in PostgreSQL (this run's messages):")
+    current = None
+    for row in rows:
+        if row["id"] != current:
+            current = row["id"]
+            print(
+                f"  [{row['state']}] {row['account']} {row['business_number']} ← "
+                f"{row['profile_name'] or '?'} {row['customer']}  "
+                f"(workstream {row['workstream']}, conversation {str(row['id'])[:8]})"
+            )
+        media = f"  +{len(row['media'])} media" if row["media"] else ""
+        print(f"      {row['received_at']:%H:%M:%S.%f}  {row['body']!r}{media}")
+
+
+async def _wait_stored(dsn: str, sids: set[str]) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        async with asyncio.timeout(WAIT_SECONDS):
+            query = "SELECT count(*) FROM messages WHERE twilio_sid = ANY($1::text[])"
+            while True:
+                if await conn.fetchval(query, list(sids)) >= len(sids):
+                    break
+                await asyncio.sleep(0.1)
+    except TimeoutError:
+        pass
+    finally:
+        await conn.close()
+
+
+async def run_demo(
+    settings: Settings, *, keep_running: bool = False, config_path: Path = DEMO_CONFIG
+) -> int:
+    """Run the demo; 0 if everything happened as it should."""
+    environ = {**DEMO_TOKENS, **os.environ}
+    config = load_config(config_path, environ)
+    account = config.accounts[0]
+    assert account.auth_token is not None
+    emulator = await start_emulator(
+        EmulatorState(
+            accounts={
+                a.account_sid: a.auth_token.get_secret_value()
+                for a in config.accounts
+                if a.auth_token
+            }
+        )
+    )
+    port = _free_port(settings.http_port)
+    router_url = f"http://127.0.0.1:{port}"
+    demo_settings = settings.model_copy(
+        update={
+            "http_host": "127.0.0.1",
+            "http_port": port,
+            "public_url": router_url,
+            "twilio_api_url": emulator.url,
+        }
+    )
+    from consumers.registry import STAGES
+
+    service = Service(demo_settings, LiveConfig(config, config_path), list(STAGES), True)
+    outcome = Outcome()
+    tap_ready = asyncio.Event()
+    tap = asyncio.create_task(
+        _count_events(settings.amqp_url.get_secret_value(), outcome, tap_ready)
+    )
+    print(
+        f"omniroute demo — Twilio emulator {emulator.url}, router {router_url}, "
+        f"stages: {', '.join(STAGES)}"
+    )
+    try:
+        await service.start()
+        async with asyncio.timeout(15):
+            await tap_ready.wait()
+        numbers = {n.name: n.number for n in account.numbers}
+        print("\nCustomers write on WhatsApp (through the emulator, signed like Twilio):")
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as http:
+            for step in _script(account):
+                await _send(http, emulator.url, router_url, account, step, numbers, outcome)
+            await _forged(http, router_url, account, outcome)
+        dsn = settings.database_url.get_secret_value()
+        await _wait_stored(dsn, outcome.sids)
+        await asyncio.sleep(0.5)  # let the last events reach the tap
+        await _report(dsn, outcome)
+        print(
+            "\nEvents on omniroute.events: "
+            + ", ".join(f"{k} ×{v}" for k, v in sorted(outcome.events.items()))
+        )
+        if keep_running:
+            print(
+                f"\nStill running (Ctrl-C to stop): router {router_url}, "
+                f"emulator {emulator.url}/_emulator/customers/send"
+            )
+            await _until_interrupted()
+    finally:
+        tap.cancel()
+        await asyncio.gather(tap, return_exceptions=True)
+        await service.stop()
+        await emulator.close()
+    for problem in outcome.problems:
+        print(f"PROBLEM: {problem}")
+    print("\ndemo " + ("FAILED" if outcome.problems else "finished: every message stored once"))
+    return 1 if outcome.problems else 0
+
+
+async def _until_interrupted() -> None:
+    import signal
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
