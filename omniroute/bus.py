@@ -135,6 +135,16 @@ class Bus:
                 return
             except asyncio.CancelledError:
                 raise
+            except aio_pika.exceptions.ChannelPreconditionFailed as exc:
+                # Retrying cannot help until an operator acts: say so loudly.
+                log.error(
+                    "bus.topology_mismatch",
+                    detail=str(exc)[:300],
+                    hint="a queue exists with other arguments; delete it or migrate it",
+                    retry_in=self._retry_max,
+                )
+                await self._close_connection()
+                await asyncio.sleep(self._retry_max)
             except Exception as exc:
                 log.warning(
                     "bus.connect_failed",

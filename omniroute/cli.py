@@ -116,6 +116,8 @@ def cmd_emulator(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from omniroute.demo import run_demo
 
+    if "log_level" not in settings.model_fields_set:  # the demo tells its own story
+        configure_logging("console", "warning")
     return _run(run_demo(settings, keep_running=args.keep_running))
 
 

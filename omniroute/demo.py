@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import random
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ import orjson
 from omniroute.config_loader import LiveConfig, load_config
 from omniroute.service import Service
 from omniroute.settings import Settings
+from omniroute.store import Store
 from omniroute.twilio_emulator import EmulatorState, start_emulator
 from schemas.config import Account
 from schemas.events import EXCHANGE
@@ -32,6 +34,7 @@ from schemas.events import EXCHANGE
 DEMO_CONFIG = Path("examples/omniroute.yaml")
 DEMO_TOKENS = {"TWILIO_AUTH_TOKEN_CONTOSO": "demo-auth-token-not-a-secret"}
 WAIT_SECONDS = 30.0
+START_SECONDS = 30.0
 # A 1×1 JPEG is enough to show media handling.
 PIXEL = base64.b64encode(bytes.fromhex("ffd8ffe000104a46494600010100000100010000ffd9")).decode()
 
@@ -66,26 +69,29 @@ def _free_port(preferred: int) -> int:
 
 
 def _script(account: Account) -> list[Step]:
+    """The customers of this run (new numbers each run, so each run opens conversations)."""
     names = {n.name: n.number for n in account.numbers}
     main, other = next(iter(names)), list(names)[-1]
+    run = f"{random.randrange(10_000):04d}"
+    maria, ana, john = f"+5511988{run}", f"+5521977{run}", f"+1415555{run}"
     return [
-        Step("Maria", "whatsapp:+5511988887777", main, "Olá! Meu pedido 1234 não chegou."),
-        Step("Maria", "whatsapp:+5511988887777", main, "Vocês estão aí? 🙏"),
+        Step("Maria", f"whatsapp:{maria}", main, "Olá! Meu pedido 1234 não chegou."),
+        Step("Maria", f"whatsapp:{maria}", main, "Vocês estão aí? 🙏"),
         Step(
             "Maria (Twilio resends the same webhook)",
-            "whatsapp:+5511988887777",
+            f"whatsapp:{maria}",
             main,
             "Podem me ajudar com a troca?",
             repeat=2,
         ),
-        Step("Ana (an album of 3 photos)", "whatsapp:+5521977776666", main, "", media=3),
+        Step("Ana (an album of 3 photos)", f"whatsapp:{ana}", main, "", media=3),
         Step(
             "a username sender",
-            "whatsapp:US.13491208655302741918",
+            f"whatsapp:US.1349120865530{run}",
             main,
             "Hi! Question about my invoice.",
         ),
-        Step("John", "whatsapp:+14155550100", other, "join brave-tiger"),
+        Step("John", f"whatsapp:{john}", other, "join brave-tiger"),
         Step(
             "a number nobody configured",
             "whatsapp:+5511911112222",
@@ -176,9 +182,10 @@ async def _count_events(amqp_url: str, outcome: Outcome, ready: asyncio.Event) -
 
 
 async def _report(dsn: str, outcome: Outcome) -> None:
-    conn = await asyncpg.connect(dsn)
+    store = Store(dsn, max_size=1)
     try:
-        rows = await conn.fetch(
+        pool = await store.pool()
+        rows = await pool.fetch(
             "SELECT c.id, c.state, c.account, c.business_number, c.customer, c.workstream,"
             " ct.profile_name, m.body, m.media, m.received_at, m.twilio_sid"
             " FROM messages m JOIN conversations c ON c.id = m.conversation_id"
@@ -187,7 +194,7 @@ async def _report(dsn: str, outcome: Outcome) -> None:
             list(outcome.sids),
         )
     finally:
-        await conn.close()
+        await store.close()
     stored = [r["twilio_sid"] for r in rows]
     if sorted(stored) != sorted(outcome.sids):
         outcome.problems.append(
@@ -262,8 +269,8 @@ async def run_demo(
         f"stages: {', '.join(STAGES)}"
     )
     try:
-        await service.start()
-        async with asyncio.timeout(15):
+        async with asyncio.timeout(START_SECONDS):
+            await service.start()
             await tap_ready.wait()
         numbers = {n.name: n.number for n in account.numbers}
         print("\nCustomers write on WhatsApp (through the emulator, signed like Twilio):")
