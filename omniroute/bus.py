@@ -88,12 +88,14 @@ class Bus:
         publish_timeout: float,
         connect_timeout: float,
         retry_max: float,
+        reconnect_interval: float = 1.0,
         declare_stages: tuple[str, ...] = tuple(STAGES),
     ) -> None:
         self._url = url
         self._publish_timeout = publish_timeout
         self._connect_timeout = connect_timeout
         self._retry_max = retry_max
+        self._reconnect_interval = reconnect_interval
         self._declare_stages = declare_stages
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractChannel | None = None
@@ -161,6 +163,7 @@ class Bus:
             self._url,
             timeout=self._connect_timeout,
             client_properties={"connection_name": "omniroute"},
+            reconnect_interval=self._reconnect_interval,
         )
         self._connection = connection
         channel = await connection.channel(publisher_confirms=True)

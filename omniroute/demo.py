@@ -248,8 +248,9 @@ async def run_demo(
     )
     port = _free_port(settings.http_port)
     router_url = f"http://127.0.0.1:{port}"
-    demo_settings = settings.model_copy(
-        update={
+    demo_settings = Settings.model_validate(
+        settings.model_dump()
+        | {
             "http_host": "127.0.0.1",
             "http_port": port,
             "public_url": router_url,

@@ -33,6 +33,7 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=64 * 1024, gt=0)
     publish_timeout: float = Field(default=1.0, gt=0, description="seconds, then 503")
     broker_connect_timeout: float = Field(default=2.0, gt=0)
+    broker_reconnect_interval: float = Field(default=1.0, gt=0, description="after a drop, s")
     broker_retry_max: float = Field(default=5.0, gt=0, description="max reconnect backoff, s")
 
     # Consumers

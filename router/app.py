@@ -20,6 +20,7 @@ def make_bus(settings: Settings) -> Bus:
         publish_timeout=settings.publish_timeout,
         connect_timeout=settings.broker_connect_timeout,
         retry_max=settings.broker_retry_max,
+        reconnect_interval=settings.broker_reconnect_interval,
     )
 
 

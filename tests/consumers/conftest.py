@@ -38,7 +38,7 @@ async def start_runner(
     started: list[tuple[StageRunner, Bus, Store]] = []
 
     async def start(stage: Stage = STAGE, **overrides: Any) -> StageRunner:
-        own_settings = settings.model_copy(update=overrides)
+        own_settings = Settings.model_validate({**settings.model_dump(), **overrides})
         bus = make_bus(own_settings)
         await bus.start()
         async with asyncio.timeout(10):

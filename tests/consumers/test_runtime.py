@@ -18,7 +18,7 @@ from omniroute.settings import Settings
 from omniroute.store import Store
 from schemas.events import Envelope, EventType, MessageReceived
 from tests.consumers.conftest import RunnerFactory
-from tests.support import EventTap, new_customer, received_event, tap, wait_for
+from tests.support import EventTap, TcpProxy, new_customer, received_event, tap, wait_for
 
 
 async def _dead_letter(settings: Settings, message_id: str, timeout: float = 10.0) -> Any:
@@ -148,3 +148,26 @@ def test_payload_model_keeps_unknown_fields() -> None:
     event = received_event()
     data = dict(event.data, brand_new_field="x")
     assert MessageReceived.model_validate(data).model_extra == {"brand_new_field": "x"}
+
+
+async def test_stage_resumes_after_the_broker_connection_drops(
+    bus: Bus, start_runner: RunnerFactory, settings: Settings, db: asyncpg.Pool
+) -> None:
+    proxy = TcpProxy("127.0.0.1", 5672)
+    await proxy.start()
+    vhost = settings.amqp_url.get_secret_value().rsplit("/", 1)[1]
+    await start_runner(amqp_url=f"amqp://guest:guest@127.0.0.1:{proxy.port}/{vhost}")
+    first, second = new_customer(), new_customer()
+    count = "SELECT count(*) FROM conversations WHERE customer = $1"
+    await bus.publish(received_event(customer=first))
+    await wait_for(lambda: db.fetchval(count, first))
+
+    port = proxy.port
+    await proxy.cut()  # the broker goes away under the running stage …
+    await bus.publish(received_event(customer=second))  # … while work keeps arriving
+    await asyncio.sleep(0.5)
+    assert await db.fetchval(count, second) == 0
+    proxy.port = port
+    await proxy.start()  # … and comes back: the stage reconnects and consumes by itself
+    await wait_for(lambda: db.fetchval(count, second), timeout=20)
+    await proxy.cut()
