@@ -68,11 +68,29 @@ def parse_config(
     except ValidationError as exc:
         problems = []
         for error in exc.errors():
-            loc: Loc = tuple(error["loc"])
+            loc = _yaml_loc(tuple(error["loc"]), lines)
             message = error["msg"].removeprefix("Value error, ")
             problems.append(f"{source}:{_line_of(loc, lines)}: {_field(loc)}: {message}")
         raise ConfigError(problems) from None
+    references = config.reference_problems()
+    if references:
+        raise ConfigError(
+            [f"{source}:{_line_of(loc, lines)}: {_field(loc)}: {msg}" for loc, msg in references]
+        )
     return _with_secrets(config, source, lines, environ, require_secrets)
+
+
+_UNION_TAGS = frozenset({"test", "all", "any", "not"})
+
+
+def _yaml_loc(loc: Loc, lines: dict[Loc, int]) -> Loc:
+    """Drop the tags pydantic adds for tagged unions (conditions), keeping YAML's path."""
+    out: Loc = ()
+    for part in loc:
+        if part in _UNION_TAGS and (*out, part) not in lines:
+            continue
+        out = (*out, part)
+    return out
 
 
 def _with_secrets(

@@ -7,7 +7,9 @@ auth token (``auth_token_env``); the loader resolves it into a ``SecretStr``.
 from __future__ import annotations
 
 import re
+from datetime import date
 from typing import Annotated, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
     BaseModel,
@@ -19,6 +21,7 @@ from pydantic import (
     model_validator,
 )
 
+from schemas.rules import RouteRule, Ruleset
 from schemas.twilio import ACCOUNT_SID, E164
 
 Name = Annotated[
@@ -141,57 +144,260 @@ class Template(Strict):
         return self
 
 
+AutomatedMessageKind = Literal[
+    "greeting",
+    "out_of_hours",
+    "queued",
+    "agent_joined",
+    "agent_ended",
+    "idle_reminder",
+    "closed",
+    "attachments_not_allowed",
+]
+
+
+class AutomatedMessage(Strict):
+    """A message the system sends by itself, per language, with ``{placeholders}``.
+
+    Outside the 24-hour window only ``template`` (a template of the workstream) may be sent;
+    without one the message is skipped and the skip recorded.
+    """
+
+    text: dict[str, str] = Field(min_length=1, description="language → text")
+    template: Name | None = None
+
+
+class Survey(Strict):
+    question: dict[str, str] = Field(min_length=1, description="language → question")
+    template: Name | None = Field(default=None, description="used outside the window")
+    scale: int = Field(default=5, ge=2, le=10)
+    expires_after: Duration = 86400.0
+
+    @field_validator("expires_after", mode="before")
+    @classmethod
+    def _duration(cls, value: str | int | float) -> float:
+        return parse_duration(value)
+
+
 class Workstream(Strict):
     name: Name
     language: str = "en"
+    timezone: str = Field(default="UTC", description="for time/weekday/date in rules")
     attachments: Attachments = Attachments()
     fallback_queue: Name
     distribution: Distribution = Distribution()
     templates: list[Template] = Field(default_factory=list)
-    # Classification and routing rules are refined by the classify stage; kept as data here.
-    classification: list[dict[str, object]] = Field(default_factory=list)
-    routing: list[dict[str, object]] = Field(default_factory=list)
+    automated_messages: dict[AutomatedMessageKind, AutomatedMessage] = Field(default_factory=dict)
+    survey: Survey | None = None
+    classification: list[Ruleset] = Field(default_factory=list)
+    routing: list[RouteRule] = Field(default_factory=list)
+
+    @field_validator("timezone")
+    @classmethod
+    def _timezone(cls, value: str) -> str:
+        return _known_timezone(value)
+
+    def template(self, name: str) -> Template | None:
+        return next((t for t in self.templates if t.name == name), None)
+
+
+WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+TIME_RANGE = re.compile(r"^(?P<start>[0-2][0-9]:[0-5][0-9])-(?P<end>[0-2][0-9]:[0-5][0-9])$")
+
+
+def _known_timezone(value: str) -> str:
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"unknown time zone {value!r}; expected e.g. America/Sao_Paulo") from None
+    return value
+
+
+class OutOfHours(Strict):
+    action: Literal["queue", "transfer", "close"] = "queue"
+    queue: Name | None = Field(default=None, description="for transfer: the queue to use")
+    message: AutomatedMessageKind | None = Field(
+        default="out_of_hours", description="automated message sent to the customer"
+    )
+
+    @model_validator(mode="after")
+    def _transfer_has_queue(self) -> OutOfHours:
+        if self.action == "transfer" and self.queue is None:
+            raise ValueError("action transfer needs a queue")
+        return self
+
+
+class Hours(Strict):
+    """Operating hours: weekly ranges in a time zone, minus holidays."""
+
+    timezone: str
+    weekly: dict[Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"], list[str]] = Field(
+        description="weekday → ranges such as 09:00-18:00 (22:00-02:00 crosses midnight)"
+    )
+    holidays: list[date] = Field(default_factory=list)
+    out_of_hours: OutOfHours = OutOfHours()
+
+    @field_validator("timezone")
+    @classmethod
+    def _timezone(cls, value: str) -> str:
+        return _known_timezone(value)
+
+    @field_validator("weekly")
+    @classmethod
+    def _ranges(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+        for day, ranges in value.items():
+            for text in ranges:
+                match = TIME_RANGE.match(text)
+                if (
+                    not match
+                    or not all(_minutes(match[p]) <= 24 * 60 for p in ("start", "end"))
+                    or match["start"] == match["end"]
+                ):
+                    raise ValueError(f"{day}: {text!r} is not a time range such as 09:00-18:00")
+        return value
+
+
+def _minutes(hhmm: str) -> int:
+    hours, minutes = hhmm.split(":")
+    return int(hours) * 60 + int(minutes)
 
 
 class Queue(Strict):
     name: Name
     assignment: Literal["highest_capacity", "round_robin", "least_active"] = "highest_capacity"
-    priority: int = 0
-    hours: dict[str, object] | None = None
+    priority: int = Field(default=0, description="work from higher-priority queues goes first")
+    skill_matching: Literal["exact", "closest"] = "exact"
+    relax_skills_after: Duration | None = Field(
+        default=None, description="after this wait, any agent of the queue may take it"
+    )
+    hours: Hours | None = None
+
+    @field_validator("relax_skills_after", mode="before")
+    @classmethod
+    def _duration(cls, value: str | int | float | None) -> float | None:
+        return None if value is None else parse_duration(value)
+
+
+Loc = tuple[str | int, ...]
 
 
 class Config(Strict):
     accounts: list[Account] = Field(min_length=1)
     workstreams: list[Workstream] = Field(default_factory=list)
     queues: list[Queue] = Field(default_factory=list)
+    fallback_queue: Name | None = Field(
+        default=None,
+        description="for conversations whose workstream no longer exists (default: first queue)",
+    )
 
-    @model_validator(mode="after")
-    def _references(self) -> Config:
-        names = [a.name for a in self.accounts]
-        if len(set(names)) != len(names):
-            raise ValueError("account names must be unique")
-        all_numbers = [n.number for a in self.accounts for n in a.numbers]
-        if len(set(all_numbers)) != len(all_numbers):
-            raise ValueError("a WhatsApp number may belong to one account only")
+    def reference_problems(self) -> list[tuple[Loc, str]]:
+        """Cross-references that do not resolve, each with where it is written."""
+        problems: list[tuple[Loc, str]] = []
+        problems += _duplicates("accounts", [a.name for a in self.accounts], "account name")
+        problems += _duplicates("workstreams", [w.name for w in self.workstreams], "workstream")
+        problems += _duplicates("queues", [q.name for q in self.queues], "queue")
+        seen_numbers: dict[str, str] = {}
         workstreams = {w.name for w in self.workstreams}
         queues = {q.name for q in self.queues}
-        for account in self.accounts:
-            for number in account.numbers:
-                if number.workstream not in workstreams:
-                    raise ValueError(
-                        f"number {number.number} of account {account.name} feeds workstream "
-                        f"{number.workstream!r}, which is not defined under workstreams"
+        for a, account in enumerate(self.accounts):
+            for n, number in enumerate(account.numbers):
+                loc: Loc = ("accounts", a, "numbers", n)
+                if number.number in seen_numbers:
+                    problems.append(
+                        (
+                            (*loc, "number"),
+                            f"{number.number} already belongs to account "
+                            f"{seen_numbers[number.number]}",
+                        )
                     )
-        for workstream in self.workstreams:
-            if workstream.fallback_queue not in queues:
-                raise ValueError(
-                    f"workstream {workstream.name} has fallback_queue "
-                    f"{workstream.fallback_queue!r}, which is not defined under queues"
+                seen_numbers.setdefault(number.number, account.name)
+                if number.workstream not in workstreams:
+                    problems.append(
+                        (
+                            (*loc, "workstream"),
+                            f"workstream {number.workstream!r} is not defined under workstreams",
+                        )
+                    )
+        for w, workstream in enumerate(self.workstreams):
+            problems += _workstream_problems(("workstreams", w), workstream, queues)
+        for q, queue in enumerate(self.queues):
+            target = queue.hours.out_of_hours.queue if queue.hours else None
+            if target is not None and target not in queues:
+                problems.append(
+                    (
+                        ("queues", q, "hours", "out_of_hours", "queue"),
+                        f"queue {target!r} is not defined under queues",
+                    )
                 )
-        return self
+        if self.fallback_queue is not None and self.fallback_queue not in queues:
+            problems.append((("fallback_queue",), f"queue {self.fallback_queue!r} is not defined"))
+        if self.workstreams and not self.queues:
+            problems.append((("queues",), "at least one queue is needed"))
+        return problems
 
     def account(self, name: str) -> Account | None:
         return next((a for a in self.accounts if a.name == name), None)
 
     def workstream(self, name: str) -> Workstream | None:
         return next((w for w in self.workstreams if w.name == name), None)
+
+    def queue(self, name: str) -> Queue | None:
+        return next((q for q in self.queues if q.name == name), None)
+
+    def default_queue(self) -> str | None:
+        if self.fallback_queue is not None:
+            return self.fallback_queue
+        return self.queues[0].name if self.queues else None
+
+
+def _duplicates(where: str, names: list[str], what: str) -> list[tuple[Loc, str]]:
+    seen: set[str] = set()
+    problems: list[tuple[Loc, str]] = []
+    for index, name in enumerate(names):
+        if name in seen:
+            problems.append(((where, index, "name"), f"{what} {name!r} is defined twice"))
+        seen.add(name)
+    return problems
+
+
+def _workstream_problems(
+    loc: Loc, workstream: Workstream, queues: set[str]
+) -> list[tuple[Loc, str]]:
+    problems: list[tuple[Loc, str]] = []
+    if workstream.fallback_queue not in queues:
+        problems.append(
+            (
+                (*loc, "fallback_queue"),
+                f"queue {workstream.fallback_queue!r} is not defined under queues",
+            )
+        )
+    for r, rule in enumerate(workstream.routing):
+        if rule.queue not in queues:
+            problems.append(
+                ((*loc, "routing", r, "queue"), f"queue {rule.queue!r} is not defined under queues")
+            )
+    templates = {t.name for t in workstream.templates}
+    problems += _duplicates_at(loc, "templates", [t.name for t in workstream.templates], "template")
+    problems += _duplicates_at(
+        loc, "classification", [r.name for r in workstream.classification], "ruleset"
+    )
+    for kind, message in workstream.automated_messages.items():
+        if message.template is not None and message.template not in templates:
+            problems.append(
+                (
+                    (*loc, "automated_messages", kind, "template"),
+                    f"template {message.template!r} is not defined in this workstream",
+                )
+            )
+    if workstream.survey and workstream.survey.template not in (None, *templates):
+        problems.append(
+            (
+                (*loc, "survey", "template"),
+                f"template {workstream.survey.template!r} is not defined in this workstream",
+            )
+        )
+    return problems
+
+
+def _duplicates_at(loc: Loc, where: str, names: list[str], what: str) -> list[tuple[Loc, str]]:
+    return [((*loc, *p_loc), message) for p_loc, message in _duplicates(where, names, what)]

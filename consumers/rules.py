@@ -1,0 +1,283 @@
+"""The rule engine: work classification rulesets and route-to-queue rules, compiled once per
+configuration load into plain predicates, evaluated over a flat context.
+
+Pure: no I/O, no clock. Evaluation never raises on odd data (a missing field, a number
+where text was expected): such a test is simply false, and no route match falls back to the
+workstream's fallback queue.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from schemas.config import Workstream
+from schemas.rules import All, AnyOf, Not, Outputs, Test
+
+Context = Mapping[str, Any]
+Predicate = Callable[[Context], bool]
+
+
+def fold(text: str) -> str:
+    """Case- and accent-insensitive form of a text: 'Ação' → 'acao'."""
+    decomposed = unicodedata.normalize("NFKD", text)
+    return "".join(c for c in decomposed if not unicodedata.combining(c)).casefold()
+
+
+@dataclass(frozen=True)
+class Compiled:
+    """A condition ready to evaluate, with the words an admin reads in the trace."""
+
+    test: Predicate
+    text: str
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
+
+
+def _same(actual: Any, expected: Any, case_sensitive: bool) -> bool:
+    if isinstance(actual, bool) or isinstance(expected, bool):
+        return actual is expected or (
+            isinstance(actual, str) and fold(actual) == str(expected).lower()
+        )
+    a, e = _number(actual), _number(expected)
+    if a is not None and e is not None:
+        return a == e
+    if isinstance(actual, str | int | float) and isinstance(expected, str | int | float):
+        if case_sensitive:
+            return str(actual) == str(expected)
+        return fold(str(actual)) == fold(str(expected))
+    return bool(actual == expected)
+
+
+def _order(actual: Any, expected: Any) -> int | None:
+    """-1/0/1 comparing numbers as numbers and texts (e.g. times 'HH:MM') as texts."""
+    a, e = _number(actual), _number(expected)
+    if a is not None and e is not None:
+        return (a > e) - (a < e)
+    if isinstance(actual, str) and isinstance(expected, str):
+        return (actual > expected) - (actual < expected)
+    return None
+
+
+def _present(value: Any) -> bool:
+    return value is not None and value != "" and value != [] and value != {}
+
+
+def _compile_test(test: Test) -> Compiled:
+    name, op, expected, exact = test.field, test.op, test.value, test.case_sensitive
+
+    def value(ctx: Context) -> Any:
+        return ctx.get(name)
+
+    predicate: Predicate
+    if op == "exists":
+        want = expected is not False
+        predicate = lambda ctx: _present(value(ctx)) is want
+        return Compiled(predicate, f"{name} {'exists' if want else 'does not exist'}")
+    if op in ("eq", "ne"):
+        negate = op == "ne"
+        predicate = lambda ctx: _same(value(ctx), expected, exact) is not negate
+    elif op in ("in", "not_in"):
+        options = list(expected) if isinstance(expected, list) else [expected]
+        negate = op == "not_in"
+        predicate = lambda ctx: (
+            any(_same(value(ctx), option, exact) for option in options) is not negate
+        )
+    elif op == "contains":
+        needle = str(expected) if exact else fold(str(expected))
+        predicate = lambda ctx: _contains(value(ctx), needle, exact)
+    elif op == "matches":
+        pattern = re.compile(str(expected) if exact else fold(str(expected)), 0 if exact else re.I)
+        predicate = lambda ctx: _matches(value(ctx), pattern, exact)
+    else:
+        accept = {"gt": (1,), "ge": (0, 1), "lt": (-1,), "le": (-1, 0)}[op]
+        predicate = lambda ctx: _order(value(ctx), expected) in accept
+    return Compiled(predicate, f"{name} {op.replace('_', '-')} {expected!r}")
+
+
+def _contains(actual: Any, needle: str, exact: bool) -> bool:
+    if isinstance(actual, str):
+        return needle in (actual if exact else fold(actual))
+    if isinstance(actual, list | tuple | set | frozenset):
+        return any(_same(item, needle, exact) for item in actual)
+    return False
+
+
+def _matches(actual: Any, pattern: re.Pattern[str], exact: bool) -> bool:
+    if isinstance(actual, bool) or actual is None:
+        return False
+    if isinstance(actual, str | int | float):
+        text = str(actual)
+        return pattern.search(text if exact else fold(text)) is not None
+    return False
+
+
+def compile_condition(condition: Test | All | AnyOf | Not | None) -> Compiled:
+    """Compile a condition tree once; the result is called per conversation."""
+    if condition is None:
+        return Compiled(lambda ctx: True, "always")
+    if isinstance(condition, Test):
+        return _compile_test(condition)
+    if isinstance(condition, Not):
+        inner = compile_condition(condition.not_)
+        return Compiled(lambda ctx: not inner.test(ctx), f"not ({inner.text})")
+    parts = [
+        compile_condition(c)
+        for c in (condition.all if isinstance(condition, All) else condition.any)
+    ]
+    if isinstance(condition, All):
+        return Compiled(
+            lambda ctx: all(p.test(ctx) for p in parts), " and ".join(f"({p.text})" for p in parts)
+        )
+    return Compiled(
+        lambda ctx: any(p.test(ctx) for p in parts), " or ".join(f"({p.text})" for p in parts)
+    )
+
+
+@dataclass(frozen=True)
+class CompiledRule:
+    ruleset: str
+    name: str
+    when: Compiled
+    then: Outputs
+
+
+@dataclass(frozen=True)
+class CompiledRuleset:
+    name: str
+    hit_policy: str
+    rules: tuple[CompiledRule, ...]
+
+
+@dataclass(frozen=True)
+class CompiledRoute:
+    name: str
+    when: Compiled
+    queue: str
+
+
+@dataclass(frozen=True)
+class CompiledWorkstream:
+    name: str
+    language: str
+    fallback_queue: str
+    rulesets: tuple[CompiledRuleset, ...]
+    routes: tuple[CompiledRoute, ...]
+
+
+def compile_workstream(workstream: Workstream) -> CompiledWorkstream:
+    return CompiledWorkstream(
+        name=workstream.name,
+        language=workstream.language,
+        fallback_queue=workstream.fallback_queue,
+        rulesets=tuple(
+            CompiledRuleset(
+                rs.name,
+                rs.hit_policy,
+                tuple(
+                    CompiledRule(rs.name, r.name, compile_condition(r.when), r.then)
+                    for r in rs.rules
+                ),
+            )
+            for rs in workstream.classification
+        ),
+        routes=tuple(
+            CompiledRoute(r.name, compile_condition(r.when), r.queue) for r in workstream.routing
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class Match:
+    ruleset: str
+    rule: str
+    why: str
+
+
+@dataclass
+class Classification:
+    """The outcome, with the trace an admin reads to see why."""
+
+    queue: str
+    skills: dict[str, int] = field(default_factory=dict)
+    priority: int = 0
+    severity: str = "normal"
+    language: str = "en"
+    variables: dict[str, Any] = field(default_factory=dict)
+    matched: list[Match] = field(default_factory=list)
+    route: Match | None = None
+    fallback: bool = False
+    errors: list[str] = field(default_factory=list)
+
+    def trace(self) -> dict[str, Any]:
+        return {
+            "matched": [m.__dict__ for m in self.matched],
+            "route": self.route.__dict__ if self.route else None,
+            "fallback": self.fallback,
+            "errors": self.errors,
+        }
+
+
+def _apply(outputs: Outputs, ctx: dict[str, Any], result: Classification) -> None:
+    for skill, level in outputs.skills.items():
+        result.skills[skill] = level
+        ctx[f"skills.{skill}"] = level
+    for key, value in outputs.variables.items():
+        result.variables[key] = value
+        ctx[f"variables.{key}"] = value
+    if outputs.priority is not None:
+        result.priority = ctx["priority"] = outputs.priority
+    if outputs.severity is not None:
+        result.severity = ctx["severity"] = outputs.severity
+    if outputs.language is not None:
+        result.language = ctx["language"] = outputs.language
+
+
+def _holds(compiled: Compiled, ctx: Context, where: str, result: Classification) -> bool:
+    try:
+        return compiled.test(ctx)
+    except Exception as exc:  # a rule must never take a conversation down
+        result.errors.append(f"{where}: {type(exc).__name__}: {exc}")
+        return False
+
+
+def classify(workstream: CompiledWorkstream, context: Context) -> Classification:
+    """Run the rulesets in order, then the route-to-queue rules; deterministic."""
+    ctx: dict[str, Any] = dict(context)
+    ctx.setdefault("priority", 0)
+    ctx.setdefault("severity", "normal")
+    ctx.setdefault("language", workstream.language)
+    result = Classification(
+        queue=workstream.fallback_queue,
+        priority=int(ctx["priority"]) if _number(ctx["priority"]) is not None else 0,
+        severity=str(ctx["severity"]),
+        language=str(ctx["language"]),
+    )
+    for ruleset in workstream.rulesets:
+        for rule in ruleset.rules:
+            if _holds(rule.when, ctx, f"{ruleset.name}/{rule.name}", result):
+                _apply(rule.then, ctx, result)
+                result.matched.append(Match(ruleset.name, rule.name, rule.when.text))
+                if ruleset.hit_policy == "first":
+                    break
+    for route in workstream.routes:
+        if _holds(route.when, ctx, f"routing/{route.name}", result):
+            result.queue = route.queue
+            result.route = Match("routing", route.name, route.when.text)
+            return result
+    result.fallback = True
+    return result
