@@ -123,6 +123,7 @@ async def handle(event: Envelope, payload: BaseModel, tx: StageTx) -> list[Envel
         first_message_sid=payload.message_sid,
         first_message_body=payload.body,
         has_media=bool(payload.media),
+        media_count=len(payload.media),
         opened_at=payload.received_at,
     )
     return [

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from consumers import conversations
+from consumers import classify, conversations
 from consumers.runtime import Stage
 
-STAGES: dict[str, Stage] = {stage.name: stage for stage in (conversations.STAGE,)}
+STAGES: dict[str, Stage] = {stage.name: stage for stage in (conversations.STAGE, classify.STAGE)}

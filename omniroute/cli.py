@@ -81,6 +81,12 @@ def cmd_accounts(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_config(args: argparse.Namespace, settings: Settings) -> int:
+    if args.config_command == "reload":
+        from omniroute.service import request_reload
+
+        _run(request_reload(settings))
+        print("reload requested: every running omniroute process re-reads its configuration")
+        return 0
     if args.config_command == "schema":
         import json
 
@@ -101,6 +107,14 @@ def cmd_config(args: argparse.Namespace, settings: Settings) -> int:
         f"{len(config.workstreams)} workstream(s), {len(config.queues)} queue(s)"
     )
     return 0
+
+
+def cmd_classify(args: argparse.Namespace, settings: Settings) -> int:
+    from omniroute.explain import explain
+
+    path = Path(args.config) if args.config else settings.config
+    config = load_config(path, os.environ, require_secrets=False)
+    return explain(config, args)
 
 
 def cmd_emulator(args: argparse.Namespace, settings: Settings) -> int:
@@ -152,6 +166,18 @@ def parser() -> argparse.ArgumentParser:
         help="do not require the auth-token environment variables",
     )
     config_sub.add_parser("schema", help="print the configuration's JSON Schema")
+    config_sub.add_parser("reload", help="make every running process reload its config")
+    classify = sub.add_parser(
+        "classify", help="show how the rules would classify a message (no broker needed)"
+    )
+    classify.add_argument("--config", help="configuration file (default $OMNIROUTE_CONFIG)")
+    classify.add_argument("--from", dest="sender", required=True, help="whatsapp:+E164")
+    classify.add_argument("--to", required=True, help="our number, whatsapp:+E164")
+    classify.add_argument("--body", default="")
+    classify.add_argument("--profile-name")
+    classify.add_argument("--media", type=int, default=0, help="number of attachments")
+    classify.add_argument("--at", help="ISO time to classify at (default now)")
+    classify.add_argument("--json", action="store_true", help="machine-readable output")
     emulator = sub.add_parser("emulator", help="run the local Twilio emulator")
     emulator.add_argument("--host", default="127.0.0.1")
     emulator.add_argument("--port", type=int, default=8081)
@@ -172,6 +198,7 @@ COMMANDS = {
     "accounts": cmd_accounts,
     "config": cmd_config,
     "emulator": cmd_emulator,
+    "classify": cmd_classify,
     "demo": cmd_demo,
     "dead-letters": cmd_dead_letters,
 }

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 from pydantic import SecretStr, ValidationError
@@ -13,6 +13,7 @@ from omniroute.errors import ConfigError
 from schemas.config import Config
 
 Loc = tuple[str | int, ...]
+T = TypeVar("T")
 
 
 def _lines(node: yaml.Node, path: Loc, out: dict[Loc, int]) -> None:
@@ -149,6 +150,16 @@ class LiveConfig:
     def __init__(self, config: Config, path: Path | None = None) -> None:
         self.current = config
         self.path = path
+        self._derived: dict[str, tuple[Config, object]] = {}
+
+    def derive(self, key: str, build: Callable[[Config], T]) -> T:
+        """``build(current)``, computed once per loaded configuration (e.g. compiled rules)."""
+        config = self.current
+        cached = self._derived.get(key)
+        if cached is None or cached[0] is not config:
+            cached = (config, build(config))
+            self._derived[key] = cached
+        return cached[1]  # type: ignore[return-value]
 
     def reload(self, environ: Mapping[str, str]) -> Config:
         """Re-read the file; on error keep the current configuration and raise ConfigError."""

@@ -15,11 +15,14 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import structlog
+from aio_pika.abc import AbstractIncomingMessage
 from aiohttp import web
 
+from omniroute.bus import Bus
 from omniroute.config_loader import LiveConfig
 from omniroute.errors import ConfigError
 from omniroute.settings import Settings
+from schemas.events import EXCHANGE, Envelope, EventType, event_id, utcnow
 
 log = structlog.get_logger("omniroute.service")
 
@@ -59,6 +62,8 @@ class Service:
             self.http_port = sockets[0].getsockname()[1] if sockets else self.settings.http_port
             self._cleanups.append(runner.cleanup)
             log.info("router.listening", host=self.settings.http_host, port=self.http_port)
+        listener = asyncio.create_task(self._listen_for_reload(bus), name="config-reload")
+        self._cleanups.append(lambda: _cancel(listener))
         if self.stages:
             # Consumers need the broker; wait for it, but let SIGTERM end the wait.
             ready = asyncio.ensure_future(bus.wait_ready())
@@ -87,12 +92,56 @@ class Service:
             except Exception as exc:
                 log.warning("service.cleanup_failed", error=f"{type(exc).__name__}: {exc}")
 
+    async def _listen_for_reload(self, bus: Bus) -> None:
+        """Reload when anyone publishes ``config.reload-requested`` (``omniroute config
+        reload``): every process of the deployment, wherever it runs, re-reads its file."""
+        await bus.wait_ready()
+        channel = await bus.channel(prefetch=1)
+        exchange = await channel.get_exchange(EXCHANGE)
+        queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+        await queue.bind(exchange, routing_key=EventType.CONFIG_RELOAD_REQUESTED)
+
+        async def on_message(message: AbstractIncomingMessage) -> None:
+            await message.ack()
+            self.reload_config()
+
+        await queue.consume(on_message)
+
     def reload_config(self) -> None:
         try:
             self.config.reload(os.environ)
             log.info("config.reloaded", path=str(self.config.path))
         except ConfigError as exc:
             log.error("config.reload_failed", problems=exc.problems)
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await task
+
+
+async def request_reload(settings: Settings) -> None:
+    """Ask every running process to reload its configuration (confirmed publish)."""
+    from router.app import make_bus
+
+    bus = make_bus(settings)
+    await bus.start()
+    try:
+        async with asyncio.timeout(settings.broker_connect_timeout * 5):
+            await bus.wait_ready()
+        now = utcnow()
+        await bus.publish(
+            Envelope(
+                id=event_id(EventType.CONFIG_RELOAD_REQUESTED, now.isoformat()),
+                type=EventType.CONFIG_RELOAD_REQUESTED,
+                occurred_at=now,
+                account="*",
+                correlation_id=event_id("reload", now.isoformat()),
+            )
+        )
+    finally:
+        await bus.close()
 
 
 async def run_service(service: Service) -> None:

@@ -37,7 +37,7 @@ Connection: TypeAlias = "PoolConnectionProxy[asyncpg.Record]"
 _MIGRATION_LOCK = 0x6F6D6E69  # "omni": one migrator at a time
 
 
-async def _init_connection(conn: asyncpg.Connection[asyncpg.Record]) -> None:
+async def init_connection(conn: asyncpg.Connection[asyncpg.Record]) -> None:
     for type_name in ("json", "jsonb"):
         await conn.set_type_codec(
             type_name,
@@ -71,7 +71,7 @@ class Store:
                         min_size=self._min_size,
                         max_size=self._max_size,
                         timeout=self._connect_timeout,
-                        init=_init_connection,
+                        init=init_connection,
                     )
                 except UNAVAILABLE as exc:
                     raise StoreUnavailable(f"database unreachable: {type(exc).__name__}") from exc

@@ -35,6 +35,7 @@ STAGES: dict[str, StageQueue] = {
     stage.stage: stage
     for stage in (
         StageQueue("conversations", (EventType.MESSAGE_RECEIVED,)),
+        StageQueue("classify", (EventType.CONVERSATION_OPENED,)),
         StageQueue("status", (EventType.MESSAGE_STATUS,)),
     )
 }

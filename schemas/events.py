@@ -38,6 +38,7 @@ class EventType(StrEnum):
     MESSAGE_DELIVERED = "message.delivered"
     MESSAGE_READ = "message.read"
     AGENT_PRESENCE_CHANGED = "agent.presence-changed"
+    CONFIG_RELOAD_REQUESTED = "config.reload-requested"
 
 
 def event_id(*natural_key: str) -> str:
@@ -155,11 +156,76 @@ class ConversationOpened(BaseModel):
     first_message_sid: str
     first_message_body: str = ""
     has_media: bool = False
+    media_count: int = 0
     opened_at: datetime
+
+
+class RuleMatch(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    ruleset: str
+    rule: str
+    why: str
+
+
+class ConversationClassified(BaseModel):
+    """``conversation.classified``: what the rules decided, and which rules matched why."""
+
+    model_config = ConfigDict(extra="allow")
+
+    workstream: str
+    queue: str
+    skills: dict[str, int] = Field(default_factory=dict)
+    priority: int = 0
+    severity: str = "normal"
+    language: str
+    variables: dict[str, Any] = Field(default_factory=dict)
+    matched: list[RuleMatch] = Field(default_factory=list)
+    route: RuleMatch | None = None
+    fallback: bool = False
+    out_of_hours: bool = False
+    out_of_hours_action: str | None = None
+    notes: list[str] = Field(default_factory=list)
+    classified_at: datetime
+
+
+class ConversationQueued(BaseModel):
+    """``conversation.queued``: the conversation waits in a queue for an agent."""
+
+    model_config = ConfigDict(extra="allow")
+
+    queue: str
+    workstream: str
+    skills: dict[str, int] = Field(default_factory=dict)
+    priority: int = 0
+    language: str
+    out_of_hours: bool = False
+    queued_at: datetime
+
+
+class ConversationClosed(BaseModel):
+    """``conversation.closed``: the conversation ended (by an agent, a timer or a rule)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    reason: str
+    workstream: str
+    automated_message: str | None = None
+    closed_at: datetime
+
+
+class SystemEvent(BaseModel):
+    """Events about the deployment rather than a conversation (e.g. reload requests)."""
+
+    model_config = ConfigDict(extra="allow")
 
 
 PAYLOADS: dict[str, type[BaseModel]] = {
     EventType.MESSAGE_RECEIVED: MessageReceived,
     EventType.MESSAGE_STATUS: MessageStatus,
     EventType.CONVERSATION_OPENED: ConversationOpened,
+    EventType.CONVERSATION_CLASSIFIED: ConversationClassified,
+    EventType.CONVERSATION_QUEUED: ConversationQueued,
+    EventType.CONVERSATION_CLOSED: ConversationClosed,
+    EventType.CONFIG_RELOAD_REQUESTED: SystemEvent,
 }

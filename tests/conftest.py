@@ -24,7 +24,7 @@ from omniroute.config_loader import LiveConfig, parse_config
 from omniroute.database import create_database, drop_database
 from omniroute.logging import configure_logging
 from omniroute.settings import Settings
-from omniroute.store import Store, migrate
+from omniroute.store import Store, init_connection, migrate
 from router.app import create_app
 from router.state import BUS
 from tests.support import CONFIG_YAML, ENVIRON, PUBLIC_URL
@@ -107,7 +107,9 @@ async def router(settings: Settings, config: LiveConfig) -> AsyncIterator[TestCl
 
 @pytest.fixture(scope="session")
 async def db(infra: Infra) -> AsyncIterator[asyncpg.Pool]:
-    pool = await asyncpg.create_pool(infra.database_url, min_size=1, max_size=4)
+    pool = await asyncpg.create_pool(
+        infra.database_url, min_size=1, max_size=4, init=init_connection
+    )
     yield pool
     await pool.close()
 

@@ -41,12 +41,43 @@ accounts:
 workstreams:
   - name: support-pt
     language: pt-BR
+    timezone: America/Sao_Paulo
     fallback_queue: general
+    classification:
+      - name: topics
+        rules:
+          - name: billing
+            when: {{any: [{{field: body, op: contains, value: boleto}},
+                          {{field: body, op: matches, value: "fatura|cobran[cç]a"}}]}}
+            then: {{skills: {{billing: 5}}, priority: 5}}
+          - name: sales
+            when: {{field: body, op: contains, value: comprar}}
+            then: {{skills: {{sales: 3}}}}
+      - name: urgency
+        hit_policy: all
+        rules:
+          - name: urgent
+            when: {{field: body, op: contains, value: urgente}}
+            then: {{priority: 10, severity: high}}
+          - name: abroad
+            when: {{field: customer.region, op: ne, value: BR}}
+            then: {{language: en, variables: {{abroad: true}}}}
+    routing:
+      - {{name: billing, when: {{field: skills.billing, op: exists}}, queue: billing}}
+      - {{name: sales, when: {{field: skills.sales, op: ge, value: 1}}, queue: sales}}
   - name: support-en
     language: en
     fallback_queue: general
 queues:
   - {{name: general}}
+  - {{name: billing, priority: 5}}
+  - name: sales
+    hours:
+      timezone: America/Sao_Paulo
+      weekly: {{mon: ["09:00-18:00"], tue: ["09:00-18:00"], wed: ["09:00-18:00"],
+               thu: ["09:00-18:00"], fri: ["09:00-18:00"]}}
+      holidays: ["2026-12-25"]
+      out_of_hours: {{action: close, message: out_of_hours}}
 """
 ENVIRON = {
     "TEST_TWILIO_TOKEN_CONTOSO": AUTH_TOKEN,

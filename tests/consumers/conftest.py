@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from consumers.conversations import STAGE
-from consumers.runtime import Stage, StageRunner
+from consumers.runtime import Clock, Stage, StageRunner, system_clock
 from omniroute.bus import Bus
 from omniroute.config_loader import LiveConfig
 from omniroute.settings import Settings
@@ -37,14 +37,18 @@ async def start_runner(
     """Start stage runners, each on its own bus and store like a separate replica."""
     started: list[tuple[StageRunner, Bus, Store]] = []
 
-    async def start(stage: Stage = STAGE, **overrides: Any) -> StageRunner:
+    async def start(
+        stage: Stage = STAGE, *, clock: Clock = system_clock, **overrides: Any
+    ) -> StageRunner:
         own_settings = Settings.model_validate({**settings.model_dump(), **overrides})
         bus = make_bus(own_settings)
         await bus.start()
         async with asyncio.timeout(10):
             await bus.wait_ready()
         store = Store(infra.database_url, max_size=4)
-        runner = StageRunner(stage, bus=bus, store=store, config=config, settings=own_settings)
+        runner = StageRunner(
+            stage, bus=bus, store=store, config=config, settings=own_settings, clock=clock
+        )
         await runner.start()
         started.append((runner, bus, store))
         return runner

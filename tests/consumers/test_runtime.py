@@ -122,10 +122,10 @@ async def test_outbox_relay_publishes_events_a_crashed_process_left_behind(
     event = received_event().caused(EventType.CONVERSATION_OPENED, {"left": "behind"})
     await db.execute(
         "INSERT INTO outbox (id, routing_key, body, created_at)"
-        " VALUES ($1, $2, $3::jsonb, now() - interval '1 minute')",
+        " VALUES ($1, $2, $3, now() - interval '1 minute')",
         event.id,
         event.type,
-        event.model_dump_json(),
+        event.model_dump(mode="json"),
     )
     relay = OutboxRelay(bus=bus, store=store, settings=settings)
     async with tap(settings.amqp_url.get_secret_value(), "conversation.opened") as spy:
