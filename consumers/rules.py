@@ -12,6 +12,7 @@ import re
 import unicodedata
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 from schemas.config import Workstream
@@ -21,8 +22,12 @@ Context = Mapping[str, Any]
 Predicate = Callable[[Context], bool]
 
 
+@lru_cache(maxsize=4096)
 def fold(text: str) -> str:
-    """Case- and accent-insensitive form of a text: 'Ação' → 'acao'."""
+    """Case- and accent-insensitive form of a text: 'Ação' → 'acao'.
+
+    Cached: one classification folds the same body once per test, and NFKD is not cheap.
+    """
     decomposed = unicodedata.normalize("NFKD", text)
     return "".join(c for c in decomposed if not unicodedata.combining(c)).casefold()
 
@@ -35,32 +40,49 @@ class Compiled:
     text: str
 
 
+_NUMERIC = re.compile(r"^\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*$")
+
+
 def _number(value: Any) -> float | None:
     if isinstance(value, bool):
         return None
     if isinstance(value, int | float):
         return float(value)
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return None
+    if isinstance(value, str) and _NUMERIC.match(value):
+        return float(value)
     return None
 
 
-def _same(actual: Any, expected: Any, case_sensitive: bool) -> bool:
-    if isinstance(actual, bool) or isinstance(expected, bool):
-        return actual is expected or (
-            isinstance(actual, str) and fold(actual) == str(expected).lower()
+@dataclass(frozen=True)
+class _Expected:
+    """A configured value prepared once at compile time for fast comparisons."""
+
+    raw: Any
+    number: float | None
+    text: str
+
+    @classmethod
+    def of(cls, value: Any, exact: bool) -> _Expected:
+        text = str(value) if exact else fold(str(value))
+        return cls(value, _number(value), text)
+
+
+def _equals(actual: Any, expected: _Expected, exact: bool) -> bool:
+    if isinstance(actual, bool) or isinstance(expected.raw, bool):
+        return actual is expected.raw or (
+            isinstance(actual, str) and fold(actual) == str(expected.raw).lower()
         )
-    a, e = _number(actual), _number(expected)
-    if a is not None and e is not None:
-        return a == e
-    if isinstance(actual, str | int | float) and isinstance(expected, str | int | float):
-        if case_sensitive:
-            return str(actual) == str(expected)
-        return fold(str(actual)) == fold(str(expected))
-    return bool(actual == expected)
+    if expected.number is not None:
+        number = _number(actual)
+        if number is not None:
+            return number == expected.number
+    if isinstance(actual, str | int | float):
+        return (str(actual) if exact else fold(str(actual))) == expected.text
+    return bool(actual == expected.raw)
+
+
+def _same(actual: Any, expected: Any, case_sensitive: bool) -> bool:
+    return _equals(actual, _Expected.of(expected, case_sensitive), case_sensitive)
 
 
 def _order(actual: Any, expected: Any) -> int | None:
@@ -90,12 +112,15 @@ def _compile_test(test: Test) -> Compiled:
         return Compiled(predicate, f"{name} {'exists' if want else 'does not exist'}")
     if op in ("eq", "ne"):
         negate = op == "ne"
-        predicate = lambda ctx: _same(value(ctx), expected, exact) is not negate
+        one = _Expected.of(expected, exact)
+        predicate = lambda ctx: _equals(value(ctx), one, exact) is not negate
     elif op in ("in", "not_in"):
-        options = list(expected) if isinstance(expected, list) else [expected]
+        options = [
+            _Expected.of(v, exact) for v in (expected if isinstance(expected, list) else [expected])
+        ]
         negate = op == "not_in"
         predicate = lambda ctx: (
-            any(_same(value(ctx), option, exact) for option in options) is not negate
+            any(_equals(value(ctx), option, exact) for option in options) is not negate
         )
     elif op == "contains":
         needle = str(expected) if exact else fold(str(expected))
