@@ -20,6 +20,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic.json_schema import SkipJsonSchema
 
 from schemas.rules import RouteRule, Ruleset
 from schemas.twilio import ACCOUNT_SID, E164
@@ -77,8 +78,18 @@ class Account(Strict):
     )
     numbers: list[WhatsAppNumber] = Field(min_length=1)
     # Resolved by the loader from the environment, never read from the file.
-    auth_token: SecretStr | None = Field(default=None, exclude=True)
-    webhook_keys: dict[str, SecretStr] = Field(default_factory=dict, exclude=True)
+    auth_token: SkipJsonSchema[SecretStr | None] = Field(default=None, exclude=True)
+    webhook_keys: SkipJsonSchema[dict[str, SecretStr]] = Field(default_factory=dict, exclude=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_secrets_in_file(cls, data: object) -> object:
+        if isinstance(data, dict) and ("auth_token" in data or "webhook_keys" in data):
+            raise ValueError(
+                "secrets do not belong in the file: name the environment variable that holds "
+                "them with auth_token_env / webhook_keys_env"
+            )
+        return data
 
     @field_validator("account_sid")
     @classmethod
