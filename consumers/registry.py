@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from consumers import classify, conversations
+from consumers import classify, conversations, distribute
 from consumers.runtime import Stage
 
-STAGES: dict[str, Stage] = {stage.name: stage for stage in (conversations.STAGE, classify.STAGE)}
+STAGES: dict[str, Stage] = {
+    stage.name: stage for stage in (conversations.STAGE, classify.STAGE, distribute.STAGE)
+}

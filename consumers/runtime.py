@@ -62,13 +62,21 @@ class StageTx:
 
 
 Handler = Callable[[Envelope, BaseModel, StageTx], Awaitable[list[Envelope]]]
+Ticker = Callable[[StageTx], Awaitable[list[Envelope]]]
 
 
 @dataclass(frozen=True)
 class Stage:
+    """A stage: the events it takes, how it handles one, and optional periodic work.
+
+    ``tick`` runs every ``settings.tick_interval`` in its own transaction in every replica
+    (durable timers, sweeps); it must be safe to run concurrently (``SKIP LOCKED``).
+    """
+
     name: str
     payloads: dict[str, type[BaseModel]]  # routing key → payload model
     handle: Handler
+    tick: Ticker | None = None
 
 
 @dataclass
@@ -131,17 +139,36 @@ class StageRunner:
         self._consumer_tag: str | None = None
         self._in_flight: set[asyncio.Task[Any]] = set()
         self._stopping = asyncio.Event()
+        self._ticker: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Declare the stage's topology and start consuming."""
         channel = await self._bus.channel(self._settings.prefetch)
         self._queue = await declare_stage(channel, STAGES[self.stage.name])
         self._consumer_tag = await self._queue.consume(self._on_message)
+        if self.stage.tick is not None:
+            self._ticker = asyncio.create_task(self._tick_forever(self.stage.tick))
         log.info("stage.started", stage=self.stage.name, prefetch=self._settings.prefetch)
+
+    async def _tick_forever(self, tick: Ticker) -> None:
+        while not self._stopping.is_set():
+            try:
+                async with self._store.transaction() as conn:
+                    tx = StageTx(conn, self._config, self._clock(), self._settings)
+                    added = await add_to_outbox(conn, await tick(tx))
+                await self._publish(added)
+            except StoreUnavailable:
+                pass
+            except Exception as exc:
+                log.error("stage.tick_failed", stage=self.stage.name, error=f"{exc!r}"[:300])
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self._settings.tick_interval)
 
     async def stop(self) -> None:
         """Stop intake, let in-flight messages finish within the grace period, close."""
         self._stopping.set()
+        if self._ticker is not None:
+            await asyncio.wait({self._ticker}, timeout=self._settings.shutdown_grace)
         if self._queue is not None and self._consumer_tag is not None:
             with contextlib.suppress(Exception):
                 await self._queue.cancel(self._consumer_tag)

@@ -42,6 +42,10 @@ class Settings(BaseSettings):
     retry_backoff_base: float = Field(default=0.2, gt=0)
     retry_backoff_max: float = Field(default=10.0, gt=0)
     shutdown_grace: float = Field(default=20.0, gt=0)
+    tick_interval: float = Field(
+        default=0.25, gt=0, description="timers and sweeps (offer expiry), s"
+    )
+    distribution_block: int = Field(default=100, ge=1, description="work items per cycle")
     outbox_relay_interval: float = Field(default=1.0, gt=0)
     outbox_relay_age: float = Field(default=5.0, ge=0)
 

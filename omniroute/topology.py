@@ -36,6 +36,17 @@ STAGES: dict[str, StageQueue] = {
     for stage in (
         StageQueue("conversations", (EventType.MESSAGE_RECEIVED,)),
         StageQueue("classify", (EventType.CONVERSATION_OPENED,)),
+        StageQueue(
+            "distribute",
+            (
+                EventType.CONVERSATION_QUEUED,
+                EventType.CONVERSATION_TRANSFERRED,
+                EventType.CONVERSATION_CLOSED,
+                EventType.OFFER_DECLINED,
+                EventType.OFFER_EXPIRED,
+                EventType.AGENT_PRESENCE_CHANGED,
+            ),
+        ),
         StageQueue("status", (EventType.MESSAGE_STATUS,)),
     )
 }

@@ -38,6 +38,8 @@ class EventType(StrEnum):
     MESSAGE_DELIVERED = "message.delivered"
     MESSAGE_READ = "message.read"
     AGENT_PRESENCE_CHANGED = "agent.presence-changed"
+    OFFER_DECLINED = "offer.declined"
+    OFFER_EXPIRED = "offer.expired"
     CONFIG_RELOAD_REQUESTED = "config.reload-requested"
 
 
@@ -48,6 +50,31 @@ def event_id(*natural_key: str) -> str:
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def new_event(
+    type: str,
+    *,
+    account: str,
+    key: tuple[str, ...],
+    data: dict[str, Any],
+    occurred_at: datetime,
+    conversation_id: str | None = None,
+    correlation_id: str | None = None,
+    causation_id: str | None = None,
+) -> Envelope:
+    """An event whose id derives from its natural key (e.g. the offer it is about)."""
+    eid = event_id(type, *key)
+    return Envelope(
+        id=eid,
+        type=type,
+        occurred_at=occurred_at,
+        account=account,
+        conversation_id=conversation_id,
+        correlation_id=correlation_id or conversation_id or eid,
+        causation_id=causation_id,
+        data=data,
+    )
 
 
 class Envelope(BaseModel):
@@ -214,6 +241,64 @@ class ConversationClosed(BaseModel):
     closed_at: datetime
 
 
+class ConversationOffered(BaseModel):
+    """``conversation.offered``: one agent is offered the conversation until ``expires_at``."""
+
+    model_config = ConfigDict(extra="allow")
+
+    offer_id: str
+    agent_id: str
+    queue: str
+    units: int
+    affinity: bool = False
+    expires_at: datetime
+
+
+class ConversationAssigned(BaseModel):
+    """``conversation.assigned``: an agent has the conversation (accepted, auto, picked)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    agent_id: str
+    assignment_id: str
+    queue: str | None = None
+    via: str  # offer | auto-accept | pick | transfer
+    assigned_at: datetime
+
+
+class OfferEnded(BaseModel):
+    """``offer.declined`` / ``offer.expired``: the offer is gone; the work goes back to queue."""
+
+    model_config = ConfigDict(extra="allow")
+
+    offer_id: str
+    agent_id: str
+    queue: str | None = None
+
+
+class ConversationTransferred(BaseModel):
+    """``conversation.transferred``: moved to another queue or agent."""
+
+    model_config = ConfigDict(extra="allow")
+
+    from_queue: str | None = None
+    to_queue: str | None = None
+    from_agent: str | None = None
+    to_agent: str | None = None
+    transferred_at: datetime
+
+
+class AgentPresenceChanged(BaseModel):
+    """``agent.presence-changed``."""
+
+    model_config = ConfigDict(extra="allow")
+
+    agent_id: str
+    presence: str
+    previous: str | None = None
+    queues: list[str] = Field(default_factory=list)
+
+
 class SystemEvent(BaseModel):
     """Events about the deployment rather than a conversation (e.g. reload requests)."""
 
@@ -227,5 +312,11 @@ PAYLOADS: dict[str, type[BaseModel]] = {
     EventType.CONVERSATION_CLASSIFIED: ConversationClassified,
     EventType.CONVERSATION_QUEUED: ConversationQueued,
     EventType.CONVERSATION_CLOSED: ConversationClosed,
+    EventType.CONVERSATION_OFFERED: ConversationOffered,
+    EventType.CONVERSATION_ASSIGNED: ConversationAssigned,
+    EventType.CONVERSATION_TRANSFERRED: ConversationTransferred,
+    EventType.OFFER_DECLINED: OfferEnded,
+    EventType.OFFER_EXPIRED: OfferEnded,
+    EventType.AGENT_PRESENCE_CHANGED: AgentPresenceChanged,
     EventType.CONFIG_RELOAD_REQUESTED: SystemEvent,
 }

@@ -1,0 +1,212 @@
+"""The ``distribute`` stage: queued conversations reach the best available agent.
+
+Triggers (work queued or transferred, an offer declined or expired, capacity freed by a
+close, an agent's presence change) run an assignment cycle for the queues concerned; the
+stage's tick, in every replica, expires due offers (the durable offer timer: rows with
+``expires_at``) and runs a cycle over every queue, so nothing waits on a lost trigger.
+
+A cycle locks a block of queued conversations and the available agents of their queues
+with ``FOR UPDATE SKIP LOCKED``, lets ``consumers.assignment.plan`` match them, and writes
+offers (push) or assignments (auto-accept). Replicas never see the same rows, and the
+guarded capacity update and unique indexes make a double assignment or an over-capacity
+agent impossible even if they did.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel
+
+from consumers.assignment import AgentView, QueuePolicy, WorkItem, eligible, plan
+from consumers.runtime import Stage, StageTx
+from omniroute.store import Connection
+from omniroute.work import ConversationRef, assign, claim_capacity, end_offer, make_offer
+from schemas.config import Config
+from schemas.events import (
+    AgentPresenceChanged,
+    ConversationClosed,
+    ConversationQueued,
+    ConversationTransferred,
+    Envelope,
+    EventType,
+    OfferEnded,
+)
+
+_ITEMS = """
+SELECT c.id, c.account, c.queue, c.priority, c.queued_at, c.skills, c.declined_by,
+       c.workstream,
+       (SELECT p.agent_id FROM conversations p
+         WHERE p.contact_id = c.contact_id AND p.id <> c.id AND p.agent_id IS NOT NULL
+         ORDER BY p.opened_at DESC LIMIT 1) AS previous_agent
+FROM conversations c
+WHERE c.state = 'queued' AND NOT (c.workstream = ANY($1::text[]))
+  AND ($2::text[] IS NULL OR c.queue = ANY($2::text[]))
+ORDER BY c.priority DESC, c.queued_at
+LIMIT $3
+FOR UPDATE OF c SKIP LOCKED
+"""
+
+_AGENTS = """
+SELECT id, queues, skills, capacity_units, used_units, last_assigned_at,
+       capacity_released_at, created_at
+FROM agents
+WHERE presence = 'available' AND deleted_at IS NULL AND used_units < capacity_units
+  AND queues && $1::text[]
+FOR UPDATE SKIP LOCKED
+"""
+
+
+def _policies(config: Config) -> dict[str, QueuePolicy]:
+    return {
+        q.name: QueuePolicy(q.assignment, q.skill_matching, q.relax_skills_after)
+        for q in config.queues
+    }
+
+
+def _queue_priorities(config: Config) -> dict[str, int]:
+    return {q.name: q.priority for q in config.queues}
+
+
+async def cycle(tx: StageTx, queues: list[str] | None) -> list[Envelope]:
+    """One assignment cycle over ``queues`` (None: all); the events it causes."""
+    config = tx.config.current
+    pick_mode = [w.name for w in config.workstreams if w.distribution.mode == "pick"]
+    rows = await tx.conn.fetch(_ITEMS, pick_mode, queues, tx.settings.distribution_block)
+    if not rows:
+        return []
+    queue_priority = _queue_priorities(config)
+    items = [_item(row, config, queue_priority) for row in rows]
+    agent_rows = await tx.conn.fetch(_AGENTS, sorted({i.queue for i in items}))
+    agents = [_agent(row) for row in agent_rows]
+    result = plan(items, agents, _policies(config), tx.now)
+    by_id = {str(r["id"]): r for r in rows}
+    events = []
+    for decision in result.decisions:
+        row = by_id[decision.conversation_id]
+        conv = ConversationRef(decision.conversation_id, row["account"], row["queue"])
+        if not await claim_capacity(tx.conn, decision.agent_id, decision.units, tx.now):
+            continue  # cannot happen under our locks; the database has the last word
+        distribution = _distribution(config, row["workstream"])
+        if distribution is not None and distribution.auto_accept:
+            events.append(
+                await assign(
+                    tx.conn, conv, decision.agent_id, decision.units, "auto-accept", tx.now
+                )
+            )
+        else:
+            timeout = distribution.offer_timeout if distribution else 60.0
+            events.append(
+                await make_offer(
+                    tx.conn,
+                    conv,
+                    decision.agent_id,
+                    decision.units,
+                    timeout,
+                    tx.now,
+                    affinity=decision.affinity,
+                )
+            )
+    await _restart_exhausted_rounds(tx.conn, items, agents, config, result.unmatched, tx.now)
+    return events
+
+
+async def _restart_exhausted_rounds(
+    conn: Connection,
+    items: list[WorkItem],
+    agents: list[AgentView],
+    config: Config,
+    unmatched: list[str],
+    now: datetime,
+) -> None:
+    """When every eligible agent has declined an item, start a new round of offers."""
+    policies = _policies(config)
+    for item in items:
+        if item.conversation_id not in unmatched or not item.declined_by:
+            continue
+        fresh = WorkItem(**{**item.__dict__, "declined_by": frozenset()})
+        candidates = eligible(fresh, agents, policies.get(item.queue, QueuePolicy()), now)
+        if candidates and all(a.id in item.declined_by for a in candidates):
+            await conn.execute(
+                "UPDATE conversations SET declined_by = '{}' WHERE id = $1", item.conversation_id
+            )
+
+
+def _distribution(config: Config, workstream: str) -> Any:
+    found = config.workstream(workstream)
+    return found.distribution if found else None
+
+
+def _item(row: Any, config: Config, queue_priority: dict[str, int]) -> WorkItem:
+    distribution = _distribution(config, row["workstream"])
+    keep_same = distribution.keep_same_agent if distribution else True
+    return WorkItem(
+        conversation_id=str(row["id"]),
+        queue=row["queue"],
+        queue_priority=queue_priority.get(row["queue"], 0),
+        priority=row["priority"],
+        queued_at=row["queued_at"],
+        skills=row["skills"] or {},
+        units=distribution.units if distribution else 1,
+        declined_by=frozenset(str(a) for a in row["declined_by"]),
+        preferred_agent=str(row["previous_agent"]) if keep_same and row["previous_agent"] else None,
+    )
+
+
+def _agent(row: Any) -> AgentView:
+    return AgentView(
+        id=str(row["id"]),
+        queues=frozenset(row["queues"]),
+        skills=row["skills"] or {},
+        capacity=row["capacity_units"],
+        used=row["used_units"],
+        last_assigned_at=row["last_assigned_at"],
+        capacity_released_at=row["capacity_released_at"],
+        created_at=row["created_at"],
+    )
+
+
+def _queues_of(event: Envelope, payload: BaseModel) -> list[str] | None:
+    if isinstance(payload, ConversationQueued):
+        return [payload.queue]
+    if isinstance(payload, ConversationTransferred) and payload.to_queue:
+        return [payload.to_queue]
+    if isinstance(payload, OfferEnded) and payload.queue:
+        return [payload.queue]
+    if isinstance(payload, AgentPresenceChanged):
+        return payload.queues if payload.presence == "available" else []
+    return None  # capacity freed (a close): any queue may now be served
+
+
+async def handle(event: Envelope, payload: BaseModel, tx: StageTx) -> list[Envelope]:
+    queues = _queues_of(event, payload)
+    if queues == []:
+        return []
+    return await cycle(tx, queues)
+
+
+async def tick(tx: StageTx) -> list[Envelope]:
+    """Expire due offers (durable timers), then a cycle over every queue."""
+    due = await tx.conn.fetch(
+        "SELECT id FROM offers WHERE state = 'pending' AND expires_at <= $1"
+        " ORDER BY expires_at LIMIT 100 FOR UPDATE SKIP LOCKED",
+        tx.now,
+    )
+    events = [await end_offer(tx.conn, str(r["id"]), None, "expired", tx.now) for r in due]
+    return events + await cycle(tx, None)
+
+
+STAGE = Stage(
+    name="distribute",
+    payloads={
+        EventType.CONVERSATION_QUEUED: ConversationQueued,
+        EventType.CONVERSATION_TRANSFERRED: ConversationTransferred,
+        EventType.CONVERSATION_CLOSED: ConversationClosed,
+        EventType.OFFER_DECLINED: OfferEnded,
+        EventType.OFFER_EXPIRED: OfferEnded,
+        EventType.AGENT_PRESENCE_CHANGED: AgentPresenceChanged,
+    },
+    handle=handle,
+    tick=tick,
+)
