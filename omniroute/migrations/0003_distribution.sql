@@ -64,3 +64,7 @@ CREATE TABLE idempotency_keys (
     created_at   timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (scope, key)
 );
+
+-- Affinity: a returning customer's last agent, found per queued conversation.
+CREATE INDEX conversations_contact ON conversations (contact_id, opened_at DESC)
+    WHERE agent_id IS NOT NULL;
