@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from consumers import classify, conversations, distribute
+from consumers import classify, conversations, distribute, status
 from consumers.runtime import Stage
 
 STAGES: dict[str, Stage] = {
-    stage.name: stage for stage in (conversations.STAGE, classify.STAGE, distribute.STAGE)
+    stage.name: stage
+    for stage in (conversations.STAGE, classify.STAGE, distribute.STAGE, status.STAGE)
 }
