@@ -1,13 +1,15 @@
 """The rule engine: work classification rulesets and route-to-queue rules, compiled once per
 configuration load into plain predicates, evaluated over a flat context.
 
-Pure: no I/O, no clock. Evaluation never raises on odd data (a missing field, a number
-where text was expected): such a test is simply false, and no route match falls back to the
-workstream's fallback queue.
+Pure: no I/O, no clock. Evaluation never raises on odd data (a number where text was
+expected, nan): such a test is false. A missing field equals nothing: eq, in, contains,
+matches and comparisons are false, ne and not_in true, exists false. No route match falls
+back to the workstream's fallback queue.
 """
 
 from __future__ import annotations
 
+import math
 import re
 import unicodedata
 from collections.abc import Callable, Mapping
@@ -43,14 +45,32 @@ class Compiled:
 _NUMERIC = re.compile(r"^\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*$")
 
 
-def _number(value: Any) -> float | None:
+_INTEGER = re.compile(r"^\s*[+-]?\d+\s*$")
+
+
+def _number(value: Any) -> int | float | None:
+    """A number for numeric comparison: integers exactly (long ids stay distinct), finite
+    floats; None for anything else (nan and infinities compare as nothing)."""
     if isinstance(value, bool):
         return None
-    if isinstance(value, int | float):
-        return float(value)
-    if isinstance(value, str) and _NUMERIC.match(value):
-        return float(value)
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, str):
+        if _INTEGER.match(value):
+            return int(value)
+        if _NUMERIC.match(value):
+            number = float(value)
+            return number if math.isfinite(number) else None
     return None
+
+
+def strip_accents(text: str) -> str:
+    """Accents removed, case kept: for regular expressions, whose escapes are case-sensitive
+    (``\\S`` is not ``\\s``), so only the subject and literal letters lose their accents."""
+    decomposed = unicodedata.normalize("NFKD", text)
+    return "".join(c for c in decomposed if not unicodedata.combining(c))
 
 
 @dataclass(frozen=True)
@@ -58,7 +78,7 @@ class _Expected:
     """A configured value prepared once at compile time for fast comparisons."""
 
     raw: Any
-    number: float | None
+    number: int | float | None
     text: str
 
     @classmethod
@@ -126,7 +146,8 @@ def _compile_test(test: Test) -> Compiled:
         needle = str(expected) if exact else fold(str(expected))
         predicate = lambda ctx: _contains(value(ctx), needle, exact)
     elif op == "matches":
-        pattern = re.compile(str(expected) if exact else fold(str(expected)), 0 if exact else re.I)
+        source = str(expected) if exact else strip_accents(str(expected))
+        pattern = re.compile(source, 0 if exact else re.IGNORECASE)
         predicate = lambda ctx: _matches(value(ctx), pattern, exact)
     else:
         accept = {"gt": (1,), "ge": (0, 1), "lt": (-1,), "le": (-1, 0)}[op]
@@ -147,7 +168,7 @@ def _matches(actual: Any, pattern: re.Pattern[str], exact: bool) -> bool:
         return False
     if isinstance(actual, str | int | float):
         text = str(actual)
-        return pattern.search(text if exact else fold(text)) is not None
+        return pattern.search(text if exact else strip_accents(text)) is not None
     return False
 
 
@@ -280,6 +301,11 @@ def _holds(compiled: Compiled, ctx: Context, where: str, result: Classification)
         return False
 
 
+def _whole(value: Any) -> int:
+    number = _number(value)
+    return int(number) if number is not None else 0
+
+
 def classify(workstream: CompiledWorkstream, context: Context) -> Classification:
     """Run the rulesets in order, then the route-to-queue rules; deterministic."""
     ctx: dict[str, Any] = dict(context)
@@ -288,7 +314,7 @@ def classify(workstream: CompiledWorkstream, context: Context) -> Classification
     ctx.setdefault("language", workstream.language)
     result = Classification(
         queue=workstream.fallback_queue,
-        priority=int(ctx["priority"]) if _number(ctx["priority"]) is not None else 0,
+        priority=_whole(ctx["priority"]),
         severity=str(ctx["severity"]),
         language=str(ctx["language"]),
     )

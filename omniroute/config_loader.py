@@ -87,9 +87,19 @@ _UNION_TAGS = frozenset({"test", "all", "any", "not"})
 def _yaml_loc(loc: Loc, lines: dict[Loc, int]) -> Loc:
     """Drop the tags pydantic adds for tagged unions (conditions), keeping YAML's path."""
     out: Loc = ()
-    for part in loc:
-        if part in _UNION_TAGS and (*out, part) not in lines:
-            continue
+    for index, part in enumerate(loc):
+        following = loc[index + 1] if index + 1 < len(loc) else None
+        if part in _UNION_TAGS and (
+            part == "test"
+            or following == part
+            or (*out, part) not in lines
+            or (
+                isinstance(following, str)
+                and following not in _UNION_TAGS
+                and (*out, part, following) not in lines
+            )
+        ):
+            continue  # pydantic's tag for the union member, not a YAML key
         out = (*out, part)
     return out
 

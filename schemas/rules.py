@@ -91,6 +91,16 @@ class Test(_Strict):
                 raise ValueError("op exists takes true or false (or no value)")
         elif isinstance(self.value, list) or self.value is None:
             raise ValueError(f"op {self.op} needs a single value")
+        if self.field in ("time", "date") and self.op != "exists":
+            values = self.value if isinstance(self.value, list) else [self.value]
+            shape = r"^\d{2}:\d{2}$" if self.field == "time" else r"^\d{4}-\d{2}-\d{2}$"
+            for value in values:
+                if not isinstance(value, str) or not re.match(shape, value):
+                    example = "'18:00'" if self.field == "time" else "'2026-12-25'"
+                    raise ValueError(
+                        f"{self.field} values are quoted text such as {example} "
+                        f"(YAML reads an unquoted 18:00 as the number 1080), got {value!r}"
+                    )
         if self.op == "matches":
             try:
                 re.compile(str(self.value))
