@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
-from consumers import classify, conversations, distribute, status
+from consumers import classify, conversations, distribute, outbound, status
 from consumers.runtime import Stage
 
 STAGES: dict[str, Stage] = {
     stage.name: stage
-    for stage in (conversations.STAGE, classify.STAGE, distribute.STAGE, status.STAGE)
+    for stage in (
+        conversations.STAGE,
+        classify.STAGE,
+        distribute.STAGE,
+        outbound.STAGE,
+        status.STAGE,
+    )
 }

@@ -23,6 +23,7 @@ import contextlib
 import random
 import time
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -53,16 +54,26 @@ def system_clock() -> datetime:
 
 @dataclass
 class StageTx:
-    """What a handler gets: the open transaction, the live configuration and the clock."""
+    """What a handler gets: the open transaction, the live configuration and the clock.
+
+    ``after_commit`` takes work that must not run inside the transaction (a call to
+    Twilio): each callable runs once the transaction committed, does its own transactions
+    through ``store``, and returns events it already wrote to the outbox. ``resources``
+    is what the stage's ``resources`` context manager yielded (e.g. Twilio clients).
+    """
 
     conn: Connection
     config: LiveConfig
     now: datetime
     settings: Settings
+    store: Store | None = None
+    resources: Any = None
+    after_commit: list[Callable[[], Awaitable[list[Envelope]]]] = field(default_factory=list)
 
 
 Handler = Callable[[Envelope, BaseModel, StageTx], Awaitable[list[Envelope]]]
 Ticker = Callable[[StageTx], Awaitable[list[Envelope]]]
+Resources = Callable[[Settings, LiveConfig], AbstractAsyncContextManager[Any]]
 
 
 @dataclass(frozen=True)
@@ -77,6 +88,7 @@ class Stage:
     payloads: dict[str, type[BaseModel]]  # routing key → payload model
     handle: Handler
     tick: Ticker | None = None
+    resources: Resources | None = None
 
 
 @dataclass
@@ -140,9 +152,16 @@ class StageRunner:
         self._in_flight: set[asyncio.Task[Any]] = set()
         self._stopping = asyncio.Event()
         self._ticker: asyncio.Task[None] | None = None
+        self._resources: Any = None
+        self._exit_stack: contextlib.AsyncExitStack | None = None
 
     async def start(self) -> None:
-        """Declare the stage's topology and start consuming."""
+        """Declare the stage's topology, open its resources and start consuming."""
+        if self.stage.resources is not None:
+            self._exit_stack = contextlib.AsyncExitStack()
+            self._resources = await self._exit_stack.enter_async_context(
+                self.stage.resources(self._settings, self._config)
+            )
         channel = await self._bus.channel(self._settings.prefetch)
         self._queue = await declare_stage(channel, STAGES[self.stage.name])
         self._consumer_tag = await self._queue.consume(self._on_message)
@@ -154,9 +173,10 @@ class StageRunner:
         while not self._stopping.is_set():
             try:
                 async with self._store.transaction() as conn:
-                    tx = StageTx(conn, self._config, self._clock(), self._settings)
+                    tx = self._tx(conn)
                     added = await add_to_outbox(conn, await tick(tx))
                 await self._publish(added)
+                await self._run_after_commit(tx)
             except StoreUnavailable:
                 pass
             except Exception as exc:
@@ -181,6 +201,8 @@ class StageRunner:
         if self._queue is not None:
             with contextlib.suppress(Exception):
                 await self._queue.channel.close()
+        if self._exit_stack is not None:
+            await self._exit_stack.aclose()
         log.info("stage.stopped", stage=self.stage.name)
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
@@ -234,7 +256,7 @@ class StageRunner:
             correlation_id=event.correlation_id,
         )
         try:
-            added = await self._handle_until_stored(event, payload)
+            added, tx = await self._handle_until_stored(event, payload)
         except InvalidEvent as exc:
             return await self._dead_letter(message, str(exc))
         except _Stopping:
@@ -252,17 +274,33 @@ class StageRunner:
             await message.nack(requeue=True)
             return Outcome("redelivered", reason)
         published = await self._publish(added)
+        # Effects outside the transaction (a Twilio call) run before the ack: if the
+        # process dies in between, the redelivery finds the state the first phase stored.
+        published += await self._run_after_commit(tx)
         await message.ack()
         return Outcome("handled", published=published)
 
-    async def _handle_until_stored(self, event: Envelope, payload: BaseModel) -> list[Envelope]:
+    def _tx(self, conn: Connection) -> StageTx:
+        return StageTx(
+            conn, self._config, self._clock(), self._settings, self._store, self._resources
+        )
+
+    async def _run_after_commit(self, tx: StageTx) -> list[str]:
+        published: list[str] = []
+        for work in tx.after_commit:
+            published += await self._publish(await work())
+        return published
+
+    async def _handle_until_stored(
+        self, event: Envelope, payload: BaseModel
+    ) -> tuple[list[Envelope], StageTx]:
         attempt = 0
         while True:
             try:
                 async with self._store.transaction() as conn:
-                    tx = StageTx(conn, self._config, self._clock(), self._settings)
+                    tx = self._tx(conn)
                     events = await self.stage.handle(event, payload, tx)
-                    return await add_to_outbox(conn, events)
+                    return await add_to_outbox(conn, events), tx
             except StoreUnavailable as exc:
                 attempt += 1
                 delay = self._backoff(attempt)

@@ -49,6 +49,15 @@ class Settings(BaseSettings):
     outbox_relay_interval: float = Field(default=1.0, gt=0)
     outbox_relay_age: float = Field(default=5.0, ge=0)
 
+    # Outbound (Twilio sends)
+    twilio_timeout: float = Field(default=15.0, gt=0, description="per Twilio API call, s")
+    send_attempts: int = Field(default=5, ge=1, description="then message.failed")
+    send_backoff_base: float = Field(default=1.0, gt=0)
+    send_backoff_max: float = Field(default=60.0, gt=0)
+    send_interval: float = Field(
+        default=0.0125, ge=0, description="per sender number: 80 messages/s"
+    )
+
     # Database
     db_pool_min: int = Field(default=1, ge=0)
     db_pool_max: int = Field(default=10, ge=1)

@@ -47,6 +47,7 @@ STAGES: dict[str, StageQueue] = {
                 EventType.AGENT_PRESENCE_CHANGED,
             ),
         ),
+        StageQueue("outbound", (EventType.MESSAGE_SEND_REQUESTED,)),
         StageQueue("status", (EventType.MESSAGE_STATUS,)),
     )
 }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -68,3 +69,64 @@ async def close_client(client: Client) -> None:
     http_client: Any = getattr(client, "http_client", None)
     if isinstance(http_client, AsyncTwilioHttpClient) and http_client.session is not None:
         await http_client.close()
+
+
+class TwilioClients:
+    """One official client per account, created on first use, closed together."""
+
+    def __init__(self, api_url: str, timeout: float = DEFAULT_TIMEOUT) -> None:
+        self._api_url = api_url
+        self._timeout = timeout
+        self._clients: dict[str, Client] = {}
+
+    def get(self, account_sid: str, auth_token: str) -> Client:
+        client = self._clients.get(account_sid)
+        if client is None:
+            client = make_client(account_sid, auth_token, self._api_url, timeout=self._timeout)
+            self._clients[account_sid] = client
+        return client
+
+    async def close(self) -> None:
+        clients, self._clients = list(self._clients.values()), {}
+        for client in clients:
+            await close_client(client)
+
+
+# Twilio's answers, sorted by what omniroute does next.
+RETRYABLE_CODES = frozenset({20429, 63017, 63018})
+WINDOW_CLOSED = 63016
+OPTED_OUT = 21610
+
+
+@dataclass(frozen=True)
+class SendOutcome:
+    """``kind``: sent | retry | rejected | failed | unknown."""
+
+    kind: str
+    sid: str | None = None
+    status: str | None = None
+    code: int | None = None
+    message: str | None = None
+
+
+def classify_error(exc: BaseException) -> SendOutcome:
+    """What a failed ``messages.create`` means: retry, reject, fail, or unknown.
+
+    A connection that was never made is safe to retry; a timeout or a dropped connection
+    may have reached Twilio, so its outcome is unknown and it is not sent again by itself.
+    """
+    from twilio.base.exceptions import TwilioRestException
+
+    if isinstance(exc, TwilioRestException):
+        code = int(exc.code) if exc.code is not None else None
+        text = str(exc.msg or "")[:500]
+        if exc.status == 429 or exc.status >= 500 or code in RETRYABLE_CODES:
+            return SendOutcome("retry", code=code, message=text)
+        if code == WINDOW_CLOSED:
+            return SendOutcome("rejected", code=code, message="window_closed")
+        if code == OPTED_OUT:
+            return SendOutcome("rejected", code=code, message="opted_out")
+        return SendOutcome("failed", code=code, message=text)
+    if isinstance(exc, aiohttp.ClientConnectorError | ConnectionRefusedError):
+        return SendOutcome("retry", message=f"connection failed: {type(exc).__name__}")
+    return SendOutcome("unknown", message=f"{type(exc).__name__}: outcome unknown")

@@ -299,6 +299,41 @@ class AgentPresenceChanged(BaseModel):
     queues: list[str] = Field(default_factory=list)
 
 
+class MessageSendRequested(BaseModel):
+    """``message.send-requested``: a stored outbound message waits for the gate and Twilio."""
+
+    model_config = ConfigDict(extra="allow")
+
+    message_id: str
+    agent_id: str | None = None
+    kind: str  # text | media | template | system
+    requested_at: datetime
+
+
+class MessageRejected(BaseModel):
+    """``message.rejected``: not sent, and why (e.g. window_closed, with usable templates)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    message_id: str
+    reason: str
+    message: str | None = None
+    templates: list[str] = Field(default_factory=list)
+    error_code: str | None = None
+
+
+class MessageOutcome(BaseModel):
+    """``message.sent`` / ``delivered`` / ``read`` / ``failed``: a delivery step."""
+
+    model_config = ConfigDict(extra="allow")
+
+    message_id: str
+    message_sid: str | None = None
+    status: str
+    error_code: str | None = None
+    error_message: str | None = None
+
+
 class SystemEvent(BaseModel):
     """Events about the deployment rather than a conversation (e.g. reload requests)."""
 
@@ -318,5 +353,11 @@ PAYLOADS: dict[str, type[BaseModel]] = {
     EventType.OFFER_DECLINED: OfferEnded,
     EventType.OFFER_EXPIRED: OfferEnded,
     EventType.AGENT_PRESENCE_CHANGED: AgentPresenceChanged,
+    EventType.MESSAGE_SEND_REQUESTED: MessageSendRequested,
+    EventType.MESSAGE_REJECTED: MessageRejected,
+    EventType.MESSAGE_SENT: MessageOutcome,
+    EventType.MESSAGE_DELIVERED: MessageOutcome,
+    EventType.MESSAGE_READ: MessageOutcome,
+    EventType.MESSAGE_FAILED: MessageOutcome,
     EventType.CONFIG_RELOAD_REQUESTED: SystemEvent,
 }

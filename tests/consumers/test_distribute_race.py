@@ -129,7 +129,7 @@ async def test_three_replicas_assign_each_conversation_once_within_capacity(
                 " AND state <> 'active'",
                 ids,
             )
-            return waiting == 0
+            return bool(waiting == 0)
 
         started = asyncio.get_running_loop().time()
         await wait_for(all_active, timeout=90, interval=0.25)

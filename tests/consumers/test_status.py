@@ -103,7 +103,7 @@ async def _callback(router: TestClient[Any, Any], sid: str, state: str, code: st
 
 
 async def _events_for(spy: EventTap, sid: str, count: int) -> list[str]:
-    seen = []
+    seen: list[str] = []
     async with asyncio.timeout(10):
         while len(seen) < count:
             event = await spy.next()

@@ -1,0 +1,300 @@
+"""The ``outbound`` stage: the 24-hour window gate, then the Twilio send, exactly once.
+
+``message.send-requested`` → lock the message → gate again at send time (the window may
+have closed since the agent asked) → pace per sender → mark ``sending`` and commit →
+call Twilio (after the commit) → store the sid, or schedule a retry (429, 5xx, a refused
+connection: exponential backoff with jitter through the message's ``next_attempt_at``,
+picked up by the stage's tick in any replica), or reject (63016 window closed, which also
+corrects the conversation's window; 21610 opted out), or fail (other 4xx, retries spent).
+
+Never two sends: a redelivered message already past ``requested`` is not sent again; one
+found in ``sending`` (the process died during the call) becomes ``unknown`` and is shown
+as such, for the agent to retry explicitly.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import datetime, timedelta
+from typing import Any
+
+import orjson
+import structlog
+from pydantic import BaseModel
+
+from consumers.runtime import Stage, StageTx
+from omniroute.config_loader import LiveConfig
+from omniroute.errors import TransientError
+from omniroute.settings import Settings
+from omniroute.store import Connection, add_to_outbox
+from omniroute.twilio_gateway import SendOutcome, TwilioClients, classify_error
+from omniroute.window import gate, window
+from schemas.events import (
+    Envelope,
+    EventType,
+    MessageOutcome,
+    MessageRejected,
+    MessageSendRequested,
+    new_event,
+)
+
+log = structlog.get_logger("omniroute.outbound")
+
+_MESSAGE = """
+SELECT m.id, m.status, m.kind, m.body, m.media, m.template, m.attempts, m.agent_id,
+       c.id AS conversation_id, c.account, c.business_number, c.customer, c.workstream,
+       c.language, c.last_customer_message_at, c.window_closed_at
+FROM messages m JOIN conversations c ON c.id = m.conversation_id
+WHERE m.id = $1
+FOR UPDATE OF m
+"""
+
+
+@asynccontextmanager
+async def twilio_clients(settings: Settings, _config: LiveConfig) -> AsyncIterator[TwilioClients]:
+    clients = TwilioClients(str(settings.twilio_api_url), timeout=settings.twilio_timeout)
+    try:
+        yield clients
+    finally:
+        await clients.close()
+
+
+def _event(kind: str, row: Any, data: BaseModel, now: datetime, *key: str) -> Envelope:
+    return new_event(
+        kind,
+        account=row["account"],
+        key=(str(row["id"]), *key),
+        data=data.model_dump(mode="json"),
+        occurred_at=now,
+        conversation_id=str(row["conversation_id"]),
+    )
+
+
+async def _reject(
+    conn: Connection,
+    row: Any,
+    reason: str,
+    message: str | None,
+    now: datetime,
+    templates: list[str] | None = None,
+    code: str | None = None,
+) -> Envelope:
+    await conn.execute(
+        "UPDATE messages SET status = 'rejected', error_code = $2, error_message = $3,"
+        " next_attempt_at = NULL, updated_at = now() WHERE id = $1",
+        row["id"],
+        code or reason,
+        message,
+    )
+    data = MessageRejected(
+        message_id=str(row["id"]),
+        reason=reason,
+        message=message,
+        templates=templates or [],
+        error_code=code,
+    )
+    return _event(EventType.MESSAGE_REJECTED, row, data, now)
+
+
+async def _fail(conn: Connection, row: Any, outcome: SendOutcome, now: datetime) -> Envelope:
+    code = str(outcome.code) if outcome.code is not None else None
+    await conn.execute(
+        "UPDATE messages SET status = 'failed', error_code = $2, error_message = $3,"
+        " next_attempt_at = NULL, updated_at = now() WHERE id = $1",
+        row["id"],
+        code,
+        outcome.message,
+    )
+    data = MessageOutcome(
+        message_id=str(row["id"]), status="failed", error_code=code, error_message=outcome.message
+    )
+    return _event(EventType.MESSAGE_FAILED, row, data, now)
+
+
+async def _pace(conn: Connection, sender: str, interval: float, now: datetime) -> datetime:
+    """The sender's next free slot (GCRA), claimed atomically across replicas."""
+    slot: datetime = await conn.fetchval(
+        "INSERT INTO sender_pacing (sender, next_free_at) VALUES ($1, $2 + make_interval("
+        "secs => $3)) ON CONFLICT (sender) DO UPDATE SET next_free_at ="
+        " GREATEST(sender_pacing.next_free_at, $2) + make_interval(secs => $3)"
+        " RETURNING next_free_at - make_interval(secs => $3)",
+        sender,
+        now,
+        interval,
+    )
+    return slot
+
+
+async def prepare_send(tx: StageTx, message_id: str) -> list[Envelope]:
+    """Gate, pace and mark ``sending`` inside the transaction; the send runs after commit."""
+    row = await tx.conn.fetchrow(_MESSAGE, message_id)
+    if row is None:
+        raise TransientError(f"message {message_id} is not stored (yet)")
+    if row["status"] == "sending":
+        await tx.conn.execute(
+            "UPDATE messages SET status = 'unknown', updated_at = now() WHERE id = $1", row["id"]
+        )
+        log.warning("outbound.outcome_unknown", message_id=message_id)
+        return []
+    if row["status"] not in ("requested", "retrying"):
+        return []  # handled before: a redelivery
+    config = tx.config.current
+    workstream = config.workstream(row["workstream"])
+    template = row["template"] or {}
+    verdict = gate(
+        workstream,
+        window(row["last_customer_message_at"], tx.now, row["window_closed_at"]),
+        text=row["body"] if row["kind"] != "template" else None,
+        media_urls=[m["url"] for m in row["media"]],
+        template=template.get("name"),
+        language=template.get("language") or row["language"],
+        variables=template.get("variables") or {},
+    )
+    if not verdict.allowed:
+        return [
+            await _reject(
+                tx.conn,
+                row,
+                verdict.reason or "rejected",
+                verdict.message,
+                tx.now,
+                verdict.templates,
+            )
+        ]
+    slot = await _pace(tx.conn, row["business_number"], tx.settings.send_interval, tx.now)
+    if slot > tx.now + timedelta(seconds=tx.settings.tick_interval):
+        await tx.conn.execute(
+            "UPDATE messages SET status = 'retrying', next_attempt_at = $2 WHERE id = $1",
+            row["id"],
+            slot,
+        )
+        return []
+    await tx.conn.execute(
+        "UPDATE messages SET status = 'sending', attempts = attempts + 1,"
+        " next_attempt_at = NULL, updated_at = now() WHERE id = $1",
+        row["id"],
+    )
+    params = _twilio_params(tx, row, verdict.rendered)
+    tx.after_commit.append(lambda: _send(tx, row, params))
+    return []
+
+
+def _twilio_params(tx: StageTx, row: Any, rendered: Any) -> dict[str, Any]:
+    params: dict[str, Any] = {
+        "to": f"whatsapp:{row['customer']}",
+        "from_": f"whatsapp:{row['business_number']}",
+        "status_callback": f"{tx.settings.public_base()}/twilio/{row['account']}/status",
+    }
+    if rendered is not None:
+        params["content_sid"] = rendered.content_sid
+        params["content_variables"] = orjson.dumps(rendered.variables).decode()
+    else:
+        if row["body"]:
+            params["body"] = row["body"]
+        if row["media"]:
+            params["media_url"] = [m["url"] for m in row["media"]]
+    return params
+
+
+async def _send(tx: StageTx, row: Any, params: dict[str, Any]) -> list[Envelope]:
+    """Call Twilio (no transaction open), then record what happened."""
+    account = tx.config.current.account(row["account"])
+    if account is None or account.auth_token is None:
+        outcome = SendOutcome("failed", message=f"account {row['account']} is not configured")
+    else:
+        client = tx.resources.get(account.account_sid, account.auth_token.get_secret_value())
+        try:
+            created = await client.messages.create_async(**params)
+            outcome = SendOutcome("sent", sid=created.sid, status=created.status)
+        except Exception as exc:
+            outcome = classify_error(exc)
+    assert tx.store is not None
+    now = datetime.now(tx.now.tzinfo)
+    async with tx.store.transaction() as conn:
+        events = await _record(conn, tx, row, outcome, now)
+        return await add_to_outbox(conn, events)
+
+
+async def _record(
+    conn: Connection, tx: StageTx, row: Any, outcome: SendOutcome, now: datetime
+) -> list[Envelope]:
+    log.info(
+        "outbound.sent" if outcome.kind == "sent" else "outbound.not_sent",
+        message_id=str(row["id"]),
+        outcome=outcome.kind,
+        code=outcome.code,
+    )
+    if outcome.kind == "sent":
+        # A status callback may already have moved the status on: keep the later one.
+        await conn.execute(
+            "UPDATE messages SET twilio_sid = $2, status = CASE WHEN status = 'sending'"
+            " THEN $3 ELSE status END, updated_at = now() WHERE id = $1",
+            row["id"],
+            outcome.sid,
+            outcome.status or "queued",
+        )
+        return []
+    if outcome.kind == "rejected":
+        if outcome.message == "window_closed":
+            await conn.execute(
+                "UPDATE conversations SET window_closed_at = $2 WHERE id = $1",
+                row["conversation_id"],
+                now,
+            )
+        return [
+            await _reject(
+                conn, row, outcome.message or "rejected", None, now, code=str(outcome.code)
+            )
+        ]
+    if outcome.kind == "retry" and row["attempts"] + 1 < tx.settings.send_attempts:
+        delay = min(
+            tx.settings.send_backoff_max, tx.settings.send_backoff_base * 2 ** row["attempts"]
+        )
+        due = now + timedelta(seconds=delay * random.uniform(0.5, 1.0))
+        await conn.execute(
+            "UPDATE messages SET status = 'retrying', next_attempt_at = $2, error_code = $3,"
+            " error_message = $4, updated_at = now() WHERE id = $1",
+            row["id"],
+            due,
+            str(outcome.code) if outcome.code else None,
+            outcome.message,
+        )
+        return []
+    if outcome.kind == "unknown":
+        await conn.execute(
+            "UPDATE messages SET status = 'unknown', error_message = $2, updated_at = now()"
+            " WHERE id = $1",
+            row["id"],
+            outcome.message,
+        )
+        return []
+    return [await _fail(conn, row, outcome, now)]
+
+
+async def handle(event: Envelope, payload: BaseModel, tx: StageTx) -> list[Envelope]:
+    assert isinstance(payload, MessageSendRequested)
+    return await prepare_send(tx, payload.message_id)
+
+
+async def tick(tx: StageTx) -> list[Envelope]:
+    """Durable retry timers: send the messages whose next attempt is due."""
+    due = await tx.conn.fetch(
+        "SELECT id FROM messages WHERE status = 'retrying' AND next_attempt_at <= $1"
+        " ORDER BY next_attempt_at LIMIT 50 FOR UPDATE SKIP LOCKED",
+        tx.now,
+    )
+    events: list[Envelope] = []
+    for row in due:
+        events += await prepare_send(tx, str(row["id"]))
+    return events
+
+
+STAGE = Stage(
+    name="outbound",
+    payloads={EventType.MESSAGE_SEND_REQUESTED: MessageSendRequested},
+    handle=handle,
+    tick=tick,
+    resources=twilio_clients,
+)
