@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 
 EPOCH = datetime.min
 
@@ -34,6 +34,7 @@ class AgentView:
     last_assigned_at: datetime | None = None
     capacity_released_at: datetime | None = None
     created_at: datetime | None = None
+    assigned_this_cycle: int = 0
 
     @property
     def free(self) -> int:
@@ -110,15 +111,31 @@ def eligible(
 
 
 def _when(moment: datetime | None) -> datetime:
-    return moment.replace(tzinfo=None) if moment is not None else EPOCH
+    """Comparable instants: aware times by their UTC instant, None as 'never'."""
+    if moment is None:
+        return EPOCH
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(UTC)
+    return moment.replace(tzinfo=None)
 
 
 def rank(candidates: Sequence[AgentView], method: str) -> list[AgentView]:
     """Candidates best first by the queue's assignment method (ties broken by id)."""
+    # Work handed out earlier in the same cycle counts first, so a burst keeps rotating.
     if method == "round_robin":
-        key = lambda a: (_when(a.last_assigned_at), _when(a.created_at), a.id)
+        key = lambda a: (
+            a.assigned_this_cycle,
+            _when(a.last_assigned_at),
+            _when(a.created_at),
+            a.id,
+        )
     elif method == "least_active":
-        key = lambda a: (_when(a.capacity_released_at), _when(a.last_assigned_at), a.id)
+        key = lambda a: (
+            a.assigned_this_cycle,
+            _when(a.capacity_released_at),
+            _when(a.last_assigned_at),
+            a.id,
+        )
     else:
         key = lambda a: (-a.free, _when(a.last_assigned_at), a.id)
     return sorted(candidates, key=key)
@@ -148,6 +165,7 @@ def plan(
         agent = preferred or rank(candidates, policy.assignment)[0]
         agent.used += item.units
         agent.last_assigned_at = now
+        agent.assigned_this_cycle += 1
         result.decisions.append(
             Decision(item.conversation_id, agent.id, item.units, affinity=preferred is not None)
         )
