@@ -17,9 +17,10 @@ hands them here, and writes back what this module decides.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 EPOCH = datetime.min
 
@@ -122,6 +123,7 @@ def _when(moment: datetime | None) -> datetime:
 def rank(candidates: Sequence[AgentView], method: str) -> list[AgentView]:
     """Candidates best first by the queue's assignment method (ties broken by id)."""
     # Work handed out earlier in the same cycle counts first, so a burst keeps rotating.
+    key: Callable[[AgentView], tuple[Any, ...]]
     if method == "round_robin":
         key = lambda a: (
             a.assigned_this_cycle,
