@@ -10,6 +10,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
+from omniroute.agents_cli import add_agents_parser, cmd_agents
 from omniroute.config_loader import LiveConfig, load_config
 from omniroute.errors import ConfigError
 from omniroute.logging import configure_logging
@@ -187,6 +188,7 @@ def parser() -> argparse.ArgumentParser:
     dead.add_argument("action", choices=["list", "replay", "purge"])
     dead.add_argument("stage")
     dead.add_argument("--limit", type=int, default=100)
+    add_agents_parser(sub)
     return p
 
 
@@ -199,6 +201,7 @@ COMMANDS = {
     "config": cmd_config,
     "emulator": cmd_emulator,
     "classify": cmd_classify,
+    "agents": cmd_agents,
     "demo": cmd_demo,
     "dead-letters": cmd_dead_letters,
 }

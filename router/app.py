@@ -10,7 +10,7 @@ from omniroute.bus import Bus
 from omniroute.config_loader import LiveConfig
 from omniroute.settings import Settings
 from omniroute.store import Store
-from router import health, twilio_webhooks
+from router import admin_api, agent_api, agent_events, health, messages_api, twilio_webhooks
 from router.state import BUS, CONFIG, SETTINGS, STORE
 
 
@@ -56,6 +56,11 @@ def create_app(
             await app[STORE].close()
 
     app.cleanup_ctx.append(resources)
+    app.cleanup_ctx.append(agent_events.hub_ctx)
     twilio_webhooks.add_routes(app)
     health.add_routes(app)
+    admin_api.add_routes(app)
+    agent_api.add_routes(app)
+    agent_events.add_routes(app)
+    messages_api.add_routes(app)
     return app

@@ -11,7 +11,7 @@ import asyncio
 import os
 import shutil
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -20,14 +20,17 @@ import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from consumers.conversations import STAGE
+from consumers.runtime import Clock, Stage, StageRunner, system_clock
+from omniroute.bus import Bus
 from omniroute.config_loader import LiveConfig, parse_config
 from omniroute.database import create_database, drop_database
 from omniroute.logging import configure_logging
 from omniroute.settings import Settings
 from omniroute.store import Store, init_connection, migrate
-from router.app import create_app
+from router.app import create_app, make_bus
 from router.state import BUS
-from tests.support import CONFIG_YAML, ENVIRON, PUBLIC_URL
+from tests.support import CONFIG_YAML, ENVIRON, PUBLIC_URL, EventTap, tap
 
 BASE_AMQP = os.environ.get("OMNIROUTE_TEST_AMQP_BASE", "amqp://guest:guest@127.0.0.1:5672")
 BASE_DB = os.environ.get("OMNIROUTE_TEST_DATABASE_BASE", "postgresql://127.0.0.1:5432")
@@ -119,3 +122,52 @@ async def store(infra: Infra) -> AsyncIterator[Store]:
     store = Store(infra.database_url, max_size=5)
     yield store
     await store.close()
+
+
+RunnerFactory = Callable[..., Awaitable[StageRunner]]
+
+
+@pytest.fixture
+async def bus(settings: Settings) -> AsyncIterator[Bus]:
+    bus = make_bus(settings)
+    await bus.start()
+    async with asyncio.timeout(10):
+        await bus.wait_ready()
+    yield bus
+    await bus.close()
+
+
+@pytest.fixture
+async def start_runner(
+    settings: Settings, config: LiveConfig, infra: Any
+) -> AsyncIterator[RunnerFactory]:
+    """Start stage runners, each on its own bus and store like a separate replica."""
+    started: list[tuple[StageRunner, Bus, Store]] = []
+
+    async def start(
+        stage: Stage = STAGE, *, clock: Clock = system_clock, **overrides: Any
+    ) -> StageRunner:
+        own_settings = Settings.model_validate({**settings.model_dump(), **overrides})
+        bus = make_bus(own_settings)
+        await bus.start()
+        async with asyncio.timeout(10):
+            await bus.wait_ready()
+        store = Store(infra.database_url, max_size=4)
+        runner = StageRunner(
+            stage, bus=bus, store=store, config=config, settings=own_settings, clock=clock
+        )
+        await runner.start()
+        started.append((runner, bus, store))
+        return runner
+
+    yield start
+    for runner, bus, store in started:
+        await runner.stop()
+        await bus.close()
+        await store.close()
+
+
+@pytest.fixture
+async def spy(settings: Settings) -> AsyncIterator[EventTap]:
+    async with tap(settings.amqp_url.get_secret_value(), "conversation.*") as events:
+        yield events

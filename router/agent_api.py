@@ -1,0 +1,398 @@
+"""The agent API: profile and presence, offers, pick mode, own conversations, close and
+transfer. An agent sees and acts on its own offers and conversations only; anything else
+is a 404, so existence never leaks."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timedelta
+from typing import Any
+
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from omniroute.store import add_to_outbox
+from omniroute.work import (
+    ConversationRef,
+    WorkConflict,
+    accept_offer,
+    assign,
+    claim_capacity,
+    end_offer,
+    release_assignment,
+    transfer_to_queue,
+)
+from router.auth import current_agent
+from router.events_out import publish_committed
+from router.responses import error
+from router.state import CONFIG, STORE
+from schemas.events import (
+    AgentPresenceChanged,
+    ConversationClosed,
+    Envelope,
+    EventType,
+    new_event,
+    utcnow,
+)
+
+WINDOW = timedelta(hours=24)
+PRESENCES = ("available", "busy", "dnd", "away", "offline")
+
+
+class PresenceBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    presence: str = Field(pattern="^(available|busy|dnd|away|offline)$")
+
+
+class TransferBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    queue: str | None = None
+
+    @model_validator(mode="after")
+    def _target(self) -> TransferBody:
+        if self.queue is None:
+            raise ValueError("name the queue to transfer to")
+        return self
+
+
+class CloseBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str = "agent"
+
+
+def _json(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json(v) for v in value]
+    return value
+
+
+def _uuid(value: str) -> str | None:
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        return None
+
+
+def _not_found(what: str) -> web.Response:
+    return error(404, "not_found", f"no such {what}")
+
+
+async def _body(request: web.Request, model: type[BaseModel]) -> BaseModel | web.Response:
+    try:
+        raw = await request.json() if request.can_read_body else {}
+    except ValueError:
+        return error(400, "invalid_json", "the body is not JSON")
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        fields = [
+            {"field": ".".join(str(p) for p in e["loc"]) or "(body)", "problem": e["msg"]}
+            for e in exc.errors()
+        ]
+        return error(422, "invalid_body", "the body does not match the API", fields=fields)
+
+
+def _agent_out(agent: Any) -> dict[str, Any]:
+    out: dict[str, Any] = _json(
+        {
+            "id": agent["id"],
+            "name": agent["name"],
+            "language": agent["language"],
+            "queues": list(agent["queues"]),
+            "skills": agent["skills"],
+            "capacity": agent["capacity_units"],
+            "used": agent["used_units"],
+            "presence": agent["presence"],
+        }
+    )
+    return out
+
+
+async def me(request: web.Request) -> web.Response:
+    return web.json_response(_agent_out(await current_agent(request)))
+
+
+async def set_presence(request: web.Request) -> web.Response:
+    agent = await current_agent(request)
+    body = await _body(request, PresenceBody)
+    if isinstance(body, web.Response):
+        return body
+    assert isinstance(body, PresenceBody)
+    now = utcnow()
+    async with request.app[STORE].transaction() as conn:
+        previous = await conn.fetchval(
+            "SELECT presence FROM agents WHERE id = $1 FOR UPDATE", agent["id"]
+        )
+        row = await conn.fetchrow(
+            "UPDATE agents SET presence = $2, updated_at = $3 WHERE id = $1 RETURNING *",
+            agent["id"],
+            body.presence,
+            now,
+        )
+        events = []
+        if previous != body.presence:
+            data = AgentPresenceChanged(
+                agent_id=str(agent["id"]),
+                presence=body.presence,
+                previous=previous,
+                queues=list(agent["queues"]),
+            )
+            events = await add_to_outbox(
+                conn,
+                [
+                    new_event(
+                        EventType.AGENT_PRESENCE_CHANGED,
+                        account="*",
+                        key=(str(agent["id"]), now.isoformat()),
+                        data=data.model_dump(mode="json"),
+                        occurred_at=now,
+                    )
+                ],
+            )
+    await publish_committed(request.app, events)
+    return web.json_response(_agent_out(row))
+
+
+async def my_offers(request: web.Request) -> web.Response:
+    agent = await current_agent(request)
+    pool = await request.app[STORE].pool()
+    rows = await pool.fetch(
+        "SELECT o.id, o.conversation_id, o.expires_at, o.created_at, c.queue, c.customer,"
+        " c.priority, c.skills FROM offers o JOIN conversations c ON c.id = o.conversation_id"
+        " WHERE o.agent_id = $1 AND o.state = 'pending' ORDER BY o.created_at",
+        agent["id"],
+    )
+    return web.json_response([_json(dict(r)) for r in rows])
+
+
+async def _decide_offer(request: web.Request, outcome: str) -> web.Response:
+    agent = await current_agent(request)
+    offer_id = _uuid(request.match_info["offer_id"])
+    if offer_id is None:
+        return _not_found("offer")
+    try:
+        async with request.app[STORE].transaction() as conn:
+            now = utcnow()
+            if outcome == "accepted":
+                event = await accept_offer(conn, offer_id, str(agent["id"]), now)
+            else:
+                event = await end_offer(conn, offer_id, str(agent["id"]), "declined", now)
+            events = await add_to_outbox(conn, [event])
+    except WorkConflict as exc:
+        if exc.code == "not_found":
+            return _not_found("offer")
+        return error(409, exc.code, str(exc))
+    await publish_committed(request.app, events)
+    return web.json_response(
+        {"offer_id": offer_id, "state": outcome, "conversation_id": event.conversation_id}
+    )
+
+
+async def accept(request: web.Request) -> web.Response:
+    return await _decide_offer(request, "accepted")
+
+
+async def decline(request: web.Request) -> web.Response:
+    return await _decide_offer(request, "declined")
+
+
+_PICKABLE = """
+SELECT c.id, c.queue, c.priority, c.queued_at, c.skills, c.customer, c.workstream, c.units
+FROM conversations c
+WHERE c.state = 'queued' AND c.queue = $1
+  AND NOT EXISTS (SELECT 1 FROM jsonb_each_text(c.skills) s
+                  WHERE COALESCE(($2::jsonb ->> s.key)::int, 0) < s.value::int)
+ORDER BY c.priority DESC, c.queued_at
+LIMIT 100
+"""
+
+
+async def queue_items(request: web.Request) -> web.Response:
+    """Pick mode: what this agent may take from a queue it belongs to."""
+    agent = await current_agent(request)
+    queue = request.match_info["queue"]
+    if queue not in agent["queues"]:
+        return _not_found("queue")
+    pool = await request.app[STORE].pool()
+    rows = await pool.fetch(_PICKABLE, queue, agent["skills"])
+    free = agent["capacity_units"] - agent["used_units"]
+    items = [_json(dict(r)) | {"fits_capacity": r["units"] <= free} for r in rows]
+    return web.json_response(items)
+
+
+async def pick(request: web.Request) -> web.Response:
+    agent = await current_agent(request)
+    conversation_id = _uuid(request.match_info["item_id"])
+    if conversation_id is None:
+        return _not_found("queue item")
+    now = utcnow()
+    async with request.app[STORE].transaction() as conn:
+        row = await conn.fetchrow(
+            "SELECT id, account, queue, state, units FROM conversations WHERE id = $1"
+            " AND queue = ANY($2::text[]) FOR UPDATE",
+            conversation_id,
+            list(agent["queues"]),
+        )
+        if row is None:
+            return _not_found("queue item")
+        if row["state"] != "queued":
+            return error(409, "already_taken", "the conversation is no longer waiting")
+        if not await claim_capacity(conn, str(agent["id"]), row["units"], now):
+            return error(409, "no_capacity", "you have no free capacity for this conversation")
+        conv = ConversationRef(conversation_id, row["account"], row["queue"])
+        events = await add_to_outbox(
+            conn, [await assign(conn, conv, str(agent["id"]), row["units"], "pick", now)]
+        )
+    await publish_committed(request.app, events)
+    return web.json_response({"conversation_id": conversation_id, "state": "active"})
+
+
+_CONVERSATION = """
+SELECT c.id, c.account, c.business_number, c.customer, c.workstream, c.state, c.queue,
+       c.skills, c.priority, c.severity, c.language, c.variables, c.opened_at,
+       c.assigned_at, c.last_customer_message_at, ct.profile_name
+FROM conversations c JOIN contacts ct ON ct.id = c.contact_id
+WHERE c.id = $1 AND c.agent_id = $2 AND c.state IN ('active', 'waiting', 'wrap-up')
+"""
+
+
+def _window(last_customer_message_at: datetime, now: datetime) -> dict[str, Any]:
+    closes_at = last_customer_message_at + WINDOW
+    return {"open": now < closes_at, "closes_at": closes_at.isoformat()}
+
+
+async def my_conversations(request: web.Request) -> web.Response:
+    agent = await current_agent(request)
+    pool = await request.app[STORE].pool()
+    rows = await pool.fetch(
+        "SELECT id, customer, state, queue, priority, assigned_at, last_customer_message_at"
+        " FROM conversations WHERE agent_id = $1 AND state IN ('active', 'waiting', 'wrap-up')"
+        " ORDER BY assigned_at",
+        agent["id"],
+    )
+    now = utcnow()
+    return web.json_response(
+        [_json(dict(r)) | {"window": _window(r["last_customer_message_at"], now)} for r in rows]
+    )
+
+
+async def _own_conversation(request: web.Request) -> tuple[Any, Any] | web.Response:
+    agent = await current_agent(request)
+    conversation_id = _uuid(request.match_info["conversation_id"])
+    if conversation_id is None:
+        return _not_found("conversation")
+    pool = await request.app[STORE].pool()
+    row = await pool.fetchrow(_CONVERSATION, conversation_id, agent["id"])
+    if row is None:
+        return _not_found("conversation")
+    return agent, row
+
+
+async def conversation(request: web.Request) -> web.Response:
+    found = await _own_conversation(request)
+    if isinstance(found, web.Response):
+        return found
+    _, row = found
+    workstream = request.app[CONFIG].current.workstream(row["workstream"])
+    window = _window(row["last_customer_message_at"], utcnow())
+    templates = [
+        {"name": t.name, "languages": sorted(t.languages)}
+        for t in (workstream.templates if workstream else [])
+    ]
+    return web.json_response(_json(dict(row)) | {"window": window, "templates": templates})
+
+
+async def conversation_messages(request: web.Request) -> web.Response:
+    found = await _own_conversation(request)
+    if isinstance(found, web.Response):
+        return found
+    _, row = found
+    pool = await request.app[STORE].pool()
+    messages = await pool.fetch(
+        "SELECT id, direction, body, media, status, received_at FROM messages"
+        " WHERE conversation_id = $1 ORDER BY received_at, id",
+        row["id"],
+    )
+    return web.json_response([_json(dict(m)) for m in messages])
+
+
+async def close(request: web.Request) -> web.Response:
+    found = await _own_conversation(request)
+    if isinstance(found, web.Response):
+        return found
+    _, row = found
+    body = await _body(request, CloseBody)
+    if isinstance(body, web.Response):
+        return body
+    now = utcnow()
+    async with request.app[STORE].transaction() as conn:
+        state = await conn.fetchval(
+            "SELECT state FROM conversations WHERE id = $1 FOR UPDATE", row["id"]
+        )
+        if state == "closed":
+            return error(409, "already_closed", "the conversation is closed")
+        await release_assignment(conn, str(row["id"]), now)
+        await conn.execute(
+            "UPDATE conversations SET state = 'closed', closed_at = $2, close_reason = 'agent',"
+            " updated_at = now() WHERE id = $1",
+            row["id"],
+            now,
+        )
+        data = ConversationClosed(reason="agent", workstream=row["workstream"], closed_at=now)
+        event: Envelope = new_event(
+            EventType.CONVERSATION_CLOSED,
+            account=row["account"],
+            key=(str(row["id"]),),
+            data=data.model_dump(mode="json"),
+            occurred_at=now,
+            conversation_id=str(row["id"]),
+        )
+        events = await add_to_outbox(conn, [event])
+    await publish_committed(request.app, events)
+    return web.json_response({"conversation_id": str(row["id"]), "state": "closed"})
+
+
+async def transfer(request: web.Request) -> web.Response:
+    found = await _own_conversation(request)
+    if isinstance(found, web.Response):
+        return found
+    agent, row = found
+    body = await _body(request, TransferBody)
+    if isinstance(body, web.Response):
+        return body
+    assert isinstance(body, TransferBody) and body.queue is not None
+    if request.app[CONFIG].current.queue(body.queue) is None:
+        return error(422, "unknown_queue", f"no queue named {body.queue!r}")
+    async with request.app[STORE].transaction() as conn:
+        event = await transfer_to_queue(
+            conn, str(row["id"]), body.queue, str(agent["id"]), utcnow()
+        )
+        events = await add_to_outbox(conn, [event])
+    await publish_committed(request.app, events)
+    return web.json_response(
+        {"conversation_id": str(row["id"]), "state": "queued", "queue": body.queue}
+    )
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/api/me", me)
+    app.router.add_put("/api/me/presence", set_presence)
+    app.router.add_get("/api/me/offers", my_offers)
+    app.router.add_post("/api/offers/{offer_id}/accept", accept)
+    app.router.add_post("/api/offers/{offer_id}/decline", decline)
+    app.router.add_get("/api/queues/{queue}/items", queue_items)
+    app.router.add_post("/api/queue-items/{item_id}/pick", pick)
+    app.router.add_get("/api/me/conversations", my_conversations)
+    app.router.add_get("/api/conversations/{conversation_id}", conversation)
+    app.router.add_get("/api/conversations/{conversation_id}/messages", conversation_messages)
+    app.router.add_post("/api/conversations/{conversation_id}/close", close)
+    app.router.add_post("/api/conversations/{conversation_id}/transfer", transfer)

@@ -1,0 +1,149 @@
+"""``GET /api/me/events``: each agent's live stream (Server-Sent Events) of its offers,
+assignments, transfers, closes and its customers' new messages, so an agent UI never polls.
+
+One exclusive queue per router process receives the events from the exchange; the hub
+routes each to the agents it concerns (the agent named in the event, or for a customer
+message, the agent who has that conversation) and drops it for anyone not connected. The
+stream is a live view: the agent's current state is always available from the REST calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import defaultdict
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+import structlog
+from aio_pika.abc import AbstractIncomingMessage
+from aiohttp import web
+
+from omniroute.bus import Bus
+from omniroute.store import Store
+from router.auth import current_agent
+from router.state import BUS, STORE
+from schemas.events import EXCHANGE, EventType
+
+log = structlog.get_logger("omniroute.agent_events")
+
+STREAMED = (
+    "conversation.*",
+    "offer.*",
+    EventType.MESSAGE_RECEIVED,
+    EventType.AGENT_PRESENCE_CHANGED,
+)
+HEARTBEAT_SECONDS = 15.0
+BACKLOG = 1000  # events held per slow client before it is disconnected
+
+
+class AgentEventHub:
+    def __init__(self, bus: Bus, store: Store) -> None:
+        self._bus = bus
+        self._store = store
+        self._clients: dict[str, set[asyncio.Queue[dict[str, Any]]]] = defaultdict(set)
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._consume(), name="agent-events")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+
+    @contextlib.contextmanager
+    def subscribe(self, agent_id: str) -> Any:
+        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(BACKLOG)
+        self._clients[agent_id].add(queue)
+        try:
+            yield queue
+        finally:
+            self._clients[agent_id].discard(queue)
+            if not self._clients[agent_id]:
+                del self._clients[agent_id]
+
+    async def _consume(self) -> None:
+        await self._bus.wait_ready()
+        channel = await self._bus.channel(prefetch=256)
+        exchange = await channel.get_exchange(EXCHANGE)
+        queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+        for key in STREAMED:
+            await queue.bind(exchange, routing_key=key)
+        await queue.consume(self._on_message)
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        await message.ack()
+        if not self._clients:
+            return
+        try:
+            event = orjson.loads(message.body)
+            for agent_id in await self._audience(event):
+                for client in list(self._clients.get(agent_id, ())):
+                    with contextlib.suppress(asyncio.QueueFull):
+                        client.put_nowait(event)
+        except Exception as exc:  # a bad event must not stop the stream for everyone
+            log.warning("agent_events.skipped", error=f"{exc!r}"[:200])
+
+    async def _audience(self, event: dict[str, Any]) -> set[str]:
+        data = event.get("data") or {}
+        agents = {str(data[k]) for k in ("agent_id", "from_agent", "to_agent") if data.get(k)}
+        if agents:
+            return agents
+        pool = await self._store.pool()
+        if event.get("type") == EventType.MESSAGE_RECEIVED:
+            agent = await pool.fetchval(
+                "SELECT agent_id FROM conversations WHERE account = $1 AND business_number = $2"
+                " AND customer = $3 AND state <> 'closed' AND agent_id IS NOT NULL",
+                event.get("account"),
+                data.get("business_number"),
+                data.get("customer"),
+            )
+        elif event.get("conversation_id"):
+            agent = await pool.fetchval(
+                "SELECT agent_id FROM conversations WHERE id = $1", event["conversation_id"]
+            )
+        else:
+            agent = None
+        return {str(agent)} if agent else set()
+
+
+HUB = web.AppKey("agent_event_hub", AgentEventHub)
+
+
+async def hub_ctx(app: web.Application) -> AsyncIterator[None]:
+    app[HUB] = AgentEventHub(app[BUS], app[STORE])
+    await app[HUB].start()
+    yield
+    await app[HUB].stop()
+
+
+async def stream(request: web.Request) -> web.StreamResponse:
+    agent = await current_agent(request)
+    response = web.StreamResponse(
+        headers={
+            "Content-Type": "text/event-stream",
+            "Cache-Control": "no-cache",
+            "X-Accel-Buffering": "no",
+        }
+    )
+    await response.prepare(request)
+    await response.write(b": connected\n\n")
+    with request.app[HUB].subscribe(str(agent["id"])) as events:
+        while True:
+            try:
+                async with asyncio.timeout(HEARTBEAT_SECONDS):
+                    event = await events.get()
+            except TimeoutError:
+                await response.write(b": keep-alive\n\n")
+                continue
+            payload = orjson.dumps(event)
+            await response.write(
+                f"id: {event['id']}\nevent: {event['type']}\ndata: ".encode() + payload + b"\n\n"
+            )
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/api/me/events", stream)

@@ -1,0 +1,247 @@
+"""Agents send messages through the window gate, and read their customers' attachments.
+
+``POST /api/conversations/{id}/messages`` stores the message and publishes
+``message.send-requested``; the ``outbound`` stage sends it. Outside the 24-hour window a
+free-text or media message is refused at once (422 ``window_closed`` with the templates
+that can be used) and recorded as rejected. An ``Idempotency-Key`` makes a retry return
+the first answer without sending anything new.
+
+``GET …/messages/{message_id}/media/{n}`` fetches a customer's attachment from Twilio with
+the account's credentials, which are only ever sent to the configured Twilio API host.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+from aiohttp import web
+from pydantic import ValidationError
+
+from omniroute.store import Connection, add_to_outbox
+from omniroute.window import gate, window
+from router.agent_api import _own_conversation, _uuid
+from router.events_out import publish_committed
+from router.responses import error
+from router.state import CONFIG, SETTINGS, STORE
+from schemas.events import (
+    EventType,
+    MessageRejected,
+    MessageSendRequested,
+    new_event,
+    utcnow,
+)
+from schemas.messages import SendMessage
+
+HTTP = web.AppKey("media_http", aiohttp.ClientSession)
+MAX_KEY = 200
+
+
+async def media_session_ctx(app: web.Application) -> AsyncIterator[None]:
+    timeout = aiohttp.ClientTimeout(total=app[SETTINGS].twilio_timeout)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        app[HTTP] = session
+        yield
+
+
+async def _remembered(conn: Connection, scope: str, key: str | None) -> web.Response | None:
+    if key is None:
+        return None
+    row = await conn.fetchrow(
+        "SELECT status, body FROM idempotency_keys WHERE scope = $1 AND key = $2", scope, key
+    )
+    return web.json_response(row["body"], status=row["status"]) if row else None
+
+
+async def _remember(
+    conn: Connection, scope: str, key: str | None, status: int, body: dict[str, Any]
+) -> None:
+    if key is not None:
+        await conn.execute(
+            "INSERT INTO idempotency_keys (scope, key, status, body) VALUES ($1, $2, $3, $4)",
+            scope,
+            key,
+            status,
+            body,
+        )
+
+
+async def send(request: web.Request) -> web.Response:
+    found = await _own_conversation(request)
+    if isinstance(found, web.Response):
+        return found
+    agent, conv = found
+    key = request.headers.get("Idempotency-Key")
+    if key is not None and not 0 < len(key) <= MAX_KEY:
+        return error(400, "invalid_idempotency_key", f"1 to {MAX_KEY} characters")
+    try:
+        body = SendMessage.model_validate(await request.json())
+    except ValueError as exc:
+        if isinstance(exc, ValidationError):
+            fields = [
+                {"field": ".".join(map(str, e["loc"])) or "(body)", "problem": e["msg"]}
+                for e in exc.errors()
+            ]
+            return error(422, "invalid_body", "the body does not match the API", fields=fields)
+        return error(400, "invalid_json", "the body is not JSON")
+    scope = f"send:{agent['id']}:{conv['id']}"
+    now = utcnow()
+    config = request.app[CONFIG].current
+    workstream = config.workstream(conv["workstream"])
+    async with request.app[STORE].transaction() as conn:
+        # Serialize an agent's double click on the same key: the conversation row is the lock.
+        state = await conn.fetchrow(
+            "SELECT last_customer_message_at, window_closed_at, language FROM conversations"
+            " WHERE id = $1 FOR UPDATE",
+            conv["id"],
+        )
+        assert state is not None  # the agent's own conversation, just read
+        remembered = await _remembered(conn, scope, key)
+        if remembered is not None:
+            return remembered
+        current = window(state["last_customer_message_at"], now, state["window_closed_at"])
+        template = body.template
+        verdict = gate(
+            workstream,
+            current,
+            text=body.text,
+            media_urls=body.media_urls,
+            template=template.name if template else None,
+            language=(template.language if template else None) or state["language"],
+            variables=template.variables if template else {},
+        )
+        message_id = str(uuid.uuid4())
+        rendered = verdict.rendered
+        await conn.execute(
+            "INSERT INTO messages (id, conversation_id, direction, body, media, status,"
+            " received_at, agent_id, kind, template, error_code, error_message)"
+            " VALUES ($1, $2, 'outbound', $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+            message_id,
+            conv["id"],
+            rendered.text if rendered else (body.text or ""),
+            [{"url": u} for u in body.media_urls],
+            "requested" if verdict.allowed else "rejected",
+            now,
+            agent["id"],
+            body.kind,
+            {
+                "name": rendered.template,
+                "language": rendered.language,
+                "content_sid": rendered.content_sid,
+                "variables": rendered.variables,
+            }
+            if rendered
+            else None,
+            None if verdict.allowed else verdict.reason,
+            verdict.message,
+        )
+        win = {"open": current.open, "closes_at": current.closes_at.isoformat()}
+        if verdict.allowed:
+            data: Any = MessageSendRequested(
+                message_id=message_id, agent_id=str(agent["id"]), kind=body.kind, requested_at=now
+            )
+            kind, status = EventType.MESSAGE_SEND_REQUESTED, 202
+            answer = {"id": message_id, "status": "requested", "window": win}
+        else:
+            data = MessageRejected(
+                message_id=message_id,
+                reason=verdict.reason or "rejected",
+                message=verdict.message,
+                templates=verdict.templates,
+            )
+            kind, status = EventType.MESSAGE_REJECTED, 422
+            answer = {
+                "error": {
+                    "code": verdict.reason,
+                    "message": verdict.message,
+                    "details": {
+                        "message_id": message_id,
+                        "templates": verdict.templates,
+                        "window": win,
+                    },
+                }
+            }
+        events = await add_to_outbox(
+            conn,
+            [
+                new_event(
+                    kind,
+                    account=conv["account"],
+                    key=(message_id,),
+                    data=data.model_dump(mode="json"),
+                    occurred_at=now,
+                    conversation_id=str(conv["id"]),
+                )
+            ],
+        )
+        await _remember(conn, scope, key, status, answer)
+    await publish_committed(request.app, events)
+    return web.json_response(answer, status=status)
+
+
+async def media(request: web.Request) -> web.StreamResponse:
+    found = await _own_conversation(request)
+    if isinstance(found, web.Response):
+        return found
+    _, conv = found
+    message_id = _uuid(request.match_info["message_id"])
+    try:
+        index = int(request.match_info["n"])
+    except ValueError:
+        index = -1
+    pool = await request.app[STORE].pool()
+    row = await pool.fetchrow(
+        "SELECT media FROM messages WHERE id = $1 AND conversation_id = $2"
+        " AND direction = 'inbound'",
+        message_id,
+        conv["id"],
+    )
+    if row is None or not 0 <= index < len(row["media"]):
+        return error(404, "not_found", "no such attachment")
+    config = request.app[CONFIG].current
+    workstream = config.workstream(conv["workstream"])
+    if workstream is not None and not workstream.attachments.customers:
+        return error(404, "not_found", "attachments from customers are not allowed here")
+    url = row["media"][index]["url"]
+    twilio = urlsplit(str(request.app[SETTINGS].twilio_api_url))
+    target = urlsplit(url)
+    if (target.scheme, target.netloc) != (twilio.scheme, twilio.netloc):
+        # Never hand the account's credentials to a host a webhook named.
+        return error(502, "foreign_media_host", "the attachment is not on Twilio's media host")
+    account = config.account(conv["account"])
+    if account is None or account.auth_token is None:
+        return error(502, "account_unavailable", "the account's credentials are not configured")
+    auth = aiohttp.BasicAuth(account.account_sid, account.auth_token.get_secret_value())
+    session = request.app[HTTP]
+    async with session.get(
+        url, headers={"Authorization": auth.encode()}, allow_redirects=False
+    ) as upstream:
+        if upstream.status in (301, 302, 303, 307, 308) and "Location" in upstream.headers:
+            # Twilio redirects to its storage with a signed URL: follow without credentials.
+            async with session.get(upstream.headers["Location"]) as stored:
+                return await _relay(request, stored)
+        return await _relay(request, upstream)
+
+
+async def _relay(request: web.Request, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
+    if upstream.status != 200:
+        return error(502, "media_unavailable", f"Twilio answered {upstream.status}")
+    response = web.StreamResponse(
+        headers={"Content-Type": upstream.headers.get("Content-Type", "application/octet-stream")}
+    )
+    await response.prepare(request)
+    async for chunk in upstream.content.iter_chunked(64 * 1024):
+        await response.write(chunk)
+    await response.write_eof()
+    return response
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/api/conversations/{conversation_id}/messages", send)
+    app.router.add_get(
+        "/api/conversations/{conversation_id}/messages/{message_id}/media/{n}", media
+    )
+    app.cleanup_ctx.append(media_session_ctx)

@@ -1,0 +1,175 @@
+"""HTTP API bodies: what the admin and agent APIs accept and answer.
+
+Request models are strict (``extra="forbid"``): a typo is a 422 naming the field, never a
+silently ignored key. Response models are what the handlers serialize (``mode="json"``:
+datetimes as ISO 8601 strings, uuids as strings), so the OpenAPI document can be generated
+from them.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+Presence = Literal["available", "busy", "dnd", "away", "offline"]
+PRESENCES: tuple[Presence, ...] = ("available", "busy", "dnd", "away", "offline")
+ConversationState = Literal["open", "queued", "offered", "active", "waiting", "wrap-up", "closed"]
+CONVERSATION_STATES: tuple[ConversationState, ...] = (
+    "open",
+    "queued",
+    "offered",
+    "active",
+    "waiting",
+    "wrap-up",
+    "closed",
+)
+
+AgentName = Annotated[str, Field(min_length=1, max_length=100)]
+QueueName = Annotated[str, Field(min_length=1, max_length=100)]
+SkillName = Annotated[str, Field(min_length=1, max_length=100)]
+Proficiency = Annotated[int, Field(ge=1, le=10, description="1 (novice) to 10 (expert)")]
+Capacity = Annotated[int, Field(ge=0, le=10_000, description="units of work in total")]
+Language = Annotated[str, Field(min_length=1, max_length=35, description="BCP 47, e.g. pt-BR")]
+
+
+def _unique(queues: list[str]) -> list[str]:
+    return list(dict.fromkeys(queues))
+
+
+class AgentCreate(BaseModel):
+    """``POST /api/admin/agents``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: AgentName
+    queues: list[QueueName] = Field(default_factory=list, max_length=100)
+    skills: dict[SkillName, Proficiency] = Field(default_factory=dict, max_length=100)
+    capacity: Capacity
+    language: Language | None = None
+
+    @field_validator("queues")
+    @classmethod
+    def _unique_queues(cls, queues: list[str]) -> list[str]:
+        return _unique(queues)
+
+
+class AgentUpdate(BaseModel):
+    """``PATCH /api/admin/agents/{id}``: only the fields sent change.
+
+    ``queues`` and ``skills`` replace the whole list or map. ``language: null`` clears the
+    language; the other fields cannot be null.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: AgentName | None = None
+    queues: list[QueueName] | None = Field(default=None, max_length=100)
+    skills: dict[SkillName, Proficiency] | None = Field(default=None, max_length=100)
+    capacity: Capacity | None = None
+    language: Language | None = None
+    presence: Presence | None = None
+
+    @field_validator("queues")
+    @classmethod
+    def _unique_queues(cls, queues: list[str] | None) -> list[str] | None:
+        return None if queues is None else _unique(queues)
+
+    @model_validator(mode="after")
+    def _something_to_change(self) -> AgentUpdate:
+        if not self.model_fields_set:
+            raise ValueError("send at least one field to change")
+        nulls = sorted(
+            name for name in self.model_fields_set - {"language"} if getattr(self, name) is None
+        )
+        if nulls:
+            raise ValueError(f"cannot be null: {', '.join(nulls)}")
+        return self
+
+    def changes(self) -> dict[str, Any]:
+        """The fields the caller sent, by name."""
+        return {name: getattr(self, name) for name in self.model_fields_set}
+
+
+class PresenceUpdate(BaseModel):
+    """``PUT /api/me/presence``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    presence: Presence
+
+
+class AgentOut(BaseModel):
+    """An agent as the API shows it; never its token or token hash."""
+
+    id: uuid.UUID
+    name: str
+    queues: list[str]
+    skills: dict[str, int]
+    capacity: int
+    used: int
+    presence: Presence
+    language: str | None
+    created_at: datetime
+    updated_at: datetime
+    last_assigned_at: datetime | None
+
+
+class AgentCreated(AgentOut):
+    """The answer to creating an agent: the only time its token is shown."""
+
+    token: str = Field(description="the agent's bearer token; shown once, stored hashed")
+
+
+class MessageOut(BaseModel):
+    id: uuid.UUID
+    direction: Literal["inbound", "outbound"]
+    body: str
+    media: list[dict[str, Any]]
+    status: str
+    error_code: str | None = None
+    received_at: datetime
+    twilio_sid: str | None
+
+
+class ConversationOut(BaseModel):
+    """A conversation as admins see it, with the trace of how it was classified."""
+
+    id: uuid.UUID
+    account: str
+    business_number: str
+    customer: str
+    workstream: str
+    state: ConversationState
+    queue: str | None
+    skills: dict[str, Any]
+    priority: int
+    severity: str
+    language: str | None
+    variables: dict[str, Any]
+    classification: dict[str, Any] | None = Field(description="matched rules and why")
+    agent_id: uuid.UUID | None
+    opened_at: datetime
+    queued_at: datetime | None
+    assigned_at: datetime | None
+    closed_at: datetime | None
+    close_reason: str | None = None
+    last_customer_message_at: datetime
+
+
+class ConversationDetail(ConversationOut):
+    messages: list[MessageOut] = Field(description="in the order the router received them")
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
+class ErrorBody(BaseModel):
+    """Every API error: ``{"error": {"code", "message", "details"}}``."""
+
+    error: ErrorDetail
