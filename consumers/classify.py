@@ -152,6 +152,21 @@ async def handle(event: Envelope, payload: BaseModel, tx: StageTx) -> list[Envel
         raise TransientError(f"conversation {payload.conversation_id} is not stored (yet)")
     if state != "open":
         return []  # classified already: this is a redelivery
+    # The earliest message by receipt time is the first one, whichever replica committed
+    # first (two messages sent a moment apart can be stored in either order).
+    first = await tx.conn.fetchrow(
+        "SELECT body, media FROM messages WHERE conversation_id = $1 AND direction = 'inbound'"
+        " ORDER BY received_at, id LIMIT 1",
+        payload.conversation_id,
+    )
+    if first is not None:
+        payload = payload.model_copy(
+            update={
+                "first_message_body": first["body"],
+                "has_media": bool(first["media"]),
+                "media_count": len(first["media"]),
+            }
+        )
     config = tx.config.current
     decision = decide(
         config, tx.config.derive("classify", compile_config), event.account, payload, tx.now

@@ -36,6 +36,8 @@ INSERT INTO conversations
      opened_at, last_customer_message_at)
 VALUES ($1, $2, $3, $4, $5, $6, 'open', $7, $7)
 ON CONFLICT (account, business_number, customer) WHERE state <> 'closed' DO UPDATE SET
+    -- Replicas may commit a customer's messages out of order: the earliest receipt wins.
+    opened_at = LEAST(conversations.opened_at, EXCLUDED.opened_at),
     last_customer_message_at =
         GREATEST(conversations.last_customer_message_at, EXCLUDED.last_customer_message_at),
     updated_at = now()

@@ -116,10 +116,12 @@ async def _fail(conn: Connection, row: Any, outcome: SendOutcome, now: datetime)
 async def _pace(conn: Connection, sender: str, interval: float, now: datetime) -> datetime:
     """The sender's next free slot (GCRA), claimed atomically across replicas."""
     slot: datetime = await conn.fetchval(
-        "INSERT INTO sender_pacing (sender, next_free_at) VALUES ($1, $2 + make_interval("
-        "secs => $3)) ON CONFLICT (sender) DO UPDATE SET next_free_at ="
-        " GREATEST(sender_pacing.next_free_at, $2) + make_interval(secs => $3)"
-        " RETURNING next_free_at - make_interval(secs => $3)",
+        "INSERT INTO sender_pacing (sender, next_free_at)"
+        " VALUES ($1, $2::timestamptz + make_interval(secs => $3::float8))"
+        " ON CONFLICT (sender) DO UPDATE SET next_free_at ="
+        " GREATEST(sender_pacing.next_free_at, $2::timestamptz)"
+        " + make_interval(secs => $3::float8)"
+        " RETURNING next_free_at - make_interval(secs => $3::float8)",
         sender,
         now,
         interval,

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
 import aiohttp
@@ -24,11 +25,20 @@ import asyncpg
 import orjson
 
 from omniroute.config_loader import LiveConfig, load_config
+from omniroute.database import create_database, drop_database
+from omniroute.demo_agents import (
+    close,
+    converse,
+    create_demo_agents,
+    go_available,
+    retire_demo_agents,
+    take_work,
+)
 from omniroute.service import Service
 from omniroute.settings import Settings
-from omniroute.store import Store
+from omniroute.store import Store, migrate
 from omniroute.twilio_emulator import EmulatorState, start_emulator
-from schemas.config import Account
+from schemas.config import Account, Config
 from schemas.events import EXCHANGE
 
 DEMO_CONFIG = Path("examples/omniroute.yaml")
@@ -55,6 +65,14 @@ class Outcome:
     sids: set[str] = field(default_factory=set)
     events: dict[str, int] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
+    outbound: set[str] = field(default_factory=set)
+
+
+def demo_database(settings: Settings) -> str:
+    """The demo's own database, next to the configured one (``…/omniroute_demo``)."""
+    parts = urlsplit(settings.database_url.get_secret_value())
+    name = (parts.path.lstrip("/") or "omniroute") + "_demo"
+    return urlunsplit(parts._replace(path=f"/{name}"))
 
 
 def _free_port(preferred: int) -> int:
@@ -187,15 +205,18 @@ async def _report(dsn: str, outcome: Outcome) -> None:
         pool = await store.pool()
         rows = await pool.fetch(
             "SELECT c.id, c.state, c.account, c.business_number, c.customer, c.workstream,"
-            " ct.profile_name, m.body, m.media, m.received_at, m.twilio_sid"
+            " c.queue, c.priority, c.skills, a.name AS agent, ct.profile_name, m.body, m.media,"
+            " m.received_at, m.twilio_sid, m.direction, m.status"
             " FROM messages m JOIN conversations c ON c.id = m.conversation_id"
-            " JOIN contacts ct ON ct.id = c.contact_id"
-            " WHERE m.twilio_sid = ANY($1::text[]) ORDER BY c.opened_at, m.received_at",
+            " JOIN contacts ct ON ct.id = c.contact_id LEFT JOIN agents a ON a.id = c.agent_id"
+            " WHERE m.twilio_sid = ANY($1::text[]) OR m.id = ANY($2::uuid[])"
+            " ORDER BY c.opened_at, m.received_at",
             list(outcome.sids),
+            list(outcome.outbound),
         )
     finally:
         await store.close()
-    stored = [r["twilio_sid"] for r in rows]
+    stored = [r["twilio_sid"] for r in rows if r["direction"] == "inbound"]
     if sorted(stored) != sorted(outcome.sids):
         outcome.problems.append(
             f"{len(outcome.sids)} distinct messages accepted, {len(stored)} stored"
@@ -205,13 +226,17 @@ async def _report(dsn: str, outcome: Outcome) -> None:
     for row in rows:
         if row["id"] != current:
             current = row["id"]
+            skills = ", ".join(f"{k}≥{v}" for k, v in (row["skills"] or {}).items()) or "none"
             print(
-                f"  [{row['state']}] {row['account']} {row['business_number']} ← "
-                f"{row['profile_name'] or '?'} {row['customer']}  "
-                f"(workstream {row['workstream']}, conversation {str(row['id'])[:8]})"
+                f"  [{row['state']}] {row['profile_name'] or '?'} {row['customer']} → "
+                f"{row['business_number']} · workstream {row['workstream']} · queue "
+                f"{row['queue']} (priority {row['priority']}, skills {skills}) · agent "
+                f"{row['agent'] or '-'}"
             )
         media = f"  +{len(row['media'])} media" if row["media"] else ""
-        print(f"      {row['received_at']:%H:%M:%S.%f}  {row['body']!r}{media}")
+        arrow = "←" if row["direction"] == "inbound" else "→"
+        status = f"  [{row['status']}]" if row["direction"] == "outbound" else ""
+        print(f"      {row['received_at']:%H:%M:%S.%f} {arrow} {row['body']!r}{media}{status}")
 
 
 async def _wait_stored(dsn: str, sids: set[str]) -> None:
@@ -235,6 +260,14 @@ async def run_demo(
     """Run the demo; 0 if everything happened as it should."""
     environ = {**DEMO_TOKENS, **os.environ}
     config = load_config(config_path, environ)
+    # A database of its own, new each run: the demo never touches real data, and what an
+    # earlier run left waiting does not take this run's agents.
+    settings = Settings.model_validate(
+        settings.model_dump() | {"database_url": demo_database(settings)}
+    )
+    await drop_database(settings.database_url.get_secret_value())
+    await create_database(settings.database_url.get_secret_value())
+    await migrate(settings.database_url.get_secret_value())
     account = config.accounts[0]
     assert account.auth_token is not None
     emulator = await start_emulator(
@@ -275,12 +308,18 @@ async def run_demo(
             await tap_ready.wait()
         numbers = {n.name: n.number for n in account.numbers}
         print("\nCustomers write on WhatsApp (through the emulator, signed like Twilio):")
+        dsn = settings.database_url.get_secret_value()
+        store = Store(dsn, max_size=2)
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as http:
-            for step in _script(account):
+            script = _script(account)
+            for step in script:
                 await _send(http, emulator.url, router_url, account, step, numbers, outcome)
             await _forged(http, router_url, account, outcome)
-        dsn = settings.database_url.get_secret_value()
-        await _wait_stored(dsn, outcome.sids)
+            await _wait_stored(dsn, outcome.sids)
+            try:
+                await _agents_at_work(http, router_url, store, config, script, outcome)
+            finally:
+                await store.close()
         await asyncio.sleep(0.5)  # let the last events reach the tap
         await _report(dsn, outcome)
         print(
@@ -302,6 +341,58 @@ async def run_demo(
         print(f"PROBLEM: {problem}")
     print("\ndemo " + ("FAILED" if outcome.problems else "finished: every message stored once"))
     return 1 if outcome.problems else 0
+
+
+async def _agents_at_work(
+    http: aiohttp.ClientSession,
+    url: str,
+    store: Store,
+    config: Config,
+    script: list[Step],
+    outcome: Outcome,
+) -> None:
+    """Agents take the conversations, one replies and closes; then they are retired."""
+    run = script[0].sender[-4:]
+    agents = await create_demo_agents(store, config, run)
+    try:
+        print("\nAgents sign in (created like the admin API does; tokens stored hashed):")
+        await go_available(http, url, agents)
+        pool = await store.pool()
+        rows = await pool.fetch(
+            "SELECT DISTINCT c.id, c.customer FROM conversations c"
+            " JOIN messages m ON m.conversation_id = c.id"
+            " WHERE m.twilio_sid = ANY($1::text[]) AND c.state <> 'closed'",
+            list(outcome.sids),
+        )
+        wanted = {str(r["id"]) for r in rows}
+        print("\nDistribution (classify → queue → offer or pick → assigned):")
+        try:
+            taken = await take_work(http, url, agents, wanted, [q.name for q in config.queues])
+        except TimeoutError:
+            outcome.problems.append("not every conversation was taken by an agent in time")
+            return
+        maria = next(str(r["id"]) for r in rows if script[0].sender.endswith(r["customer"]))
+        agent = next(a for a in agents if a.name == taken[maria])
+        print(f"\n{agent.name} talks to Maria (through the 24-hour window gate):")
+        sent = await converse(http, url, agent, maria, "order_update")
+        outcome.outbound.update(sent)
+        await _wait_read(pool, sent, outcome)
+        print(f"  {agent.name} closes the conversation: {await close(http, url, agent, maria)}")
+    finally:
+        await retire_demo_agents(store, agents)
+
+
+async def _wait_read(pool: Any, ids: list[str], outcome: Outcome) -> None:
+    query = "SELECT count(*) FROM messages WHERE id = ANY($1::uuid[]) AND status = 'read'"
+    try:
+        async with asyncio.timeout(WAIT_SECONDS):
+            while True:
+                if await pool.fetchval(query, ids) >= len(ids):
+                    break
+                await asyncio.sleep(0.1)
+        print("  Twilio's receipts arrived (signed callbacks): sent → delivered → read")
+    except TimeoutError:
+        outcome.problems.append("the agent's messages were not read in time")
 
 
 async def _until_interrupted() -> None:

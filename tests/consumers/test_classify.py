@@ -198,3 +198,36 @@ async def test_reload_switches_rules_for_new_conversations_only(
 
 async def _changed(live: LiveConfig, old: object) -> bool:
     return live.current is not old
+
+
+async def test_classification_uses_the_earliest_message_whichever_was_stored_first(
+    bus: Any, start_runner: RunnerFactory, flow: EventTap, db: asyncpg.Pool
+) -> None:
+    from datetime import timedelta
+
+    from tests.support import received_event
+
+    await start_runner(conversations.STAGE)
+    customer = new_customer()
+    first_at = datetime.now(UTC)
+    # The later message reaches the stage first (another replica was faster).
+    await bus.publish(
+        received_event(customer=customer, body="alô?", received_at=first_at + timedelta(seconds=1))
+    )
+    opened = await _until(flow, "conversation.opened")
+    await bus.publish(
+        received_event(customer=customer, body="meu boleto venceu", received_at=first_at)
+    )
+    await wait_for(
+        lambda: db.fetchval(
+            "SELECT count(*) = 2 FROM messages WHERE conversation_id = $1",
+            opened["conversation_id"],
+        )
+    )
+    await start_runner(classify.STAGE, clock=lambda: WEDNESDAY_NOON_SP)
+    classified = await _until(flow, "conversation.classified", opened["conversation_id"])
+    assert classified["data"]["queue"] == "billing"
+    opened_at = await db.fetchval(
+        "SELECT opened_at FROM conversations WHERE id = $1", opened["conversation_id"]
+    )
+    assert opened_at == first_at
