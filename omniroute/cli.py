@@ -136,6 +136,12 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     return _run(run_demo(settings, keep_running=args.keep_running))
 
 
+def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    from omniroute.status import run_status
+
+    return _run(run_status(settings, args.json))
+
+
 def cmd_dead_letters(args: argparse.Namespace, settings: Settings) -> int:
     from omniroute.dead_letters import run_dead_letters
 
@@ -184,6 +190,8 @@ def parser() -> argparse.ArgumentParser:
     emulator.add_argument("--port", type=int, default=8081)
     demo = sub.add_parser("demo", help="emulator + router + stages with simulated customers")
     demo.add_argument("--keep-running", action="store_true", help="keep serving after the demo")
+    status = sub.add_parser("status", help="queue depth, consumers and dead letters per stage")
+    status.add_argument("--json", action="store_true")
     dead = sub.add_parser("dead-letters", help="inspect or replay a stage's dead letters")
     dead.add_argument("action", choices=["list", "replay", "purge"])
     dead.add_argument("stage")
@@ -204,6 +212,7 @@ COMMANDS = {
     "agents": cmd_agents,
     "demo": cmd_demo,
     "dead-letters": cmd_dead_letters,
+    "status": cmd_status,
 }
 
 

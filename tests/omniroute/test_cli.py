@@ -181,3 +181,24 @@ async def test_migrate_is_idempotent(infra: Infra, tmp_path: Path) -> None:
     assert code == 0, err
     assert "database exists" in out
     assert "none (up to date)" in out
+
+
+async def test_status_reports_every_stage(infra: Infra, tmp_path: Path) -> None:
+    import json
+
+    from router.app import make_bus
+    from tests.conftest import make_settings
+
+    bus = make_bus(make_settings(infra))  # declares the topology
+    await bus.start()
+    await bus.wait_ready()
+    await bus.close()
+    config = tmp_path / "omniroute.yaml"
+    config.write_text(CONFIG_YAML)
+    code, out, err = await _cli("status", "--json", env=_env(infra, config))
+    assert code == 0, err
+    rows = {row["stage"]: row for row in json.loads(out)}
+    assert {"conversations", "classify", "distribute", "outbound", "status"} <= set(rows)
+    assert all(
+        row["ready"] is not None and row["dead_letters"] is not None for row in rows.values()
+    )
