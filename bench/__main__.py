@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from bench import classify_stage
+from bench import classify_stage, distribution
 from bench.infra import bench_infra
 from omniroute.logging import configure_logging
 
@@ -18,14 +18,16 @@ async def main(args: argparse.Namespace) -> list[dict[str, Any]]:
     async with bench_infra() as infra:
         if "classify" in args.only:
             results += await classify_stage.run(infra, count=args.count)
+        if "distribution" in args.only:
+            results += await distribution.run(infra)
     return results
 
 
 def table(results: list[dict[str, Any]]) -> str:
-    lines = [f"{'figure':<52} {'value':>10} {'baseline':>10} {'ratio':>7}  goal  (baseline)"]
+    lines = [f"{'figure':<56} {'value':>10} {'baseline':>10} {'ratio':>7}  goal  (baseline)"]
     for r in results:
         lines.append(
-            f"{r['figure']:<52} {r['value']:>10} {r['baseline_value']:>10} {r['ratio']:>7}  "
+            f"{r['figure']:<56} {r['value']:>10} {r['baseline_value']:>10} {r['ratio']:>7}  "
             f"{r['goal']}  ({r['baseline']})"
         )
     return "\n".join(lines)
@@ -33,7 +35,7 @@ def table(results: list[dict[str, Any]]) -> str:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(prog="python -m bench")
-    parser.add_argument("--only", nargs="*", default=["classify"])
+    parser.add_argument("--only", nargs="*", default=["classify", "distribution"])
     parser.add_argument("--count", type=int, default=3000)
     arguments = parser.parse_args()
     configure_logging("console", "warning")

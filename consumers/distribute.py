@@ -5,11 +5,12 @@ close, an agent's presence change) run an assignment cycle for the queues concer
 stage's tick, in every replica, expires due offers (the durable offer timer: rows with
 ``expires_at``) and runs a cycle over every queue, so nothing waits on a lost trigger.
 
-A cycle locks a block of queued conversations and the available agents of their queues
-with ``FOR UPDATE SKIP LOCKED``, lets ``consumers.assignment.plan`` match them, and writes
-offers (push) or assignments (auto-accept). Replicas never see the same rows, and the
-guarded capacity update and unique indexes make a double assignment or an over-capacity
-agent impossible even if they did.
+A cycle locks a block of queued conversations with ``FOR UPDATE SKIP LOCKED`` (replicas
+never hold the same conversations), reads the available agents of their queues, lets
+``consumers.assignment.plan`` match them, and claims each agent's capacity with a guarded
+UPDATE (``used_units + units <= capacity_units``) before writing the offer (push) or the
+assignment (auto-accept). A claim that loses to another replica leaves the conversation
+queued for the next cycle; unique indexes make a double assignment impossible regardless.
 """
 
 from __future__ import annotations
@@ -54,7 +55,6 @@ SELECT id, queues, skills, capacity_units, used_units, last_assigned_at,
 FROM agents
 WHERE presence = 'available' AND deleted_at IS NULL AND used_units < capacity_units
   AND queues && $1::text[]
-FOR UPDATE SKIP LOCKED
 """
 
 
@@ -83,11 +83,13 @@ async def cycle(tx: StageTx, queues: list[str] | None) -> list[Envelope]:
     result = plan(items, agents, _policies(config), tx.now)
     by_id = {str(r["id"]): r for r in rows}
     events = []
-    for decision in result.decisions:
+    # Agents are read without locks (replicas plan side by side); the guarded capacity
+    # UPDATE decides. Claims go in agent-id order so two replicas never deadlock.
+    for decision in sorted(result.decisions, key=lambda d: d.agent_id):
         row = by_id[decision.conversation_id]
         conv = ConversationRef(decision.conversation_id, row["account"], row["queue"])
         if not await claim_capacity(tx.conn, decision.agent_id, decision.units, tx.now):
-            continue  # cannot happen under our locks; the database has the last word
+            continue  # another replica took that capacity first: next cycle
         distribution = _distribution(config, row["workstream"])
         if distribution is not None and distribution.auto_accept:
             events.append(
@@ -180,6 +182,8 @@ def _queues_of(event: Envelope, payload: BaseModel) -> list[str] | None:
 
 
 async def handle(event: Envelope, payload: BaseModel, tx: StageTx) -> list[Envelope]:
+    """One cycle for the queues an event concerns (the runner coalesces triggers into the
+    tick instead; this stays for callers that run a cycle for one event)."""
     queues = _queues_of(event, payload)
     if queues == []:
         return []
@@ -209,4 +213,5 @@ STAGE = Stage(
     },
     handle=handle,
     tick=tick,
+    coalesce=True,
 )

@@ -89,6 +89,7 @@ class Stage:
     handle: Handler
     tick: Ticker | None = None
     resources: Resources | None = None
+    coalesce: bool = False  # events only wake the tick (triggers for work kept in the DB)
 
 
 @dataclass
@@ -152,6 +153,7 @@ class StageRunner:
         self._in_flight: set[asyncio.Task[Any]] = set()
         self._stopping = asyncio.Event()
         self._ticker: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
         self._resources: Any = None
         self._exit_stack: contextlib.AsyncExitStack | None = None
 
@@ -170,19 +172,33 @@ class StageRunner:
         log.info("stage.started", stage=self.stage.name, prefetch=self._settings.prefetch)
 
     async def _tick_forever(self, tick: Ticker) -> None:
+        """Run the tick every ``tick_interval``, at once when a trigger woke it, and again
+        straight away while it keeps making progress."""
         while not self._stopping.is_set():
+            self._wake.clear()
+            progress = False
             try:
                 async with self._store.transaction() as conn:
                     tx = self._tx(conn)
                     added = await add_to_outbox(conn, await tick(tx))
+                progress = bool(added)
                 await self._publish(added)
                 await self._run_after_commit(tx)
             except StoreUnavailable:
                 pass
             except Exception as exc:
                 log.error("stage.tick_failed", stage=self.stage.name, error=f"{exc!r}"[:300])
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), self._settings.tick_interval)
+            if progress:
+                continue
+            waits = {
+                asyncio.ensure_future(self._stopping.wait()),
+                asyncio.ensure_future(self._wake.wait()),
+            }
+            _, pending = await asyncio.wait(
+                waits, timeout=self._settings.tick_interval, return_when=asyncio.FIRST_COMPLETED
+            )
+            for waiter in pending:
+                waiter.cancel()
 
     async def stop(self) -> None:
         """Stop intake, let in-flight messages finish within the grace period, close."""
@@ -249,6 +265,12 @@ class StageRunner:
             event, payload = decode(self.stage, message.body)
         except InvalidEvent as exc:
             return await self._dead_letter(message, str(exc))
+        if self.stage.coalesce:
+            # A trigger: the work it asks for is already durable (rows in the database);
+            # wake this replica's tick, which serves every trigger that came meanwhile.
+            self._wake.set()
+            await message.ack()
+            return Outcome("coalesced")
         structlog.contextvars.bind_contextvars(
             event_id=event.id,
             event_type=event.type,
@@ -311,14 +333,16 @@ class StageRunner:
                     raise _Stopping from exc
 
     async def _publish(self, events: list[Envelope]) -> list[str]:
-        """Publish committed outbox events; on failure the relay publishes them later."""
+        """Publish committed outbox events, confirms awaited together (frames go out in
+        order); what fails is left to the outbox relay."""
+        results = await asyncio.gather(
+            *(self._bus.publish(event) for event in events), return_exceptions=True
+        )
         published = []
-        for event in events:
-            try:
-                await self._bus.publish(event)
-            except BrokerUnavailable:
+        for event, result in zip(events, results, strict=True):
+            if isinstance(result, BaseException):
                 log.warning("stage.publish_deferred", event_id=event.id, event_type=event.type)
-                break
+                continue
             published.append(event.id)
         with contextlib.suppress(StoreUnavailable):
             await mark_published(self._store, published)

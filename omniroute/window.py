@@ -97,13 +97,12 @@ def render(template: Template, language: str | None, variables: dict[str, str]) 
 
     Returns the rendered template, or a message saying what is wrong with the variables.
     """
-    chosen = language if language in template.languages else template.default_language
-    if chosen not in template.languages and language:
+    chosen = template.default_language
+    if language in template.languages:
+        chosen = language
+    elif language:
         base = language.split("-")[0]
-        chosen = next(
-            (lang for lang in template.languages if lang.split("-")[0] == base),
-            template.default_language,
-        )
+        chosen = next((lang for lang in template.languages if lang.split("-")[0] == base), chosen)
     content = template.languages[chosen]
     names = placeholders(content.text)
     missing = [n for n in names if n not in variables]

@@ -31,7 +31,7 @@ log = structlog.get_logger("omniroute.agent_events")
 STREAMED = (
     "conversation.*",
     "offer.*",
-    EventType.MESSAGE_RECEIVED,
+    "message.*",  # customer messages and delivery updates of the agent's messages
     EventType.AGENT_PRESENCE_CHANGED,
 )
 HEARTBEAT_SECONDS = 15.0
