@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from bench import classify_stage, distribution
+from bench import classify_stage, distribution, outbound_stage
 from bench.infra import bench_infra
 from omniroute.logging import configure_logging
 
@@ -20,6 +20,8 @@ async def main(args: argparse.Namespace) -> list[dict[str, Any]]:
             results += await classify_stage.run(infra, count=args.count)
         if "distribution" in args.only:
             results += await distribution.run(infra)
+        if "outbound" in args.only:
+            results += await outbound_stage.run(infra)
     return results
 
 
@@ -35,7 +37,7 @@ def table(results: list[dict[str, Any]]) -> str:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(prog="python -m bench")
-    parser.add_argument("--only", nargs="*", default=["classify", "distribution"])
+    parser.add_argument("--only", nargs="*", default=["classify", "distribution", "outbound"])
     parser.add_argument("--count", type=int, default=3000)
     arguments = parser.parse_args()
     configure_logging("console", "warning")
