@@ -232,7 +232,8 @@ async def _record(
         # A status callback may already have moved the status on: keep the later one.
         await conn.execute(
             "UPDATE messages SET twilio_sid = $2, status = CASE WHEN status = 'sending'"
-            " THEN $3 ELSE status END, updated_at = now() WHERE id = $1",
+            " THEN $3 ELSE status END, error_code = NULL, error_message = NULL,"
+            " updated_at = now() WHERE id = $1",
             row["id"],
             outcome.sid,
             outcome.status or "queued",
@@ -245,9 +246,17 @@ async def _record(
                 row["conversation_id"],
                 now,
             )
+        workstream = tx.config.current.workstream(row["workstream"])
+        templates = [t.name for t in workstream.templates] if workstream else []
         return [
             await _reject(
-                conn, row, outcome.message or "rejected", None, now, code=str(outcome.code)
+                conn,
+                row,
+                outcome.message or "rejected",
+                None,
+                now,
+                templates,
+                code=str(outcome.code),
             )
         ]
     if outcome.kind == "retry" and row["attempts"] + 1 < tx.settings.send_attempts:

@@ -16,6 +16,8 @@ from consumers.runtime import Stage, StageTx
 from omniroute.errors import TransientError
 from schemas.events import Envelope, EventType, MessageStatus, new_event
 
+WINDOW_CLOSED_CODE = "63016"
+
 
 async def handle(event: Envelope, payload: BaseModel, tx: StageTx) -> list[Envelope]:
     assert isinstance(payload, MessageStatus)
@@ -28,6 +30,14 @@ async def handle(event: Envelope, payload: BaseModel, tx: StageTx) -> list[Envel
     if row is None:
         raise TransientError(f"message {payload.message_sid} is not stored yet")
     status, steps = advance(row["status"], payload.status)
+    if payload.error_code == WINDOW_CLOSED_CODE:
+        # WhatsApp reports a closed window in the failed callback: the gate must know.
+        await tx.conn.execute(
+            "UPDATE conversations SET window_closed_at = GREATEST(window_closed_at, $2)"
+            " WHERE id = $1",
+            row["conversation_id"],
+            payload.received_at,
+        )
     entry = {
         "status": payload.status,
         "error_code": payload.error_code,

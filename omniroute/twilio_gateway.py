@@ -26,6 +26,9 @@ class GatewayHttpClient(AsyncTwilioHttpClient):  # type: ignore[misc]
     def __init__(self, timeout: float = DEFAULT_TIMEOUT) -> None:
         super().__init__(pool_connections=False)
         self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout))
+        # twilio passes timeout=None per request, which aiohttp reads as "no timeout" and
+        # which would override the session's: every request gets ours explicitly.
+        self._request_timeout = timeout
 
     async def request(
         self,
@@ -43,7 +46,14 @@ class GatewayHttpClient(AsyncTwilioHttpClient):  # type: ignore[misc]
         if auth is not None:
             headers["Authorization"] = aiohttp.encode_basic_auth(auth[0], auth[1])
         return await super().request(
-            method, url, params, data, headers, None, timeout, allow_redirects
+            method,
+            url,
+            params,
+            data,
+            headers,
+            None,
+            timeout or self._request_timeout,
+            allow_redirects,
         )
 
 

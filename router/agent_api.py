@@ -5,13 +5,14 @@ is a 404, so existence never leaks."""
 from __future__ import annotations
 
 import uuid
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from omniroute.store import add_to_outbox
+from omniroute.window import window
 from omniroute.work import (
     ConversationRef,
     WorkConflict,
@@ -35,7 +36,6 @@ from schemas.events import (
     utcnow,
 )
 
-WINDOW = timedelta(hours=24)
 PRESENCES = ("available", "busy", "dnd", "away", "offline")
 
 
@@ -259,29 +259,36 @@ async def pick(request: web.Request) -> web.Response:
 _CONVERSATION = """
 SELECT c.id, c.account, c.business_number, c.customer, c.workstream, c.state, c.queue,
        c.skills, c.priority, c.severity, c.language, c.variables, c.opened_at,
-       c.assigned_at, c.last_customer_message_at, ct.profile_name
+       c.assigned_at, c.last_customer_message_at, c.window_closed_at, ct.profile_name
 FROM conversations c JOIN contacts ct ON ct.id = c.contact_id
 WHERE c.id = $1 AND c.agent_id = $2 AND c.state IN ('active', 'waiting', 'wrap-up')
 """
 
 
-def _window(last_customer_message_at: datetime, now: datetime) -> dict[str, Any]:
-    closes_at = last_customer_message_at + WINDOW
-    return {"open": now < closes_at, "closes_at": closes_at.isoformat()}
+def _window(
+    last_customer_message_at: datetime, now: datetime, closed_at: datetime | None = None
+) -> dict[str, Any]:
+    current = window(last_customer_message_at, now, closed_at)
+    return {"open": current.open, "closes_at": current.closes_at.isoformat()}
 
 
 async def my_conversations(request: web.Request) -> web.Response:
     agent = await current_agent(request)
     pool = await request.app[STORE].pool()
     rows = await pool.fetch(
-        "SELECT id, customer, state, queue, priority, assigned_at, last_customer_message_at"
-        " FROM conversations WHERE agent_id = $1 AND state IN ('active', 'waiting', 'wrap-up')"
+        "SELECT id, customer, state, queue, priority, assigned_at, last_customer_message_at,"
+        " window_closed_at FROM conversations"
+        " WHERE agent_id = $1 AND state IN ('active', 'waiting', 'wrap-up')"
         " ORDER BY assigned_at",
         agent["id"],
     )
     now = utcnow()
     return web.json_response(
-        [_json(dict(r)) | {"window": _window(r["last_customer_message_at"], now)} for r in rows]
+        [
+            _json(dict(r))
+            | {"window": _window(r["last_customer_message_at"], now, r["window_closed_at"])}
+            for r in rows
+        ]
     )
 
 
@@ -303,12 +310,12 @@ async def conversation(request: web.Request) -> web.Response:
         return found
     _, row = found
     workstream = request.app[CONFIG].current.workstream(row["workstream"])
-    window = _window(row["last_customer_message_at"], utcnow())
+    current = _window(row["last_customer_message_at"], utcnow(), row["window_closed_at"])
     templates = [
         {"name": t.name, "languages": sorted(t.languages)}
         for t in (workstream.templates if workstream else [])
     ]
-    return web.json_response(_json(dict(row)) | {"window": window, "templates": templates})
+    return web.json_response(_json(dict(row)) | {"window": current, "templates": templates})
 
 
 async def conversation_messages(request: web.Request) -> web.Response:

@@ -214,11 +214,9 @@ async def media(request: web.Request) -> web.StreamResponse:
     account = config.account(conv["account"])
     if account is None or account.auth_token is None:
         return error(502, "account_unavailable", "the account's credentials are not configured")
-    auth = aiohttp.BasicAuth(account.account_sid, account.auth_token.get_secret_value())
+    auth = aiohttp.encode_basic_auth(account.account_sid, account.auth_token.get_secret_value())
     session = request.app[HTTP]
-    async with session.get(
-        url, headers={"Authorization": auth.encode()}, allow_redirects=False
-    ) as upstream:
+    async with session.get(url, headers={"Authorization": auth}, allow_redirects=False) as upstream:
         if upstream.status in (301, 302, 303, 307, 308) and "Location" in upstream.headers:
             # Twilio redirects to its storage with a signed URL: follow without credentials.
             async with session.get(upstream.headers["Location"]) as stored:
