@@ -28,13 +28,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-import aio_pika
 import orjson
 import structlog
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 from pydantic import BaseModel, ValidationError
 
-from omniroute.bus import Bus, declare_stage, event_message
+from omniroute.bus import Bus, copy_message, declare_stage, event_message
 from omniroute.config_loader import LiveConfig
 from omniroute.errors import BrokerUnavailable, InvalidEvent, StoreUnavailable
 from omniroute.metrics import STAGE_DURATION, STAGE_MESSAGES
@@ -358,16 +357,7 @@ class StageRunner:
                 "x-omniroute-dead-at": datetime.now(UTC).isoformat(),
             }
         )
-        dead = aio_pika.Message(
-            body=message.body,
-            headers=headers,
-            content_type=message.content_type,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            message_id=message.message_id,
-            correlation_id=message.correlation_id,
-            type=message.type,
-            timestamp=message.timestamp,
-        )
+        dead = copy_message(message, headers)
         try:
             await self._bus.publish_dead(self.stage.name, dead)
         except BrokerUnavailable:

@@ -18,6 +18,7 @@ import structlog
 from aio_pika.abc import (
     AbstractChannel,
     AbstractExchange,
+    AbstractIncomingMessage,
     AbstractQueue,
     AbstractRobustConnection,
     DeliveryMode,
@@ -50,6 +51,20 @@ def event_message(event: Envelope, headers: dict[str, Any] | None = None) -> aio
         type=event.type,
         timestamp=event.occurred_at,
         headers=headers or {},
+    )
+
+
+def copy_message(message: AbstractIncomingMessage, headers: dict[str, Any]) -> aio_pika.Message:
+    """A persistent copy of a received message with other headers (dead-lettering, replay)."""
+    return aio_pika.Message(
+        body=message.body,
+        headers=headers,
+        content_type=message.content_type,
+        delivery_mode=DeliveryMode.PERSISTENT,
+        message_id=message.message_id,
+        correlation_id=message.correlation_id,
+        type=message.type,
+        timestamp=message.timestamp,
     )
 
 

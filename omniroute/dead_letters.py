@@ -14,6 +14,7 @@ from typing import Any
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 
+from omniroute.bus import copy_message
 from omniroute.settings import Settings
 from omniroute.topology import STAGES
 
@@ -79,17 +80,7 @@ async def replay_dead(settings: Settings, stage: str, limit: int) -> int:
             headers = {k: v for k, v in (message.headers or {}).items() if k not in _OUR_HEADERS}
             headers["x-omniroute-replayed-at"] = datetime.now(UTC).isoformat()
             await channel.default_exchange.publish(
-                aio_pika.Message(
-                    body=message.body,
-                    headers=headers,
-                    content_type=message.content_type,
-                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                    message_id=message.message_id,
-                    correlation_id=message.correlation_id,
-                    type=message.type,
-                    timestamp=message.timestamp,
-                ),
-                routing_key=STAGES[stage].queue,
+                copy_message(message, headers), routing_key=STAGES[stage].queue
             )
             await message.ack()
             replayed += 1

@@ -7,9 +7,16 @@ Twilio adds fields without notice, so both models keep what they do not know
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
 # A channel address as Twilio writes it: "whatsapp:+14155238886", or for WhatsApp username
@@ -19,6 +26,15 @@ MESSAGE_SID = re.compile(r"^[A-Z]{2}[0-9a-fA-F]{32}$")
 ACCOUNT_SID = re.compile(r"^AC[0-9a-fA-F]{32}$")
 MAX_MEDIA = 10
 SID_EXPECTED = "expected a Twilio message sid: two letters such as SM, then 32 hex digits"
+
+
+def _message_sid(value: str) -> str:
+    if not MESSAGE_SID.match(value):
+        raise ValueError(SID_EXPECTED)
+    return value
+
+
+MessageSid = Annotated[str, AfterValidator(_message_sid)]
 
 
 def split_address(address: str) -> tuple[str, str]:
@@ -34,7 +50,7 @@ class InboundMessageForm(BaseModel):
 
     model_config = ConfigDict(extra="allow", populate_by_name=True)
 
-    message_sid: str = Field(alias="MessageSid")
+    message_sid: MessageSid = Field(alias="MessageSid")
     account_sid: str = Field(alias="AccountSid")
     from_: str = Field(alias="From")
     to: str = Field(alias="To")
@@ -56,13 +72,6 @@ class InboundMessageForm(BaseModel):
     )
     num_segments: str | None = Field(default=None, alias="NumSegments")
     api_version: str | None = Field(default=None, alias="ApiVersion")
-
-    @field_validator("message_sid")
-    @classmethod
-    def _message_sid(cls, value: str) -> str:
-        if not MESSAGE_SID.match(value):
-            raise ValueError(SID_EXPECTED)
-        return value
 
     @field_validator("account_sid")
     @classmethod
@@ -118,20 +127,13 @@ class StatusCallbackForm(BaseModel):
 
     model_config = ConfigDict(extra="allow", populate_by_name=True)
 
-    message_sid: str = Field(alias="MessageSid")
+    message_sid: MessageSid = Field(alias="MessageSid")
     message_status: str = Field(alias="MessageStatus", min_length=1, max_length=64)
     account_sid: str | None = Field(default=None, alias="AccountSid")
     error_code: str | None = Field(default=None, alias="ErrorCode")
     error_message: str | None = Field(default=None, alias="ErrorMessage")
     from_: str | None = Field(default=None, alias="From")
     to: str | None = Field(default=None, alias="To")
-
-    @field_validator("message_sid")
-    @classmethod
-    def _message_sid(cls, value: str) -> str:
-        if not MESSAGE_SID.match(value):
-            raise ValueError(SID_EXPECTED)
-        return value
 
     @field_validator("message_status")
     @classmethod
