@@ -15,6 +15,7 @@ from collections import defaultdict
 from collections.abc import AsyncIterator
 from typing import Any
 
+import aiohttp
 import orjson
 import structlog
 from aio_pika.abc import AbstractIncomingMessage
@@ -44,6 +45,7 @@ class AgentEventHub:
         self._store = store
         self._clients: dict[str, set[asyncio.Queue[dict[str, Any]]]] = defaultdict(set)
         self._task: asyncio.Task[None] | None = None
+        self.closing = asyncio.Event()
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._consume(), name="agent-events")
@@ -120,6 +122,12 @@ async def hub_ctx(app: web.Application) -> AsyncIterator[None]:
     await app[HUB].stop()
 
 
+async def end_streams(app: web.Application) -> None:
+    """On shutdown, before aiohttp waits for handlers: open streams end so it need not wait."""
+    if HUB in app:
+        app[HUB].closing.set()
+
+
 async def stream(request: web.Request) -> web.StreamResponse:
     agent = await current_agent(request)
     response = web.StreamResponse(
@@ -130,20 +138,41 @@ async def stream(request: web.Request) -> web.StreamResponse:
         }
     )
     await response.prepare(request)
-    await response.write(b": connected\n\n")
-    with request.app[HUB].subscribe(str(agent["id"])) as events:
-        while True:
-            try:
-                async with asyncio.timeout(HEARTBEAT_SECONDS):
-                    event = await events.get()
-            except TimeoutError:
-                await response.write(b": keep-alive\n\n")
-                continue
-            payload = orjson.dumps(event)
-            await response.write(
-                f"id: {event['id']}\nevent: {event['type']}\ndata: ".encode() + payload + b"\n\n"
-            )
+    hub = request.app[HUB]
+    try:
+        await response.write(b": connected\n\n")
+        with hub.subscribe(str(agent["id"])) as events:
+            while not hub.closing.is_set():
+                frame = await _next_frame(events, hub.closing)
+                if frame is not None:
+                    await response.write(frame)
+    except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+        pass  # the agent's UI went away: not an error
+    return response
+
+
+async def _next_frame(
+    events: asyncio.Queue[dict[str, Any]], closing: asyncio.Event
+) -> bytes | None:
+    """The next event as an SSE frame, a keep-alive comment, or None when shutting down."""
+    getter = asyncio.ensure_future(events.get())
+    stopper = asyncio.ensure_future(closing.wait())
+    done, _ = await asyncio.wait(
+        {getter, stopper}, timeout=HEARTBEAT_SECONDS, return_when=asyncio.FIRST_COMPLETED
+    )
+    for task in (getter, stopper):
+        if task not in done:
+            task.cancel()
+    if getter in done:
+        event = getter.result()
+        payload = orjson.dumps(event)
+        return f"id: {event['id']}\nevent: {event['type']}\ndata: ".encode() + payload + b"\n\n"
+    if stopper in done:
+        return None
+    return b": keep-alive\n\n"
 
 
 def add_routes(app: web.Application) -> None:
     app.router.add_get("/api/me/events", stream)
+    # Long-lived responses end on shutdown (aiohttp's documented use of on_shutdown).
+    app.on_shutdown.append(end_streams)

@@ -10,7 +10,15 @@ from omniroute.bus import Bus
 from omniroute.config_loader import LiveConfig
 from omniroute.settings import Settings
 from omniroute.store import Store
-from router import admin_api, agent_api, agent_events, health, messages_api, twilio_webhooks
+from router import (
+    admin_api,
+    agent_api,
+    agent_events,
+    health,
+    messages_api,
+    openapi,
+    twilio_webhooks,
+)
 from router.state import BUS, CONFIG, SETTINGS, STORE
 
 
@@ -63,4 +71,5 @@ def create_app(
     agent_api.add_routes(app)
     agent_events.add_routes(app)
     messages_api.add_routes(app)
+    openapi.add_routes(app)
     return app
