@@ -231,6 +231,45 @@ async def transfer_to_queue(
     )
 
 
+async def transfer_to_agent(
+    conn: Connection,
+    conversation_id: str,
+    agent_id: str,
+    by_agent: str,
+    offer_seconds: float,
+    now: datetime,
+) -> list[Envelope]:
+    """Offer an agent's active conversation to another agent, who must have the capacity."""
+    conv = await _conversation(conn, conversation_id, lock=True)
+    row = await conn.fetchrow("SELECT units FROM conversations WHERE id = $1", conversation_id)
+    units = row["units"] if row else 1
+    exists = await conn.fetchval(
+        "SELECT 1 FROM agents WHERE id = $1 AND deleted_at IS NULL", agent_id
+    )
+    if not exists or agent_id == by_agent:
+        raise WorkConflict("not_found", "no such agent to transfer to")
+    await release_assignment(conn, conversation_id, now)
+    if not await claim_capacity(conn, agent_id, units, now):
+        raise WorkConflict("no_capacity", "that agent has no free capacity")
+    data = ConversationTransferred(
+        from_queue=conv.queue,
+        to_queue=conv.queue,
+        from_agent=by_agent,
+        to_agent=agent_id,
+        transferred_at=now,
+    )
+    transferred = new_event(
+        EventType.CONVERSATION_TRANSFERRED,
+        account=conv.account,
+        key=(conversation_id, now.isoformat()),
+        data=data.model_dump(mode="json"),
+        occurred_at=now,
+        conversation_id=conversation_id,
+    )
+    offered = await make_offer(conn, conv, agent_id, units, offer_seconds, now)
+    return [transferred, offered]
+
+
 async def _lock_offer(conn: Connection, offer_id: str, agent_id: str | None) -> Any:
     row = await conn.fetchrow(
         "SELECT * FROM offers WHERE id = $1 AND ($2::uuid IS NULL OR agent_id = $2) FOR UPDATE",

@@ -9,7 +9,7 @@ from datetime import datetime
 from typing import Any
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ValidationError
 
 from omniroute.store import add_to_outbox
 from omniroute.window import window
@@ -21,12 +21,14 @@ from omniroute.work import (
     claim_capacity,
     end_offer,
     release_assignment,
+    transfer_to_agent,
     transfer_to_queue,
 )
 from router.auth import current_agent
 from router.events_out import publish_committed
 from router.responses import error
 from router.state import CONFIG, STORE
+from schemas.api import CloseRequest, PresenceUpdate, TransferRequest
 from schemas.events import (
     AgentPresenceChanged,
     ConversationClosed,
@@ -37,30 +39,6 @@ from schemas.events import (
 )
 
 PRESENCES = ("available", "busy", "dnd", "away", "offline")
-
-
-class PresenceBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    presence: str = Field(pattern="^(available|busy|dnd|away|offline)$")
-
-
-class TransferBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    queue: str | None = None
-
-    @model_validator(mode="after")
-    def _target(self) -> TransferBody:
-        if self.queue is None:
-            raise ValueError("name the queue to transfer to")
-        return self
-
-
-class CloseBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    reason: str = "agent"
 
 
 def _json(value: Any) -> Any:
@@ -123,10 +101,10 @@ async def me(request: web.Request) -> web.Response:
 
 async def set_presence(request: web.Request) -> web.Response:
     agent = await current_agent(request)
-    body = await _body(request, PresenceBody)
+    body = await _body(request, PresenceUpdate)
     if isinstance(body, web.Response):
         return body
-    assert isinstance(body, PresenceBody)
+    assert isinstance(body, PresenceUpdate)
     now = utcnow()
     async with request.app[STORE].transaction() as conn:
         previous = await conn.fetchval(
@@ -337,7 +315,7 @@ async def close(request: web.Request) -> web.Response:
     if isinstance(found, web.Response):
         return found
     _, row = found
-    body = await _body(request, CloseBody)
+    body = await _body(request, CloseRequest)
     if isinstance(body, web.Response):
         return body
     now = utcnow()
@@ -348,13 +326,15 @@ async def close(request: web.Request) -> web.Response:
         if state == "closed":
             return error(409, "already_closed", "the conversation is closed")
         await release_assignment(conn, str(row["id"]), now)
+        assert isinstance(body, CloseRequest)
         await conn.execute(
-            "UPDATE conversations SET state = 'closed', closed_at = $2, close_reason = 'agent',"
+            "UPDATE conversations SET state = 'closed', closed_at = $2, close_reason = $3,"
             " updated_at = now() WHERE id = $1",
             row["id"],
             now,
+            body.reason,
         )
-        data = ConversationClosed(reason="agent", workstream=row["workstream"], closed_at=now)
+        data = ConversationClosed(reason=body.reason, workstream=row["workstream"], closed_at=now)
         event: Envelope = new_event(
             EventType.CONVERSATION_CLOSED,
             account=row["account"],
@@ -373,21 +353,34 @@ async def transfer(request: web.Request) -> web.Response:
     if isinstance(found, web.Response):
         return found
     agent, row = found
-    body = await _body(request, TransferBody)
+    body = await _body(request, TransferRequest)
     if isinstance(body, web.Response):
         return body
-    assert isinstance(body, TransferBody) and body.queue is not None
-    if request.app[CONFIG].current.queue(body.queue) is None:
+    assert isinstance(body, TransferRequest)
+    config = request.app[CONFIG].current
+    if body.queue is not None and config.queue(body.queue) is None:
         return error(422, "unknown_queue", f"no queue named {body.queue!r}")
-    async with request.app[STORE].transaction() as conn:
-        event = await transfer_to_queue(
-            conn, str(row["id"]), body.queue, str(agent["id"]), utcnow()
-        )
-        events = await add_to_outbox(conn, [event])
+    now = utcnow()
+    try:
+        async with request.app[STORE].transaction() as conn:
+            if body.queue is not None:
+                changes = [
+                    await transfer_to_queue(conn, str(row["id"]), body.queue, str(agent["id"]), now)
+                ]
+            else:
+                workstream = config.workstream(row["workstream"])
+                timeout = workstream.distribution.offer_timeout if workstream else 60.0
+                changes = await transfer_to_agent(
+                    conn, str(row["id"]), str(body.agent_id), str(agent["id"]), timeout, now
+                )
+            events = await add_to_outbox(conn, changes)
+    except WorkConflict as exc:
+        status = 404 if exc.code == "not_found" else 409
+        return error(status, exc.code, str(exc))
     await publish_committed(request.app, events)
-    return web.json_response(
-        {"conversation_id": str(row["id"]), "state": "queued", "queue": body.queue}
-    )
+    target = {"queue": body.queue} if body.queue else {"agent_id": str(body.agent_id)}
+    state = "queued" if body.queue else "offered"
+    return web.json_response({"conversation_id": str(row["id"]), "state": state} | target)
 
 
 def add_routes(app: web.Application) -> None:

@@ -36,7 +36,7 @@ STREAMED = (
     EventType.AGENT_PRESENCE_CHANGED,
 )
 HEARTBEAT_SECONDS = 15.0
-BACKLOG = 1000  # events held per slow client before it is disconnected
+BACKLOG = 1000  # events held per slow client; past that its newest events are dropped
 
 
 class AgentEventHub:

@@ -21,7 +21,6 @@ from pydantic import BaseModel
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
 from router.admin_api import DEFAULT_LIMIT, MAX_IDEMPOTENCY_KEY, MAX_LIMIT
-from router.agent_api import CloseBody, PresenceBody, TransferBody
 from router.messages_api import MAX_KEY
 from router.responses import EMPTY_TWIML
 from router.signature import SIGNATURE_HEADER
@@ -31,11 +30,14 @@ from schemas.api import (
     AgentCreated,
     AgentOut,
     AgentUpdate,
+    CloseRequest,
     ConversationDetail,
     ConversationOut,
     ConversationState,
     ErrorBody,
     Presence,
+    PresenceUpdate,
+    TransferRequest,
 )
 from schemas.messages import SendMessage
 from schemas.twilio import InboundMessageForm, StatusCallbackForm
@@ -309,7 +311,7 @@ OPERATIONS: tuple[Operation, ...] = (
         "Set the calling agent's presence",
         "agentToken",
         AgentProfile,
-        body=PresenceBody,
+        body=PresenceUpdate,
         errors=(400, 422),
     ),
     Operation(
@@ -403,7 +405,7 @@ OPERATIONS: tuple[Operation, ...] = (
         "End a conversation",
         "agentToken",
         ConversationMoved,
-        body=CloseBody,
+        body=CloseRequest,
         body_required=False,
         errors=(400, 404, 409, 422),
     ),
@@ -413,7 +415,7 @@ OPERATIONS: tuple[Operation, ...] = (
         "Transfer a conversation to a queue",
         "agentToken",
         ConversationMoved,
-        body=TransferBody,
+        body=TransferRequest,
         errors=(400, 404, 422),
     ),
     Operation(

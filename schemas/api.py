@@ -173,3 +173,26 @@ class ErrorBody(BaseModel):
     """Every API error: ``{"error": {"code", "message", "details"}}``."""
 
     error: ErrorDetail
+
+
+class TransferRequest(BaseModel):
+    """``POST /api/conversations/{id}/transfer``: to a queue, or offered to one agent."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    queue: str | None = Field(default=None, description="the queue to put it in")
+    agent_id: uuid.UUID | None = Field(default=None, description="the agent to offer it to")
+
+    @model_validator(mode="after")
+    def _one_target(self) -> TransferRequest:
+        if (self.queue is None) == (self.agent_id is None):
+            raise ValueError("name either the queue or the agent_id to transfer to")
+        return self
+
+
+class CloseRequest(BaseModel):
+    """``POST /api/conversations/{id}/close``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str = Field(default="agent", min_length=1, max_length=100)

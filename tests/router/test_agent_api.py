@@ -275,3 +275,38 @@ async def test_pick_mode_lists_and_picks_once(
         )
         == 1
     )
+
+
+async def test_transfer_to_another_agent_offers_it_to_them(
+    router: TestClient[Any, Any], stages: None, flow: EventTap, db: asyncpg.Pool
+) -> None:
+    await _isolate(db)
+    first, first_auth = await _agent(db, "billing", skills={"billing": 9})
+    second, second_auth = await _agent(db, "sales", presence="offline")
+    await _customer_writes(router, "boleto", new_customer())
+    offer = await _next(flow, "conversation.offered")
+    cid = offer["conversation_id"]
+    await router.post(f"/api/offers/{offer['data']['offer_id']}/accept", headers=first_auth)
+    await _next(flow, "conversation.assigned", cid)
+    both = await router.post(
+        f"/api/conversations/{cid}/transfer",
+        headers=first_auth,
+        json={"queue": "general", "agent_id": second},
+    )
+    assert both.status == 422
+    moved = await router.post(
+        f"/api/conversations/{cid}/transfer", headers=first_auth, json={"agent_id": second}
+    )
+    assert moved.status == 200, await moved.text()
+    transferred = await _next(flow, "conversation.transferred", cid)
+    assert transferred["data"]["to_agent"] == second
+    offered = await _next(flow, "conversation.offered", cid)
+    assert offered["data"]["agent_id"] == second
+    accepted = await router.post(
+        f"/api/offers/{offered['data']['offer_id']}/accept", headers=second_auth
+    )
+    assert accepted.status == 200
+    assert await db.fetchval("SELECT used_units FROM agents WHERE id = $1", first) == 0
+    assert await db.fetchval("SELECT agent_id FROM conversations WHERE id = $1", cid) == (
+        uuid.UUID(second)
+    )

@@ -23,7 +23,7 @@ from tests.support import BUSINESS, new_customer
 
 Client = TestClient[Any, Any]
 METHODS = {"get", "put", "post", "delete", "patch", "head", "options", "trace"}
-API_BODIES = {"AgentCreate", "AgentUpdate", "SendMessage", "PresenceBody", "TransferBody"}
+API_BODIES = {"AgentCreate", "AgentUpdate", "SendMessage", "PresenceUpdate", "TransferRequest"}
 
 
 @pytest.fixture
@@ -133,7 +133,7 @@ async def test_api_bodies_reject_unknown_fields(document: dict[str, Any]) -> Non
         bodies.add(schema["$ref"].rsplit("/", 1)[-1])
         for model in _objects(document, schema, set()):
             assert model.get("additionalProperties") is False, (path, model.get("title"))
-    assert bodies == API_BODIES | {"CloseBody"}
+    assert bodies == API_BODIES | {"CloseRequest"}
 
 
 async def test_twilio_webhooks_take_signed_forms_and_answer_twiml(
