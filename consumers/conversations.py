@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel
 
+from consumers.automated import queue_automated
 from consumers.runtime import Stage, StageTx
 from omniroute.store import Connection
 from schemas.events import ConversationOpened, Envelope, EventType, MessageReceived
@@ -112,8 +113,11 @@ def _attributes(message: MessageReceived) -> dict[str, object]:
 async def handle(event: Envelope, payload: BaseModel, tx: StageTx) -> list[Envelope]:
     assert isinstance(payload, MessageReceived)
     stored = await store_inbound(tx.conn, event.account, payload)
-    if stored is None or not stored.opened:
+    if stored is None:
         return []
+    events = await _attachments_notice(event, payload, stored, tx)
+    if not stored.opened:
+        return events
     opened = ConversationOpened(
         conversation_id=stored.conversation_id,
         contact_id=stored.contact_id,
@@ -133,8 +137,29 @@ async def handle(event: Envelope, payload: BaseModel, tx: StageTx) -> list[Envel
             EventType.CONVERSATION_OPENED,
             opened.model_dump(mode="json"),
             conversation_id=stored.conversation_id,
-        )
+        ),
+        *events,
     ]
+
+
+async def _attachments_notice(
+    event: Envelope, payload: MessageReceived, stored: Stored, tx: StageTx
+) -> list[Envelope]:
+    """Media where the workstream takes none: tell the customer (its media stays hidden)."""
+    workstream = tx.config.current.workstream(payload.workstream)
+    if not payload.media or workstream is None or workstream.attachments.customers:
+        return []
+    return await queue_automated(
+        tx.conn,
+        account=event.account,
+        conversation_id=stored.conversation_id,
+        workstream=workstream,
+        kind="attachments_not_allowed",
+        language=workstream.language,
+        window_open=True,
+        now=payload.received_at,
+        key=payload.message_sid,
+    )
 
 
 STAGE = Stage(

@@ -307,7 +307,17 @@ async def conversation_messages(request: web.Request) -> web.Response:
         " WHERE conversation_id = $1 ORDER BY received_at, id",
         row["id"],
     )
-    return web.json_response([_json(dict(m)) for m in messages])
+    workstream = request.app[CONFIG].current.workstream(row["workstream"])
+    hide = workstream is not None and not workstream.attachments.customers
+    return web.json_response([_shown(dict(m), hide) for m in messages])
+
+
+def _shown(message: dict[str, Any], hide_customer_media: bool) -> Any:
+    """A message as the agent sees it: customers' media hidden where the workstream takes
+    none (the customer was told)."""
+    if hide_customer_media and message["direction"] == "inbound" and message["media"]:
+        message = message | {"media": [], "media_hidden": len(message["media"])}
+    return _json(message)
 
 
 async def close(request: web.Request) -> web.Response:

@@ -161,10 +161,15 @@ class EventTap:
         await message.ack()
         await self.events.put((orjson.loads(message.body), message))
 
-    async def next(self, timeout: float = 5.0) -> dict[str, Any]:
+    async def next(
+        self, timeout: float = 5.0, where: Callable[[dict[str, Any]], bool] | None = None
+    ) -> dict[str, Any]:
+        """The next event (matching ``where``: other tests' leftovers may pass by)."""
         async with asyncio.timeout(timeout):
-            event, _ = await self.events.get()
-            return event
+            while True:
+                event, _ = await self.events.get()
+                if where is None or where(event):
+                    return event
 
     async def next_message(
         self, timeout: float = 5.0
@@ -172,11 +177,32 @@ class EventTap:
         async with asyncio.timeout(timeout):
             return await self.events.get()
 
-    async def expect_none(self, within: float = 0.5) -> None:
+    async def expect_none(
+        self, within: float = 0.5, where: Callable[[dict[str, Any]], bool] | None = None
+    ) -> None:
+        """No event (matching ``where``) arrives within ``within`` seconds."""
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(within):
-                event, _ = await self.events.get()
-                raise AssertionError(f"unexpected event {event['type']}")
+                while True:
+                    event, _ = await self.events.get()
+                    if where is None or where(event):
+                        raise AssertionError(f"unexpected event {event['type']}")
+
+
+def about(
+    customer: str | None = None, conversation_id: str | None = None, sid: str | None = None
+) -> Callable[[dict[str, Any]], bool]:
+    """A filter for events concerning one customer, conversation or message sid."""
+
+    def match(event: dict[str, Any]) -> bool:
+        data = event.get("data") or {}
+        return bool(
+            (customer is not None and data.get("customer") == customer)
+            or (conversation_id is not None and event.get("conversation_id") == conversation_id)
+            or (sid is not None and sid in (data.get("message_sid"), data.get("first_message_sid")))
+        )
+
+    return match
 
 
 @contextlib.asynccontextmanager

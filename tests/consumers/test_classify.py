@@ -22,6 +22,7 @@ from tests.support import (
     CONFIG_YAML,
     ENVIRON,
     EventTap,
+    about,
     inbound_form,
     new_customer,
     signed_post,
@@ -135,7 +136,7 @@ async def test_redelivered_opened_event_is_classified_once(
     await start_runner(classify.STAGE, clock=lambda: WEDNESDAY_NOON_SP)
     await _until(flow, "conversation.classified", opened["conversation_id"])
     await _until(flow, "conversation.queued", opened["conversation_id"])
-    await flow.expect_none(within=0.5)
+    await flow.expect_none(within=0.5, where=about(conversation_id=opened["conversation_id"]))
 
 
 async def test_unknown_workstream_goes_to_the_default_queue_with_a_note(

@@ -8,8 +8,10 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 
 from omniroute.bus import Bus
+from omniroute.config_loader import LiveConfig
+from omniroute.settings import Settings
 from tests.consumers.conftest import RunnerFactory
-from tests.support import EventTap, new_customer, new_sid, received_event, wait_for
+from tests.support import EventTap, about, new_customer, new_sid, received_event, tap, wait_for
 
 
 async def _conversations(db: asyncpg.Pool, customer: str) -> list[asyncpg.Record]:
@@ -33,7 +35,7 @@ async def test_first_message_opens_then_next_reuses(
     customer = new_customer()
     first_at = datetime.now(UTC) - timedelta(minutes=5)
     await bus.publish(received_event(customer=customer, body="oi", received_at=first_at))
-    opened = await spy.next()
+    opened = await spy.next(where=about(customer=customer))
     assert opened["type"] == "conversation.opened"
     assert opened["data"]["customer"] == customer
     assert opened["data"]["first_message_body"] == "oi"
@@ -47,7 +49,7 @@ async def test_first_message_opens_then_next_reuses(
     assert conversation["state"] == "open"
     assert conversation["last_customer_message_at"] == second_at
     assert conversation["workstream"] == "support-pt"
-    await spy.expect_none(within=0.3)
+    await spy.expect_none(within=0.3, where=about(customer=customer))
 
 
 async def _has(db: asyncpg.Pool, customer: str, count: int) -> list[asyncpg.Record] | None:
@@ -63,9 +65,9 @@ async def test_duplicate_message_is_stored_once_and_opens_once(
     event = received_event(customer=customer, sid=sid)
     for _ in range(3):  # Twilio resends, the broker redelivers
         await bus.publish(event)
-    opened = await spy.next()
+    opened = await spy.next(where=about(customer=customer))
     assert opened["data"]["first_message_sid"] == sid
-    await spy.expect_none(within=0.5)
+    await spy.expect_none(within=0.5, where=about(customer=customer))
     assert len(await _messages(db, customer)) == 1
     assert len(await _conversations(db, customer)) == 1
 
@@ -93,9 +95,9 @@ async def test_two_replicas_racing_on_a_burst_open_one_conversation(
     messages = await _messages(db, customer)
     assert len(messages) == 30
     assert [m["received_at"] for m in messages] == sorted(e.occurred_at for e in events)
-    opened = await spy.next()
+    opened = await spy.next(where=about(customer=customer))
     assert opened["data"]["customer"] == customer
-    await spy.expect_none(within=0.5)
+    await spy.expect_none(within=0.5, where=about(customer=customer))
 
 
 async def test_closed_conversation_is_not_reused(
@@ -104,12 +106,51 @@ async def test_closed_conversation_is_not_reused(
     await start_runner()
     customer = new_customer()
     await bus.publish(received_event(customer=customer))
-    first = await spy.next()
+    first = await spy.next(where=about(customer=customer))
     await db.execute(
         "UPDATE conversations SET state = 'closed', closed_at = now() WHERE id = $1",
         first["conversation_id"],
     )
     await bus.publish(received_event(customer=customer, body="voltei"))
-    second = await spy.next()
+    second = await spy.next(where=about(customer=customer))
     assert second["type"] == "conversation.opened"
     assert second["conversation_id"] != first["conversation_id"]
+
+
+async def test_media_where_customers_may_not_send_it_gets_the_automated_notice(
+    bus: Bus,
+    start_runner: RunnerFactory,
+    db: asyncpg.Pool,
+    config: LiveConfig,
+    settings: Settings,
+) -> None:
+    from omniroute.config_loader import parse_config
+    from tests.support import CONFIG_YAML, ENVIRON
+
+    no_media = CONFIG_YAML.replace(
+        "    language: pt-BR\n    timezone: America/Sao_Paulo\n",
+        "    language: pt-BR\n    timezone: America/Sao_Paulo\n"
+        "    attachments: {customers: false, agents: true}\n"
+        "    automated_messages:\n"
+        "      attachments_not_allowed:\n"
+        "        text: {pt-BR: 'Não recebemos anexos por aqui.', en: 'No attachments here.'}\n",
+    )
+    config.current = parse_config(no_media, "no-media.yaml", ENVIRON)
+    await start_runner()
+    customer = new_customer()
+    photo = [{"url": "https://api.twilio.com/x/Media/ME1", "content_type": "image/jpeg"}]
+    async with tap(settings.amqp_url.get_secret_value(), "message.send-requested") as sends:
+        event = received_event(customer=customer, body="", media=photo)
+        await bus.publish(event)
+        await bus.publish(event)  # Twilio resends: still one notice
+        requested = await sends.next()
+        await sends.expect_none(within=0.5)
+    notice = await db.fetchrow(
+        "SELECT body, kind, status FROM messages WHERE id = $1", requested["data"]["message_id"]
+    )
+    assert notice is not None
+    assert (notice["body"], notice["kind"], notice["status"]) == (
+        "Não recebemos anexos por aqui.",
+        "system",
+        "requested",
+    )

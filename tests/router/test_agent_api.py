@@ -23,6 +23,7 @@ from tests.support import (
     CONFIG_YAML,
     ENVIRON,
     EventTap,
+    about,
     inbound_form,
     new_customer,
     signed_post,
@@ -211,7 +212,8 @@ async def test_presence_change_triggers_distribution(
     agent, auth = await _agent(db, "billing", skills={"billing": 9}, presence="away")
     await _customer_writes(router, "boleto", new_customer())
     queued = await _next(flow, "conversation.queued")
-    await flow.expect_none(within=0.4)  # nobody available: it waits
+    # Nobody available: it waits.
+    await flow.expect_none(within=0.4, where=about(conversation_id=queued["conversation_id"]))
     response = await router.put("/api/me/presence", headers=auth, json={"presence": "available"})
     assert response.status == 200
     offered = await _next(flow, "conversation.offered", queued["conversation_id"])
