@@ -25,6 +25,19 @@ def text_for(message: AutomatedMessage, language: str | None, fallback: str) -> 
     return next(iter(message.text.values()))
 
 
+class _Keep(dict[str, str]):
+    def __missing__(self, key: str) -> str:
+        return "{" + key + "}"
+
+
+def fill(text: str, values: dict[str, str]) -> str:
+    """``{customer_name}``, ``{agent_name}``, ``{queue_position}``… filled; unknown kept."""
+    try:
+        return text.format_map(_Keep(values))
+    except (ValueError, IndexError):
+        return text  # braces that are not placeholders: leave the text as written
+
+
 async def queue_automated(
     conn: Connection,
     *,
@@ -36,6 +49,7 @@ async def queue_automated(
     window_open: bool,
     now: datetime,
     key: str,
+    placeholders: dict[str, str] | None = None,
 ) -> list[Envelope]:
     """Store the automated message and ask the outbound stage to send it (or record a skip).
 
@@ -47,7 +61,7 @@ async def queue_automated(
     message_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"automated:{kind}:{key}"))
     template = None
     status = "requested"
-    body = text_for(message, language, workstream.language)
+    body = fill(text_for(message, language, workstream.language), placeholders or {})
     if not window_open:
         found = workstream.template(message.template) if message.template else None
         rendered = render(found, language, {}) if found else None

@@ -9,6 +9,7 @@ new customer at once still open one conversation: "find or open" is a single
 
 from __future__ import annotations
 
+import re
 import uuid
 from dataclasses import dataclass
 
@@ -17,7 +18,13 @@ from pydantic import BaseModel
 from consumers.automated import queue_automated
 from consumers.runtime import Stage, StageTx
 from omniroute.store import Connection
-from schemas.events import ConversationOpened, Envelope, EventType, MessageReceived
+from schemas.events import (
+    ConversationOpened,
+    Envelope,
+    EventType,
+    MessageReceived,
+    SurveyAnswered,
+)
 
 _UPSERT_CONTACT = """
 INSERT INTO contacts (id, account, address, wa_id, external_user_id, profile_name)
@@ -112,6 +119,11 @@ def _attributes(message: MessageReceived) -> dict[str, object]:
 
 async def handle(event: Envelope, payload: BaseModel, tx: StageTx) -> list[Envelope]:
     assert isinstance(payload, MessageReceived)
+    if payload.sandbox and SANDBOX_JOIN.match(payload.body):
+        return await _sandbox_join(event, payload, tx)
+    answered = await _survey_answer(event, payload, tx)
+    if answered is not None:
+        return answered
     stored = await store_inbound(tx.conn, event.account, payload)
     if stored is None:
         return []
@@ -139,6 +151,90 @@ async def handle(event: Envelope, payload: BaseModel, tx: StageTx) -> list[Envel
             conversation_id=stored.conversation_id,
         ),
         *events,
+    ]
+
+
+SANDBOX_JOIN = re.compile(r"^\s*join\s+\S+\s*$", re.IGNORECASE)
+RATING = re.compile(r"^\s*(?P<rating>\d{1,2})\b[\s,.;:!-]*(?P<comment>.*)$", re.DOTALL)
+
+
+async def _sandbox_join(event: Envelope, payload: MessageReceived, tx: StageTx) -> list[Envelope]:
+    """``join <code>`` on Twilio's sandbox: Twilio answers it; we note it, route nothing."""
+    await tx.conn.execute(
+        "INSERT INTO contacts (id, account, address, wa_id, profile_name, sandbox_joined_at)"
+        " VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (account, address) DO UPDATE SET"
+        " sandbox_joined_at = EXCLUDED.sandbox_joined_at, updated_at = now()",
+        uuid.uuid4(),
+        event.account,
+        payload.customer,
+        payload.customer_wa_id,
+        payload.profile_name,
+        payload.received_at,
+    )
+    return [
+        event.caused(
+            EventType.SANDBOX_JOINED,
+            {
+                "customer": payload.customer,
+                "business_number": payload.business_number,
+                "code": payload.body.split()[-1],
+                "joined_at": payload.received_at.isoformat(),
+            },
+        )
+    ]
+
+
+async def _survey_answer(
+    event: Envelope, payload: MessageReceived, tx: StageTx
+) -> list[Envelope] | None:
+    """A reply to an open post-conversation survey is its answer, not new work."""
+    survey = await tx.conn.fetchrow(
+        "SELECT conversation_id, workstream FROM surveys WHERE account = $1"
+        " AND business_number = $2 AND customer = $3 AND answered_at IS NULL"
+        " AND expires_at > $4 ORDER BY asked_at DESC LIMIT 1 FOR UPDATE",
+        event.account,
+        payload.business_number,
+        payload.customer,
+        payload.received_at,
+    )
+    if survey is None:
+        return None
+    workstream = tx.config.current.workstream(survey["workstream"])
+    scale = workstream.survey.scale if workstream and workstream.survey else 5
+    match = RATING.match(payload.body)
+    if match is None or not 1 <= int(match["rating"]) <= scale:
+        return None  # not an answer: an ordinary message (a new conversation)
+    if await tx.conn.fetchval("SELECT 1 FROM messages WHERE twilio_sid = $1", payload.message_sid):
+        return []
+    comment = match["comment"].strip() or None
+    await tx.conn.execute(
+        "UPDATE surveys SET rating = $2, comment = $3, answered_at = $4 WHERE conversation_id = $1",
+        survey["conversation_id"],
+        int(match["rating"]),
+        comment,
+        payload.received_at,
+    )
+    await tx.conn.execute(
+        "INSERT INTO messages (id, conversation_id, direction, twilio_sid, body, media,"
+        " attributes, status, received_at) VALUES ($1, $2, 'inbound', $3, $4, $5, $6,"
+        " 'received', $7) ON CONFLICT (twilio_sid) DO NOTHING",
+        uuid.uuid4(),
+        survey["conversation_id"],
+        payload.message_sid,
+        payload.body,
+        [m.model_dump(mode="json") for m in payload.media],
+        {"survey_answer": True},
+        payload.received_at,
+    )
+    answer = SurveyAnswered(
+        rating=int(match["rating"]), comment=comment, answered_at=payload.received_at
+    )
+    return [
+        event.caused(
+            EventType.SURVEY_ANSWERED,
+            answer.model_dump(mode="json"),
+            conversation_id=str(survey["conversation_id"]),
+        )
     ]
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from consumers import classify, conversations, distribute, outbound, status
+from consumers import classify, conversations, distribute, lifecycle, outbound, status
 from consumers.runtime import Stage
 
 STAGES: dict[str, Stage] = {
@@ -13,5 +13,6 @@ STAGES: dict[str, Stage] = {
         distribute.STAGE,
         outbound.STAGE,
         status.STAGE,
+        lifecycle.STAGE,
     )
 }

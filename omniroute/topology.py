@@ -48,6 +48,17 @@ STAGES: dict[str, StageQueue] = {
             ),
         ),
         StageQueue("outbound", (EventType.MESSAGE_SEND_REQUESTED,)),
+        StageQueue(
+            "lifecycle",
+            (
+                EventType.CONVERSATION_OPENED,
+                EventType.CONVERSATION_QUEUED,
+                EventType.CONVERSATION_ASSIGNED,
+                EventType.CONVERSATION_ENDED,
+                EventType.CONVERSATION_CLOSED,
+                EventType.MESSAGE_RECEIVED,
+            ),
+        ),
         StageQueue("status", (EventType.MESSAGE_STATUS,)),
     )
 }

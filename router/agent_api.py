@@ -5,7 +5,7 @@ is a 404, so existence never leaks."""
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from aiohttp import web
@@ -32,7 +32,7 @@ from schemas.api import CloseRequest, PresenceUpdate, TransferRequest
 from schemas.events import (
     AgentPresenceChanged,
     ConversationClosed,
-    Envelope,
+    ConversationEnded,
     EventType,
     new_event,
     utcnow,
@@ -236,6 +236,7 @@ async def pick(request: web.Request) -> web.Response:
 
 _CONVERSATION = """
 SELECT c.id, c.account, c.business_number, c.customer, c.workstream, c.state, c.queue,
+       c.agent_id,
        c.skills, c.priority, c.severity, c.language, c.variables, c.opened_at,
        c.assigned_at, c.last_customer_message_at, c.window_closed_at, ct.profile_name
 FROM conversations c JOIN contacts ct ON ct.id = c.contact_id
@@ -328,34 +329,62 @@ async def close(request: web.Request) -> web.Response:
     body = await _body(request, CloseRequest)
     if isinstance(body, web.Response):
         return body
+    assert isinstance(body, CloseRequest)
     now = utcnow()
+    workstream = request.app[CONFIG].current.workstream(row["workstream"])
+    wrap_up = workstream.lifecycle.wrap_up if workstream else 0.0
     async with request.app[STORE].transaction() as conn:
         state = await conn.fetchval(
             "SELECT state FROM conversations WHERE id = $1 FOR UPDATE", row["id"]
         )
         if state == "closed":
             return error(409, "already_closed", "the conversation is closed")
-        await release_assignment(conn, str(row["id"]), now)
-        assert isinstance(body, CloseRequest)
-        await conn.execute(
-            "UPDATE conversations SET state = 'closed', closed_at = $2, close_reason = $3,"
-            " updated_at = now() WHERE id = $1",
-            row["id"],
-            now,
-            body.reason,
-        )
-        data = ConversationClosed(reason=body.reason, workstream=row["workstream"], closed_at=now)
-        event: Envelope = new_event(
-            EventType.CONVERSATION_CLOSED,
-            account=row["account"],
-            key=(str(row["id"]),),
-            data=data.model_dump(mode="json"),
-            occurred_at=now,
-            conversation_id=str(row["id"]),
-        )
+        if wrap_up > 0 and state != "wrap-up":
+            # Ended by the agent: wrap-up holds the capacity until the timer or a second close.
+            until = now + timedelta(seconds=wrap_up)
+            await conn.execute(
+                "UPDATE conversations SET state = 'wrap-up', wrap_up_until = $2,"
+                " close_reason = $3, updated_at = now() WHERE id = $1",
+                row["id"],
+                until,
+                body.reason,
+            )
+            ended = ConversationEnded(
+                agent_id=str(row["agent_id"]), workstream=row["workstream"], until=until
+            )
+            event = new_event(
+                EventType.CONVERSATION_ENDED,
+                account=row["account"],
+                key=(str(row["id"]),),
+                data=ended.model_dump(mode="json"),
+                occurred_at=now,
+                conversation_id=str(row["id"]),
+            )
+            new_state = "wrap-up"
+        else:
+            await release_assignment(conn, str(row["id"]), now)
+            await conn.execute(
+                "UPDATE conversations SET state = 'closed', closed_at = $2,"
+                " close_reason = COALESCE(close_reason, $3), updated_at = now() WHERE id = $1",
+                row["id"],
+                now,
+                body.reason,
+            )
+            data = ConversationClosed(
+                reason=body.reason, workstream=row["workstream"], closed_at=now
+            )
+            event = new_event(
+                EventType.CONVERSATION_CLOSED,
+                account=row["account"],
+                key=(str(row["id"]),),
+                data=data.model_dump(mode="json"),
+                occurred_at=now,
+                conversation_id=str(row["id"]),
+            )
+            new_state = "closed"
         events = await add_to_outbox(conn, [event])
     await publish_committed(request.app, events)
-    return web.json_response({"conversation_id": str(row["id"]), "state": "closed"})
+    return web.json_response({"conversation_id": str(row["id"]), "state": new_state})
 
 
 async def transfer(request: web.Request) -> web.Response:

@@ -18,6 +18,7 @@ from router import (
     messages_api,
     openapi,
     twilio_webhooks,
+    variables_api,
 )
 from router.state import BUS, CONFIG, SETTINGS, STORE
 
@@ -71,5 +72,6 @@ def create_app(
     agent_api.add_routes(app)
     agent_events.add_routes(app)
     messages_api.add_routes(app)
+    variables_api.add_routes(app)
     openapi.add_routes(app)
     return app

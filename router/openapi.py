@@ -37,7 +37,10 @@ from schemas.api import (
     ErrorBody,
     Presence,
     PresenceUpdate,
+    SurveyResults,
     TransferRequest,
+    VariablesOut,
+    VariablesUpdate,
 )
 from schemas.messages import SendMessage
 from schemas.twilio import InboundMessageForm, StatusCallbackForm
@@ -145,6 +148,7 @@ class AgentConversation(BaseModel):
     workstream: str
     state: ConversationState
     queue: str | None
+    agent_id: uuid.UUID
     skills: dict[str, int]
     priority: int
     severity: str
@@ -302,6 +306,32 @@ OPERATIONS: tuple[Operation, ...] = (
         "adminToken",
         ConversationDetail,
         errors=(404,),
+    ),
+    Operation(
+        "PATCH",
+        "/api/admin/conversations/{conversation_id}/variables",
+        "Set or remove a conversation's context variables",
+        "adminToken",
+        VariablesOut,
+        body=VariablesUpdate,
+        errors=(400, 404, 422),
+    ),
+    Operation(
+        "GET",
+        "/api/admin/surveys",
+        "Post-conversation survey answers and their summary",
+        "adminToken",
+        SurveyResults,
+        query=(("workstream", TEXT, "only this workstream's surveys"),),
+    ),
+    Operation(
+        "PATCH",
+        "/api/conversations/{conversation_id}/variables",
+        "Set or remove context variables of one of my conversations",
+        "agentToken",
+        VariablesOut,
+        body=VariablesUpdate,
+        errors=(400, 404, 422),
     ),
     # Agent API: an agent reaches its own offers and conversations only.
     Operation("GET", "/api/me", "The calling agent", "agentToken", AgentProfile),

@@ -196,3 +196,36 @@ class CloseRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     reason: str = Field(default="agent", min_length=1, max_length=100)
+
+
+class VariablesUpdate(BaseModel):
+    """``PATCH …/variables``: context variables to set (a null value removes one)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    variables: dict[str, str | int | float | bool | None] = Field(min_length=1, max_length=50)
+
+
+class VariablesOut(BaseModel):
+    conversation_id: uuid.UUID
+    variables: dict[str, Any]
+
+
+class SurveyOut(BaseModel):
+    conversation_id: uuid.UUID
+    workstream: str
+    customer: str
+    asked_at: datetime
+    expires_at: datetime
+    rating: int | None = None
+    comment: str | None = None
+    answered_at: datetime | None = None
+
+
+class SurveyResults(BaseModel):
+    """``GET /api/admin/surveys``: the answers and their summary."""
+
+    asked: int
+    answered: int
+    average_rating: float | None
+    surveys: list[SurveyOut]

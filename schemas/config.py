@@ -190,6 +190,35 @@ class Survey(Strict):
         return parse_duration(value)
 
 
+class Lifecycle(Strict):
+    """Conversation lifecycle timers; durations as 30s, 5m, 2h, 1d (0: off / immediate)."""
+
+    wrap_up: Duration = Field(
+        default=0.0, description="capacity held after the agent ends (0: close at once)"
+    )
+    idle_reminder_after: Duration | None = Field(
+        default=None, description="customer silent this long: send the idle_reminder message"
+    )
+    auto_close_after: Duration | None = Field(
+        default=None, description="customer silent this long: close the conversation"
+    )
+
+    @field_validator("wrap_up", "idle_reminder_after", "auto_close_after", mode="before")
+    @classmethod
+    def _duration(cls, value: str | int | float | None) -> float | None:
+        return None if value is None else parse_duration(value)
+
+    @model_validator(mode="after")
+    def _reminder_before_close(self) -> Lifecycle:
+        if (
+            self.idle_reminder_after is not None
+            and self.auto_close_after is not None
+            and self.idle_reminder_after >= self.auto_close_after
+        ):
+            raise ValueError("idle_reminder_after must be shorter than auto_close_after")
+        return self
+
+
 class Workstream(Strict):
     name: Name
     language: str = "en"
@@ -200,6 +229,7 @@ class Workstream(Strict):
     templates: list[Template] = Field(default_factory=list)
     automated_messages: dict[AutomatedMessageKind, AutomatedMessage] = Field(default_factory=dict)
     survey: Survey | None = None
+    lifecycle: Lifecycle = Lifecycle()
     classification: list[Ruleset] = Field(default_factory=list)
     routing: list[RouteRule] = Field(default_factory=list)
 
@@ -210,6 +240,11 @@ class Workstream(Strict):
 
     def template(self, name: str) -> Template | None:
         return next((t for t in self.templates if t.name == name), None)
+
+    def survey_question_message(self) -> AutomatedMessage:
+        """The survey question in the shape of an automated message (text per language)."""
+        assert self.survey is not None
+        return AutomatedMessage(text=self.survey.question, template=self.survey.template)
 
 
 WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")

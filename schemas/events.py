@@ -41,6 +41,9 @@ class EventType(StrEnum):
     OFFER_DECLINED = "offer.declined"
     OFFER_EXPIRED = "offer.expired"
     CONFIG_RELOAD_REQUESTED = "config.reload-requested"
+    CONVERSATION_ENDED = "conversation.ended"
+    SURVEY_ANSWERED = "survey.answered"
+    SANDBOX_JOINED = "sandbox.joined"
 
 
 def event_id(*natural_key: str) -> str:
@@ -334,6 +337,26 @@ class MessageOutcome(BaseModel):
     error_message: str | None = None
 
 
+class ConversationEnded(BaseModel):
+    """``conversation.ended``: the agent ended it; wrap-up holds capacity until ``until``."""
+
+    model_config = ConfigDict(extra="allow")
+
+    agent_id: str | None = None
+    workstream: str
+    until: datetime
+
+
+class SurveyAnswered(BaseModel):
+    """``survey.answered``: the customer's reply to the post-conversation survey."""
+
+    model_config = ConfigDict(extra="allow")
+
+    rating: int | None = None
+    comment: str | None = None
+    answered_at: datetime
+
+
 class SystemEvent(BaseModel):
     """Events about the deployment rather than a conversation (e.g. reload requests)."""
 
@@ -360,4 +383,6 @@ PAYLOADS: dict[str, type[BaseModel]] = {
     EventType.MESSAGE_READ: MessageOutcome,
     EventType.MESSAGE_FAILED: MessageOutcome,
     EventType.CONFIG_RELOAD_REQUESTED: SystemEvent,
+    EventType.CONVERSATION_ENDED: ConversationEnded,
+    EventType.SURVEY_ANSWERED: SurveyAnswered,
 }

@@ -23,7 +23,14 @@ from tests.support import BUSINESS, new_customer
 
 Client = TestClient[Any, Any]
 METHODS = {"get", "put", "post", "delete", "patch", "head", "options", "trace"}
-API_BODIES = {"AgentCreate", "AgentUpdate", "SendMessage", "PresenceUpdate", "TransferRequest"}
+API_BODIES = {
+    "AgentCreate",
+    "AgentUpdate",
+    "SendMessage",
+    "PresenceUpdate",
+    "TransferRequest",
+    "VariablesUpdate",
+}
 
 
 @pytest.fixture

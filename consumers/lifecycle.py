@@ -1,0 +1,299 @@
+"""The ``lifecycle`` stage: automated messages at each step, idle reminders and auto-close,
+the end of wrap-up, and the post-conversation survey.
+
+Events it reacts to: ``conversation.opened`` (greeting), ``conversation.queued`` (waiting
+in queue; out of hours), ``conversation.assigned`` (agent joined), ``conversation.ended``
+(agent ended: wrap-up timer), ``conversation.closed`` (closed message, survey) and
+``message.received`` (customer activity moves the idle timers). Its tick fires due timers
+(``omniroute.timers``): idle reminder, auto-close, end of wrap-up. Every automated message
+goes through ``consumers.automated`` and the outbound gate.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timedelta
+from typing import Any
+
+from pydantic import BaseModel
+
+from consumers.automated import queue_automated, text_for
+from consumers.conversations import SANDBOX_JOIN
+from consumers.runtime import Stage, StageTx
+from omniroute.errors import TransientError
+from omniroute.store import Connection
+from omniroute.timers import cancel, schedule, take_due
+from omniroute.window import render, window
+from omniroute.work import release_assignment
+from schemas.config import Workstream
+from schemas.events import (
+    ConversationAssigned,
+    ConversationClosed,
+    ConversationEnded,
+    ConversationOpened,
+    ConversationQueued,
+    Envelope,
+    EventType,
+    MessageReceived,
+    MessageSendRequested,
+    new_event,
+)
+
+IDLE_TIMERS = ("idle_reminder", "auto_close")
+OPEN_STATES = ("open", "queued", "offered", "active", "waiting")
+
+_CONVERSATION = """
+SELECT c.id, c.account, c.workstream, c.state, c.language, c.queue, c.queued_at,
+       c.last_customer_message_at, c.window_closed_at, c.business_number, c.customer,
+       c.variables,
+       ct.profile_name, a.name AS agent_name
+FROM conversations c JOIN contacts ct ON ct.id = c.contact_id
+LEFT JOIN agents a ON a.id = c.agent_id
+WHERE c.id = $1
+"""
+
+
+async def _conversation(conn: Connection, conversation_id: str) -> Any:
+    row = await conn.fetchrow(_CONVERSATION, conversation_id)
+    if row is None:
+        raise TransientError(f"conversation {conversation_id} is not stored (yet)")
+    return row
+
+
+async def automated(
+    tx: StageTx, row: Any, kind: str, key: str, extra: dict[str, str] | None = None
+) -> list[Envelope]:
+    """The workstream's automated message of this kind for the conversation, if any."""
+    workstream = tx.config.current.workstream(row["workstream"])
+    if workstream is None:
+        return []
+    current = window(row["last_customer_message_at"], tx.now, row["window_closed_at"])
+    values = {str(k): str(v) for k, v in (row["variables"] or {}).items()}
+    values |= {"customer_name": row["profile_name"] or "", "agent_name": row["agent_name"] or ""}
+    return await queue_automated(
+        tx.conn,
+        account=row["account"],
+        conversation_id=str(row["id"]),
+        workstream=workstream,
+        kind=kind,
+        language=row["language"] or workstream.language,
+        window_open=current.open,
+        now=tx.now,
+        key=key,
+        placeholders=values | (extra or {}),
+    )
+
+
+async def _queue_position(conn: Connection, row: Any) -> str:
+    position = await conn.fetchval(
+        "SELECT count(*) FROM conversations WHERE state = 'queued' AND queue = $1"
+        " AND queued_at <= $2",
+        row["queue"],
+        row["queued_at"],
+    )
+    return str(position or 1)
+
+
+async def _survey(tx: StageTx, row: Any, workstream: Workstream) -> list[Envelope]:
+    survey = workstream.survey
+    if survey is None:
+        return []
+    expires = tx.now + timedelta(seconds=survey.expires_after)
+    await tx.conn.execute(
+        "INSERT INTO surveys (conversation_id, account, business_number, customer, workstream,"
+        " asked_at, expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7)"
+        " ON CONFLICT (conversation_id) DO NOTHING",
+        row["id"],
+        row["account"],
+        row["business_number"],
+        row["customer"],
+        row["workstream"],
+        tx.now,
+        expires,
+    )
+    language = row["language"] or workstream.language
+    current = window(row["last_customer_message_at"], tx.now, row["window_closed_at"])
+    return await _send_survey(tx, row, workstream, language, current.open)
+
+
+async def _send_survey(
+    tx: StageTx, row: Any, workstream: Workstream, language: str, window_open: bool
+) -> list[Envelope]:
+    """The survey question as a system message (its template outside the window)."""
+    assert workstream.survey is not None
+    message_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"survey:{row['id']}"))
+    body = text_for(workstream.survey_question_message(), language, workstream.language)
+    template = None
+    status = "requested"
+    if not window_open:
+        found = workstream.template(workstream.survey.template or "")
+        rendered = render(found, language, {}) if found else None
+        if rendered is None or isinstance(rendered, str):
+            status = "skipped"
+        else:
+            body = rendered.text
+            template = {
+                "name": rendered.template,
+                "language": rendered.language,
+                "content_sid": rendered.content_sid,
+                "variables": {},
+            }
+    inserted = await tx.conn.fetchval(
+        "INSERT INTO messages (id, conversation_id, direction, body, status, received_at, kind,"
+        " template) VALUES ($1, $2, 'outbound', $3, $4, $5, $6, $7)"
+        " ON CONFLICT (id) DO NOTHING RETURNING id",
+        message_id,
+        row["id"],
+        body,
+        status,
+        tx.now,
+        "template" if template else "system",
+        template,
+    )
+    if inserted is None or status != "requested":
+        return []
+    data = MessageSendRequested(message_id=message_id, kind="system", requested_at=tx.now)
+    return [
+        new_event(
+            EventType.MESSAGE_SEND_REQUESTED,
+            account=row["account"],
+            key=(message_id,),
+            data=data.model_dump(mode="json") | {"automated": "survey"},
+            occurred_at=tx.now,
+            conversation_id=str(row["id"]),
+        )
+    ]
+
+
+async def handle(event: Envelope, payload: BaseModel, tx: StageTx) -> list[Envelope]:
+    if isinstance(payload, MessageReceived):
+        return await _customer_activity(payload, event.account, tx)
+    assert event.conversation_id is not None
+    row = await _conversation(tx.conn, event.conversation_id)
+    key = event.id
+    if isinstance(payload, ConversationOpened):
+        return await automated(tx, row, "greeting", key)
+    if isinstance(payload, ConversationQueued):
+        if payload.out_of_hours:
+            return await automated(tx, row, "out_of_hours", key)
+        position = await _queue_position(tx.conn, row)
+        return await automated(tx, row, "queued", key, {"queue_position": position})
+    if isinstance(payload, ConversationAssigned):
+        return await automated(tx, row, "agent_joined", key)
+    if isinstance(payload, ConversationEnded):
+        await schedule(tx.conn, str(row["id"]), "wrap_up_end", payload.until)
+        return await automated(tx, row, "agent_ended", key)
+    if isinstance(payload, ConversationClosed):
+        await cancel(tx.conn, str(row["id"]), [*IDLE_TIMERS, "wrap_up_end"])
+        if payload.reason == "out_of_hours":
+            return await automated(tx, row, payload.automated_message or "out_of_hours", key)
+        events = await automated(tx, row, "closed", key)
+        workstream = tx.config.current.workstream(row["workstream"])
+        if workstream is not None:
+            events += await _survey(tx, row, workstream)
+        return events
+    return []
+
+
+async def _customer_activity(payload: MessageReceived, account: str, tx: StageTx) -> list[Envelope]:
+    """The customer wrote: the idle timers start again from this message."""
+    workstream = tx.config.current.workstream(payload.workstream)
+    if workstream is None:
+        return []
+    life = workstream.lifecycle
+    if life.idle_reminder_after is None and life.auto_close_after is None:
+        return []
+    conversation_id = await tx.conn.fetchval(
+        "SELECT id FROM conversations WHERE account = $1 AND business_number = $2"
+        " AND customer = $3 AND state = ANY($4::text[])",
+        account,
+        payload.business_number,
+        payload.customer,
+        list(OPEN_STATES),
+    )
+    if conversation_id is None:
+        if (payload.sandbox and SANDBOX_JOIN.match(payload.body)) or await tx.conn.fetchval(
+            "SELECT 1 FROM messages WHERE twilio_sid = $1", payload.message_sid
+        ):
+            return []  # a sandbox join or a survey answer: no open conversation to time
+        raise TransientError("the customer's conversation is not stored (yet)")
+    for kind, after in (
+        ("idle_reminder", life.idle_reminder_after),
+        ("auto_close", life.auto_close_after),
+    ):
+        if after is not None:
+            await schedule(
+                tx.conn, str(conversation_id), kind, payload.received_at + timedelta(seconds=after)
+            )
+    return []
+
+
+async def close_conversation(conn: Connection, row: Any, reason: str, now: datetime) -> Envelope:
+    """Close a conversation (idle, end of wrap-up): capacity back, offers cancelled."""
+    await conn.execute(
+        "UPDATE offers SET state = 'cancelled', decided_at = $2 WHERE conversation_id = $1"
+        " AND state = 'pending'",
+        row["id"],
+        now,
+    )
+    pending = await conn.fetch(
+        "SELECT agent_id, units FROM offers WHERE conversation_id = $1 AND state = 'cancelled'"
+        " AND decided_at = $2",
+        row["id"],
+        now,
+    )
+    for offer in pending:
+        await conn.execute(
+            "UPDATE agents SET used_units = GREATEST(used_units - $2, 0) WHERE id = $1",
+            offer["agent_id"],
+            offer["units"],
+        )
+    await release_assignment(conn, str(row["id"]), now)
+    await conn.execute(
+        "UPDATE conversations SET state = 'closed', closed_at = $2, close_reason = $3,"
+        " updated_at = now() WHERE id = $1",
+        row["id"],
+        now,
+        reason,
+    )
+    data = ConversationClosed(reason=reason, workstream=row["workstream"], closed_at=now)
+    return new_event(
+        EventType.CONVERSATION_CLOSED,
+        account=row["account"],
+        key=(str(row["id"]),),
+        data=data.model_dump(mode="json"),
+        occurred_at=now,
+        conversation_id=str(row["id"]),
+    )
+
+
+async def tick(tx: StageTx) -> list[Envelope]:
+    """Fire the due timers (each once, whichever replica takes it)."""
+    events: list[Envelope] = []
+    for timer in await take_due(tx.conn, tx.now):
+        row = await tx.conn.fetchrow(_CONVERSATION + " FOR UPDATE OF c", timer["conversation_id"])
+        if row is None:
+            continue
+        key = f"timer:{timer['id']}"
+        if timer["kind"] == "idle_reminder" and row["state"] in OPEN_STATES:
+            events += await automated(tx, row, "idle_reminder", key)
+        elif timer["kind"] == "auto_close" and row["state"] in OPEN_STATES:
+            events.append(await close_conversation(tx.conn, row, "idle", tx.now))
+        elif timer["kind"] == "wrap_up_end" and row["state"] == "wrap-up":
+            events.append(await close_conversation(tx.conn, row, "agent", tx.now))
+    return events
+
+
+STAGE = Stage(
+    name="lifecycle",
+    payloads={
+        EventType.CONVERSATION_OPENED: ConversationOpened,
+        EventType.CONVERSATION_QUEUED: ConversationQueued,
+        EventType.CONVERSATION_ASSIGNED: ConversationAssigned,
+        EventType.CONVERSATION_ENDED: ConversationEnded,
+        EventType.CONVERSATION_CLOSED: ConversationClosed,
+        EventType.MESSAGE_RECEIVED: MessageReceived,
+    },
+    handle=handle,
+    tick=tick,
+)

@@ -1,0 +1,52 @@
+"""Durable timers: rows with a due time, one pending per conversation and kind, fired by
+whichever replica's tick locks them first (``FOR UPDATE SKIP LOCKED``): they survive
+restarts of every process and fire once."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from omniroute.store import Connection
+
+
+async def schedule(conn: Connection, conversation_id: str, kind: str, due_at: datetime) -> None:
+    """Set (or move) the conversation's pending timer of this kind."""
+    await conn.execute(
+        "INSERT INTO timers (id, conversation_id, kind, due_at) VALUES ($1, $2, $3, $4)"
+        " ON CONFLICT (conversation_id, kind) WHERE fired_at IS NULL"
+        " DO UPDATE SET due_at = EXCLUDED.due_at",
+        uuid.uuid4(),
+        conversation_id,
+        kind,
+        due_at,
+    )
+
+
+async def cancel(conn: Connection, conversation_id: str, kinds: Sequence[str]) -> None:
+    await conn.execute(
+        "DELETE FROM timers WHERE conversation_id = $1 AND kind = ANY($2::text[])"
+        " AND fired_at IS NULL",
+        conversation_id,
+        list(kinds),
+    )
+
+
+async def take_due(conn: Connection, now: datetime, limit: int = 100) -> list[Any]:
+    """Lock and mark fired the timers due at ``now``; other replicas skip them."""
+    rows = await conn.fetch(
+        "SELECT id, conversation_id, kind, due_at FROM timers"
+        " WHERE fired_at IS NULL AND due_at <= $1 ORDER BY due_at LIMIT $2"
+        " FOR UPDATE SKIP LOCKED",
+        now,
+        limit,
+    )
+    if rows:
+        await conn.execute(
+            "UPDATE timers SET fired_at = $2 WHERE id = ANY($1::uuid[])",
+            [r["id"] for r in rows],
+            now,
+        )
+    return list(rows)
