@@ -146,7 +146,7 @@ async def _send_survey(
         row["id"],
         body,
         status,
-        tx.now,
+        tx.now + timedelta(milliseconds=1),  # after the 'closed' message it follows
         "template" if template else "system",
         template,
     )
@@ -203,28 +203,29 @@ async def _customer_activity(payload: MessageReceived, account: str, tx: StageTx
     life = workstream.lifecycle
     if life.idle_reminder_after is None and life.auto_close_after is None:
         return []
+    if payload.sandbox and SANDBOX_JOIN.match(payload.body):
+        return []  # a sandbox join: no conversation
+    # The conversation the conversations stage stored this message in; a survey answer sits
+    # in a closed one (nothing to time). Looked up by the message, so no race with the stage.
     conversation_id = await tx.conn.fetchval(
-        "SELECT id FROM conversations WHERE account = $1 AND business_number = $2"
-        " AND customer = $3 AND state = ANY($4::text[])",
-        account,
-        payload.business_number,
-        payload.customer,
+        "SELECT c.id FROM messages m JOIN conversations c ON c.id = m.conversation_id"
+        " WHERE m.twilio_sid = $1 AND c.state = ANY($2::text[])",
+        payload.message_sid,
         list(OPEN_STATES),
     )
     if conversation_id is None:
-        if (payload.sandbox and SANDBOX_JOIN.match(payload.body)) or await tx.conn.fetchval(
+        if await tx.conn.fetchval(
             "SELECT 1 FROM messages WHERE twilio_sid = $1", payload.message_sid
         ):
-            return []  # a sandbox join or a survey answer: no open conversation to time
-        raise TransientError("the customer's conversation is not stored (yet)")
+            return []
+        raise TransientError("the customer's message is not stored (yet)")
     for kind, after in (
         ("idle_reminder", life.idle_reminder_after),
         ("auto_close", life.auto_close_after),
     ):
         if after is not None:
-            await schedule(
-                tx.conn, str(conversation_id), kind, payload.received_at + timedelta(seconds=after)
-            )
+            due = payload.received_at + timedelta(seconds=after)
+            await schedule(tx.conn, str(conversation_id), kind, due, later_only=True)
     return []
 
 

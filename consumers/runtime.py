@@ -35,7 +35,12 @@ from pydantic import BaseModel, ValidationError
 
 from omniroute.bus import Bus, copy_message, declare_stage, event_message
 from omniroute.config_loader import LiveConfig
-from omniroute.errors import BrokerUnavailable, InvalidEvent, StoreUnavailable
+from omniroute.errors import (
+    BrokerUnavailable,
+    InvalidEvent,
+    StoreUnavailable,
+    TransientError,
+)
 from omniroute.metrics import STAGE_DURATION, STAGE_MESSAGES
 from omniroute.settings import Settings
 from omniroute.store import Connection, Store, add_to_outbox, claim_unpublished, mark_published
@@ -290,7 +295,9 @@ class StageRunner:
                 return await self._dead_letter(
                     message, f"failed {deliveries} times, last error {reason}"
                 )
-            log.warning("stage.retry", error=reason, delivery=deliveries)
+            # Expected waits (a row not stored yet) are information; anything else a warning.
+            level = log.info if isinstance(exc, TransientError) else log.warning
+            level("stage.retry", error=reason, delivery=deliveries)
             await asyncio.sleep(self._backoff(deliveries))
             await message.nack(requeue=True)
             return Outcome("redelivered", reason)

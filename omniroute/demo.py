@@ -38,7 +38,7 @@ from omniroute.service import Service
 from omniroute.settings import Settings
 from omniroute.store import Store, migrate
 from omniroute.twilio_emulator import EmulatorState, start_emulator
-from schemas.config import Account, Config
+from schemas.config import Account, Config, Lifecycle
 from schemas.events import EXCHANGE
 
 DEMO_CONFIG = Path("examples/omniroute.yaml")
@@ -58,6 +58,7 @@ class Step:
     media: int = 0
     repeat: int = 1
     expect_status: int = 200
+    routed: bool = True  # a sandbox join is acknowledged, not stored in a conversation
 
 
 @dataclass
@@ -66,6 +67,16 @@ class Outcome:
     events: dict[str, int] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
     outbound: set[str] = field(default_factory=set)
+    sends: dict[str, dict[str, Any]] = field(default_factory=dict)  # sender → first send
+
+
+DEMO_LIFECYCLE = Lifecycle(wrap_up=2, idle_reminder_after=4, auto_close_after=8)
+
+
+def _quick_lifecycle(config: Config) -> Config:
+    """The example's timers in seconds instead of minutes, so the demo shows them fire."""
+    workstreams = [w.model_copy(update={"lifecycle": DEMO_LIFECYCLE}) for w in config.workstreams]
+    return config.model_copy(update={"workstreams": workstreams})
 
 
 def demo_database(settings: Settings) -> str:
@@ -109,7 +120,10 @@ def _script(account: Account) -> list[Step]:
             main,
             "Hi! Question about my invoice.",
         ),
-        Step("John", f"whatsapp:{john}", other, "join brave-tiger"),
+        Step(
+            "John (joins the sandbox)", f"whatsapp:{john}", other, "join brave-tiger", routed=False
+        ),
+        Step("John", f"whatsapp:{john}", other, "Hello! I need help with my order."),
         Step(
             "a number nobody configured",
             "whatsapp:+5511911112222",
@@ -139,6 +153,7 @@ async def _send(
         "profile_name": step.who.split(" ")[0],
         "repeat": step.repeat,
     }
+    outcome.sends.setdefault(step.sender, body | {"emulator": emulator_url})
     sends = []
     for n in range(max(step.media, 1)):
         one = dict(body)
@@ -154,7 +169,7 @@ async def _send(
         print(f"  {step.who:<42} → {step.to_name:<14} {text[:40]!r:<44} router: {statuses}")
         if any(s != step.expect_status for s in statuses):
             outcome.problems.append(f"{step.who}: expected {step.expect_status}, got {statuses}")
-        if step.expect_status == 200:
+        if step.expect_status == 200 and step.routed:
             outcome.sids.add(result["message_sid"])
     return []
 
@@ -206,17 +221,19 @@ async def _report(dsn: str, outcome: Outcome) -> None:
         rows = await pool.fetch(
             "SELECT c.id, c.state, c.account, c.business_number, c.customer, c.workstream,"
             " c.queue, c.priority, c.skills, a.name AS agent, ct.profile_name, m.body, m.media,"
+            " m.kind,"
             " m.received_at, m.twilio_sid, m.direction, m.status"
             " FROM messages m JOIN conversations c ON c.id = m.conversation_id"
             " JOIN contacts ct ON ct.id = c.contact_id LEFT JOIN agents a ON a.id = c.agent_id"
-            " WHERE m.twilio_sid = ANY($1::text[]) OR m.id = ANY($2::uuid[])"
+            " WHERE m.conversation_id IN (SELECT conversation_id FROM messages"
+            " WHERE twilio_sid = ANY($1::text[]) OR id = ANY($2::uuid[]))"
             " ORDER BY c.opened_at, m.received_at",
             list(outcome.sids),
             list(outcome.outbound),
         )
     finally:
         await store.close()
-    stored = [r["twilio_sid"] for r in rows if r["direction"] == "inbound"]
+    stored = [r["twilio_sid"] for r in rows if r["twilio_sid"] in outcome.sids]
     if sorted(stored) != sorted(outcome.sids):
         outcome.problems.append(
             f"{len(outcome.sids)} distinct messages accepted, {len(stored)} stored"
@@ -236,6 +253,8 @@ async def _report(dsn: str, outcome: Outcome) -> None:
         media = f"  +{len(row['media'])} media" if row["media"] else ""
         arrow = "←" if row["direction"] == "inbound" else "→"
         status = f"  [{row['status']}]" if row["direction"] == "outbound" else ""
+        if row["direction"] == "outbound" and row["kind"] == "system":
+            status += " (automated)"
         print(f"      {row['received_at']:%H:%M:%S.%f} {arrow} {row['body']!r}{media}{status}")
 
 
@@ -259,7 +278,7 @@ async def run_demo(
 ) -> int:
     """Run the demo; 0 if everything happened as it should."""
     environ = {**DEMO_TOKENS, **os.environ}
-    config = load_config(config_path, environ)
+    config = _quick_lifecycle(load_config(config_path, environ))
     # A database of its own, new each run: the demo never touches real data, and what an
     # earlier run left waiting does not take this run's agents.
     settings = Settings.model_validate(
@@ -377,9 +396,78 @@ async def _agents_at_work(
         sent = await converse(http, url, agent, maria, "order_update")
         outcome.outbound.update(sent)
         await _wait_read(pool, sent, outcome)
-        print(f"  {agent.name} closes the conversation: {await close(http, url, agent, maria)}")
+        print(
+            f"  {agent.name} ends the conversation: {await close(http, url, agent, maria)}"
+            f" → wrap-up ({DEMO_LIFECYCLE.wrap_up:.0f} s, capacity still held)"
+        )
+        await _life_after_close(http, pool, maria, script, outcome)
     finally:
         await retire_demo_agents(store, agents)
+
+
+async def _state(pool: Any, conversation_id: str, states: tuple[str, ...]) -> Any:
+    query = "SELECT state, close_reason FROM conversations WHERE id = $1"
+    async with asyncio.timeout(WAIT_SECONDS):
+        while True:
+            row = await pool.fetchrow(query, conversation_id)
+            if row["state"] in states:
+                return row
+            await asyncio.sleep(0.1)
+
+
+async def _life_after_close(
+    http: aiohttp.ClientSession, pool: Any, maria: str, script: list[Step], outcome: Outcome
+) -> None:
+    """Wrap-up ends by its timer, the survey goes out and Maria answers it; the idle
+    conversations are reminded, then closed by their timers."""
+    try:
+        await _state(pool, maria, ("closed",))
+        print("  wrap-up over: the conversation is closed and the agent's capacity released")
+        survey = await _wait_message(pool, maria, "De 1 a 5%")
+        print(f"  the survey goes out: {survey!r}")
+        first = outcome.sends[script[0].sender]
+        answer = first | {"body": "5 Muito bom!", "repeat": 1}
+        async with http.post(
+            f"{first['emulator']}/_emulator/customers/send",
+            json={k: v for k, v in answer.items() if k != "emulator"},
+        ) as r:
+            await r.read()
+        async with asyncio.timeout(WAIT_SECONDS):
+            while True:
+                if await pool.fetchval(
+                    "SELECT rating FROM surveys WHERE conversation_id = $1", maria
+                ):
+                    break
+                await asyncio.sleep(0.1)
+        print(
+            "  Maria answers '5 Muito bom!': recorded as rating 5 (survey.answered), "
+            "not routed to an agent"
+        )
+        others = await pool.fetch(
+            "SELECT id, customer FROM conversations WHERE id <> $1 AND state <> 'closed'", maria
+        )
+        print(
+            f"\nThe others stay silent: reminded after {DEMO_LIFECYCLE.idle_reminder_after:.0f}"
+            f" s, closed after {DEMO_LIFECYCLE.auto_close_after:.0f} s (durable timers):"
+        )
+        for other in others:
+            row = await _state(pool, str(other["id"]), ("closed",))
+            print(f"  {other['customer']}: closed ({row['close_reason']})")
+    except TimeoutError:
+        outcome.problems.append("the conversation's life after close did not complete in time")
+
+
+async def _wait_message(pool: Any, conversation_id: str, like: str) -> str:
+    query = (
+        "SELECT body FROM messages WHERE conversation_id = $1 AND direction = 'outbound'"
+        " AND body LIKE $2"
+    )
+    async with asyncio.timeout(WAIT_SECONDS):
+        while True:
+            body = await pool.fetchval(query, conversation_id, like)
+            if body:
+                return str(body)
+            await asyncio.sleep(0.1)
 
 
 async def _wait_read(pool: Any, ids: list[str], outcome: Outcome) -> None:

@@ -12,12 +12,24 @@ from typing import Any
 from omniroute.store import Connection
 
 
-async def schedule(conn: Connection, conversation_id: str, kind: str, due_at: datetime) -> None:
-    """Set (or move) the conversation's pending timer of this kind."""
+async def schedule(
+    conn: Connection,
+    conversation_id: str,
+    kind: str,
+    due_at: datetime,
+    *,
+    later_only: bool = False,
+) -> None:
+    """Set (or move) the conversation's pending timer of this kind.
+
+    ``later_only``: only ever push it later (customer activity handled out of order must
+    not pull an idle timer back).
+    """
+    moved = "GREATEST(timers.due_at, EXCLUDED.due_at)" if later_only else "EXCLUDED.due_at"
     await conn.execute(
         "INSERT INTO timers (id, conversation_id, kind, due_at) VALUES ($1, $2, $3, $4)"
         " ON CONFLICT (conversation_id, kind) WHERE fired_at IS NULL"
-        " DO UPDATE SET due_at = EXCLUDED.due_at",
+        f" DO UPDATE SET due_at = {moved}",
         uuid.uuid4(),
         conversation_id,
         kind,
