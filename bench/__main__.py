@@ -15,12 +15,15 @@ from omniroute.logging import configure_logging
 
 async def main(args: argparse.Namespace) -> list[dict[str, Any]]:
     results: list[dict[str, Any]] = []
-    async with bench_infra() as infra:
-        if "classify" in args.only:
+    # Each benchmark in a database and vhost of its own: none sees another's leftovers.
+    if "classify" in args.only:
+        async with bench_infra() as infra:
             results += await classify_stage.run(infra, count=args.count)
-        if "distribution" in args.only:
+    if "distribution" in args.only:
+        async with bench_infra() as infra:
             results += await distribution.run(infra)
-        if "outbound" in args.only:
+    if "outbound" in args.only:
+        async with bench_infra() as infra:
             results += await outbound_stage.run(infra)
     return results
 
