@@ -199,6 +199,14 @@ async def _survey_answer(
     )
     if survey is None:
         return None
+    if await tx.conn.fetchval(
+        "SELECT 1 FROM conversations WHERE account = $1 AND business_number = $2"
+        " AND customer = $3 AND state <> 'closed'",
+        event.account,
+        payload.business_number,
+        payload.customer,
+    ):
+        return None  # the customer moved on to a new conversation: not a late answer
     workstream = tx.config.current.workstream(survey["workstream"])
     scale = workstream.survey.scale if workstream and workstream.survey else 5
     match = RATING.match(payload.body)

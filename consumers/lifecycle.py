@@ -1,7 +1,8 @@
 """The ``lifecycle`` stage: automated messages at each step, idle reminders and auto-close,
 the end of wrap-up, and the post-conversation survey.
 
-Events it reacts to: ``conversation.opened`` (greeting), ``conversation.queued`` (waiting
+Events it reacts to: ``conversation.classified`` (greeting, in the language classification
+chose), ``conversation.queued`` (waiting
 in queue; out of hours), ``conversation.assigned`` (agent joined), ``conversation.ended``
 (agent ended: wrap-up timer), ``conversation.closed`` (closed message, survey) and
 ``message.received`` (customer activity moves the idle timers). Its tick fires due timers
@@ -28,9 +29,9 @@ from omniroute.work import release_assignment
 from schemas.config import Workstream
 from schemas.events import (
     ConversationAssigned,
+    ConversationClassified,
     ConversationClosed,
     ConversationEnded,
-    ConversationOpened,
     ConversationQueued,
     Envelope,
     EventType,
@@ -98,6 +99,11 @@ async def _survey(tx: StageTx, row: Any, workstream: Workstream) -> list[Envelop
     survey = workstream.survey
     if survey is None:
         return []
+    language = row["language"] or workstream.language
+    current = window(row["last_customer_message_at"], tx.now, row["window_closed_at"])
+    events = await _send_survey(tx, row, workstream, language, current.open)
+    if not events:
+        return []  # not asked (skipped, or asked before): no answer to wait for
     expires = tx.now + timedelta(seconds=survey.expires_after)
     await tx.conn.execute(
         "INSERT INTO surveys (conversation_id, account, business_number, customer, workstream,"
@@ -111,9 +117,7 @@ async def _survey(tx: StageTx, row: Any, workstream: Workstream) -> list[Envelop
         tx.now,
         expires,
     )
-    language = row["language"] or workstream.language
-    current = window(row["last_customer_message_at"], tx.now, row["window_closed_at"])
-    return await _send_survey(tx, row, workstream, language, current.open)
+    return events
 
 
 async def _send_survey(
@@ -171,7 +175,8 @@ async def handle(event: Envelope, payload: BaseModel, tx: StageTx) -> list[Envel
     assert event.conversation_id is not None
     row = await _conversation(tx.conn, event.conversation_id)
     key = event.id
-    if isinstance(payload, ConversationOpened):
+    if isinstance(payload, ConversationClassified):
+        # Greeted once classified: the conversation's language is known by then.
         return await automated(tx, row, "greeting", key)
     if isinstance(payload, ConversationQueued):
         if payload.out_of_hours:
@@ -207,18 +212,16 @@ async def _customer_activity(payload: MessageReceived, account: str, tx: StageTx
         return []  # a sandbox join: no conversation
     # The conversation the conversations stage stored this message in; a survey answer sits
     # in a closed one (nothing to time). Looked up by the message, so no race with the stage.
-    conversation_id = await tx.conn.fetchval(
-        "SELECT c.id FROM messages m JOIN conversations c ON c.id = m.conversation_id"
-        " WHERE m.twilio_sid = $1 AND c.state = ANY($2::text[])",
+    stored = await tx.conn.fetchrow(
+        "SELECT c.id, c.state FROM messages m JOIN conversations c ON c.id = m.conversation_id"
+        " WHERE m.twilio_sid = $1",
         payload.message_sid,
-        list(OPEN_STATES),
     )
-    if conversation_id is None:
-        if await tx.conn.fetchval(
-            "SELECT 1 FROM messages WHERE twilio_sid = $1", payload.message_sid
-        ):
-            return []
+    if stored is None:
         raise TransientError("the customer's message is not stored (yet)")
+    if stored["state"] not in OPEN_STATES:
+        return []  # a survey answer, kept in the closed conversation: nothing to time
+    conversation_id = stored["id"]
     for kind, after in (
         ("idle_reminder", life.idle_reminder_after),
         ("auto_close", life.auto_close_after),
@@ -288,7 +291,7 @@ async def tick(tx: StageTx) -> list[Envelope]:
 STAGE = Stage(
     name="lifecycle",
     payloads={
-        EventType.CONVERSATION_OPENED: ConversationOpened,
+        EventType.CONVERSATION_CLASSIFIED: ConversationClassified,
         EventType.CONVERSATION_QUEUED: ConversationQueued,
         EventType.CONVERSATION_ASSIGNED: ConversationAssigned,
         EventType.CONVERSATION_ENDED: ConversationEnded,

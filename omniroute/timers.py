@@ -26,9 +26,19 @@ async def schedule(
     not pull an idle timer back).
     """
     moved = "GREATEST(timers.due_at, EXCLUDED.due_at)" if later_only else "EXCLUDED.due_at"
+    # With later_only, a timer that already fired for this moment or a later one is not set
+    # again (a redelivered customer message must not repeat a reminder).
+    guard = (
+        " WHERE NOT EXISTS (SELECT 1 FROM timers WHERE conversation_id = $2 AND kind = $3"
+        " AND fired_at IS NOT NULL AND due_at >= $4)"
+        if later_only
+        else ""
+    )
     await conn.execute(
-        "INSERT INTO timers (id, conversation_id, kind, due_at) VALUES ($1, $2, $3, $4)"
-        " ON CONFLICT (conversation_id, kind) WHERE fired_at IS NULL"
+        "INSERT INTO timers (id, conversation_id, kind, due_at)"
+        " SELECT $1, $2::uuid, $3::text, $4::timestamptz"
+        + guard
+        + " ON CONFLICT (conversation_id, kind) WHERE fired_at IS NULL"
         f" DO UPDATE SET due_at = {moved}",
         uuid.uuid4(),
         conversation_id,

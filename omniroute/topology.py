@@ -51,7 +51,7 @@ STAGES: dict[str, StageQueue] = {
         StageQueue(
             "lifecycle",
             (
-                EventType.CONVERSATION_OPENED,
+                EventType.CONVERSATION_CLASSIFIED,
                 EventType.CONVERSATION_QUEUED,
                 EventType.CONVERSATION_ASSIGNED,
                 EventType.CONVERSATION_ENDED,
