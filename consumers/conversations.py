@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 import uuid
 from dataclasses import dataclass
+from datetime import timedelta
 
 from pydantic import BaseModel
 
@@ -20,6 +21,7 @@ from consumers.runtime import Stage, StageTx
 from omniroute.store import Connection
 from schemas.events import (
     ConversationOpened,
+    ConversationQueued,
     Envelope,
     EventType,
     MessageReceived,
@@ -124,10 +126,11 @@ async def handle(event: Envelope, payload: BaseModel, tx: StageTx) -> list[Envel
     answered = await _survey_answer(event, payload, tx)
     if answered is not None:
         return answered
+    reopened = await _reopen(event, payload, tx)
     stored = await store_inbound(tx.conn, event.account, payload)
     if stored is None:
         return []
-    events = await _attachments_notice(event, payload, stored, tx)
+    events = reopened + await _attachments_notice(event, payload, stored, tx)
     if not stored.opened:
         return events
     opened = ConversationOpened(
@@ -243,6 +246,62 @@ async def _survey_answer(
             answer.model_dump(mode="json"),
             conversation_id=str(survey["conversation_id"]),
         )
+    ]
+
+
+_REOPEN = """
+UPDATE conversations SET state = 'queued', closed_at = NULL, close_reason = NULL,
+    agent_id = NULL, declined_by = '{}', queued_at = $5, wrap_up_until = NULL,
+    last_customer_message_at = GREATEST(last_customer_message_at, $5), updated_at = now()
+WHERE id = (
+    SELECT id FROM conversations
+    WHERE account = $1 AND business_number = $2 AND customer = $3 AND state = 'closed'
+      AND closed_at >= $4 AND close_reason IS DISTINCT FROM 'out_of_hours'
+    ORDER BY closed_at DESC LIMIT 1)
+  AND NOT EXISTS (
+    SELECT 1 FROM conversations
+    WHERE account = $1 AND business_number = $2 AND customer = $3 AND state <> 'closed')
+RETURNING id, queue, workstream, skills, priority, language, contact_id
+"""
+
+
+async def _reopen(event: Envelope, payload: MessageReceived, tx: StageTx) -> list[Envelope]:
+    """Within the workstream's reopen_within after a close, the customer's new message brings
+    the last conversation back to its queue (its previous agent is offered it first)."""
+    workstream = tx.config.current.workstream(payload.workstream)
+    within = workstream.lifecycle.reopen_within if workstream else None
+    if not within or workstream is None:
+        return []
+    if await tx.conn.fetchval("SELECT 1 FROM messages WHERE twilio_sid = $1", payload.message_sid):
+        return []
+    row = await tx.conn.fetchrow(
+        _REOPEN,
+        event.account,
+        payload.business_number,
+        payload.customer,
+        payload.received_at - timedelta(seconds=within),
+        payload.received_at,
+    )
+    if row is None or row["queue"] is None:
+        return []
+    cid = str(row["id"])
+    queued = ConversationQueued(
+        queue=row["queue"],
+        workstream=row["workstream"],
+        skills=row["skills"] or {},
+        priority=row["priority"],
+        language=row["language"] or workstream.language,
+        queued_at=payload.received_at,
+    )
+    return [
+        event.caused(
+            EventType.CONVERSATION_REOPENED,
+            {"reopened_at": payload.received_at.isoformat(), "workstream": row["workstream"]},
+            conversation_id=cid,
+        ),
+        event.caused(
+            EventType.CONVERSATION_QUEUED, queued.model_dump(mode="json"), conversation_id=cid
+        ),
     ]
 
 

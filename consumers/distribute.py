@@ -38,9 +38,9 @@ from schemas.events import (
 _ITEMS = """
 SELECT c.id, c.account, c.queue, c.priority, c.queued_at, c.skills, c.declined_by,
        c.workstream,
-       (SELECT p.agent_id FROM conversations p
-         WHERE p.contact_id = c.contact_id AND p.id <> c.id AND p.agent_id IS NOT NULL
-         ORDER BY p.opened_at DESC LIMIT 1) AS previous_agent
+       (SELECT s.agent_id FROM assignments s JOIN conversations p ON p.id = s.conversation_id
+         WHERE p.contact_id = c.contact_id
+         ORDER BY s.assigned_at DESC LIMIT 1) AS previous_agent
 FROM conversations c
 WHERE c.state = 'queued' AND NOT (c.workstream = ANY($1::text[]))
   AND ($2::text[] IS NULL OR c.queue = ANY($2::text[]))

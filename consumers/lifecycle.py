@@ -62,7 +62,13 @@ async def _conversation(conn: Connection, conversation_id: str) -> Any:
 
 
 async def automated(
-    tx: StageTx, row: Any, kind: str, key: str, extra: dict[str, str] | None = None
+    tx: StageTx,
+    row: Any,
+    kind: str,
+    key: str,
+    extra: dict[str, str] | None = None,
+    *,
+    later: bool = False,
 ) -> list[Envelope]:
     """The workstream's automated message of this kind for the conversation, if any."""
     workstream = tx.config.current.workstream(row["workstream"])
@@ -79,7 +85,7 @@ async def automated(
         kind=kind,
         language=row["language"] or workstream.language,
         window_open=current.open,
-        now=tx.now,
+        now=tx.now + timedelta(milliseconds=1 if later else 0),  # keep the order shown
         key=key,
         placeholders=values | (extra or {}),
     )
@@ -176,13 +182,16 @@ async def handle(event: Envelope, payload: BaseModel, tx: StageTx) -> list[Envel
     row = await _conversation(tx.conn, event.conversation_id)
     key = event.id
     if isinstance(payload, ConversationClassified):
-        # Greeted once classified: the conversation's language is known by then.
-        return await automated(tx, row, "greeting", key)
+        return []  # greeted with the queue message, in order, once the language is known
     if isinstance(payload, ConversationQueued):
+        # Once per conversation (a reopen queues it again), and before the queue message.
+        events = await automated(tx, row, "greeting", f"greeting:{row['id']}")
         if payload.out_of_hours:
-            return await automated(tx, row, "out_of_hours", key)
+            return events + await automated(tx, row, "out_of_hours", key, later=bool(events))
         position = await _queue_position(tx.conn, row)
-        return await automated(tx, row, "queued", key, {"queue_position": position})
+        return events + await automated(
+            tx, row, "queued", key, {"queue_position": position}, later=bool(events)
+        )
     if isinstance(payload, ConversationAssigned):
         return await automated(tx, row, "agent_joined", key)
     if isinstance(payload, ConversationEnded):

@@ -117,7 +117,7 @@ def decode(stage: Stage, body: bytes) -> tuple[Envelope, BaseModel]:
         raise InvalidEvent(f"not a valid event envelope: {_short(exc)}") from None
     model = stage.payloads.get(event.type)
     if model is None:
-        raise InvalidEvent(f"stage {stage.name} does not handle events of type {event.type!r}")
+        raise NotForThisStage(event.type)
     try:
         payload = model.model_validate(event.data)
     except ValidationError as exc:
@@ -269,6 +269,9 @@ class StageRunner:
             event, payload = decode(self.stage, message.body)
         except InvalidEvent as exc:
             return await self._dead_letter(message, str(exc))
+        except NotForThisStage as exc:
+            await message.ack()
+            return Outcome("skipped", f"not a {self.stage.name} event: {exc}")
         if self.stage.coalesce:
             # A trigger: the work it asks for is already durable (rows in the database);
             # wake this replica's tick, which serves every trigger that came meanwhile.
@@ -379,6 +382,11 @@ class StageRunner:
         base = self._settings.retry_backoff_base * (2 ** min(attempt - 1, 16))
         capped: float = min(self._settings.retry_backoff_max, base)
         return capped * random.uniform(0.5, 1.0)
+
+
+class NotForThisStage(Exception):
+    """A valid event of a type the stage does not take (e.g. a binding an older release
+    declared): acknowledged and skipped; its real consumers received their own copy."""
 
 
 class _Stopping(Exception):

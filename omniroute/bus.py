@@ -90,6 +90,8 @@ async def declare_stage(channel: AbstractChannel, stage: StageQueue) -> Abstract
     )
     for key in stage.bindings:
         await queue.bind(events, routing_key=key)
+    for key in stage.retired:
+        await queue.unbind(events, routing_key=key)  # idempotent when never bound
     return queue
 
 

@@ -21,6 +21,7 @@ BROKER_DELIVERY_LIMIT = 20
 class StageQueue:
     stage: str
     bindings: tuple[str, ...]
+    retired: tuple[str, ...] = ()  # keys earlier releases bound: unbound on declare
 
     @property
     def queue(self) -> str:
@@ -58,6 +59,7 @@ STAGES: dict[str, StageQueue] = {
                 EventType.CONVERSATION_CLOSED,
                 EventType.MESSAGE_RECEIVED,
             ),
+            retired=(EventType.CONVERSATION_OPENED,),
         ),
         StageQueue("status", (EventType.MESSAGE_STATUS,)),
     )

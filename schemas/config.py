@@ -202,8 +202,14 @@ class Lifecycle(Strict):
     auto_close_after: Duration | None = Field(
         default=None, description="customer silent this long: close the conversation"
     )
+    reopen_within: Duration | None = Field(
+        default=None,
+        description="a customer writing within this time after a close reopens the conversation",
+    )
 
-    @field_validator("wrap_up", "idle_reminder_after", "auto_close_after", mode="before")
+    @field_validator(
+        "wrap_up", "idle_reminder_after", "auto_close_after", "reopen_within", mode="before"
+    )
     @classmethod
     def _duration(cls, value: str | int | float | None) -> float | None:
         return None if value is None else parse_duration(value)

@@ -42,6 +42,7 @@ class EventType(StrEnum):
     OFFER_EXPIRED = "offer.expired"
     CONFIG_RELOAD_REQUESTED = "config.reload-requested"
     CONVERSATION_ENDED = "conversation.ended"
+    CONVERSATION_REOPENED = "conversation.reopened"
     SURVEY_ANSWERED = "survey.answered"
     SANDBOX_JOINED = "sandbox.joined"
 

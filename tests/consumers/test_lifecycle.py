@@ -664,12 +664,6 @@ async def test_an_english_customer_is_greeted_in_english(
     assert greeting["body"] == "Hi John! We will be right with you."
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: the greeting (on conversation.classified) and the queue position (on"
-    " conversation.queued) are handled independently; when the queued event is handled first"
-    " the customer is told their place in line before being greeted",
-)
 async def test_the_greeting_goes_before_the_queue_position(
     router: TestClient[Any, Any],
     start_runner: RunnerFactory,
@@ -750,8 +744,9 @@ async def test_out_of_hours_closing_sends_its_message_and_no_survey(
     assert closed["data"]["reason"] == "out_of_hours"
     message = await _automated(events, db, cid, "out_of_hours")
     assert (message["kind"], message["body"]) == ("system", OUT_OF_HOURS["pt-BR"])
-    await _automated(events, db, cid, "greeting")
+    # Closed out of hours: the out-of-hours message is the answer, no "we'll be right with you".
     await events.expect_none(_is("message.send-requested", cid, automated="closed"), within=0.3)
+    assert GREETING["pt-BR"] not in [m["body"] for m in await _outbound(db, cid)]
     assert await db.fetchval("SELECT count(*) FROM surveys WHERE conversation_id = $1", cid) == 0
     assert CLOSED["pt-BR"] not in [m["body"] for m in await _outbound(db, cid)]
 
@@ -1348,3 +1343,83 @@ async def test_a_sandbox_join_is_noted_and_opens_nothing(
     await _write(router, other, "join brave-tiger")
     await events.wait(_is("conversation.opened", customer=other))
     assert events.matching(_is("sandbox.joined", customer=other)) == []
+
+
+async def test_reopen_within_the_period_goes_back_to_the_same_agent(
+    router: TestClient[Any, Any],
+    start_runner: RunnerFactory,
+    db: asyncpg.Pool,
+    config: LiveConfig,
+    settings: Settings,
+) -> None:
+    from consumers import classify, conversations, distribute
+    from tests.support import CONFIG_YAML as BASE
+    from tests.support import ENVIRON as SECRETS
+
+    reopening = BASE.replace(
+        "    language: pt-BR\n    timezone: America/Sao_Paulo\n",
+        "    language: pt-BR\n    timezone: America/Sao_Paulo\n"
+        "    lifecycle: {reopen_within: 1h}\n",
+    )
+    config.current = parse_config(reopening, "reopen.yaml", SECRETS)
+    queue = "billing"
+    await db.execute("UPDATE agents SET presence = 'offline' WHERE $1 = ANY(queues)", queue)
+    await db.execute(
+        "UPDATE conversations SET state = 'closed' WHERE state IN ('queued', 'offered')"
+        " AND queue = $1",
+        queue,
+    )
+    agents = []
+    for _ in range(2):
+        agent_id = str(uuid.uuid4())
+        await db.execute(
+            "INSERT INTO agents (id, name, queues, skills, capacity_units, presence, token_hash)"
+            " VALUES ($1, $2, $3, '{\"billing\": 9}', 5, 'available', $4)",
+            agent_id,
+            f"reopen-{agent_id[:6]}",
+            [queue],
+            uuid.uuid4().hex,
+        )
+        agents.append(agent_id)
+    await start_runner(conversations.STAGE)
+    await start_runner(classify.STAGE)
+    await start_runner(distribute.STAGE, tick_interval=0.1)
+    customer = new_customer()
+    async with tap(settings.amqp_url.get_secret_value(), "conversation.*") as spy:
+        body, headers = signed_post(INBOUND, inbound_form(customer=customer, body="boleto"))
+        assert (await router.post(INBOUND, data=body, headers=headers)).status == 200
+        offered = await spy.next(
+            where=lambda e: e["type"] == "conversation.offered" and e["data"]["agent_id"] in agents,
+            timeout=10,
+        )
+        cid, first_agent = offered["conversation_id"], offered["data"]["agent_id"]
+        await db.execute(
+            "UPDATE offers SET state = 'accepted' WHERE id = $1", offered["data"]["offer_id"]
+        )
+        await db.execute(
+            "INSERT INTO assignments (id, conversation_id, agent_id, units, assigned_at,"
+            " released_at) VALUES ($1, $2, $3, 1, now(), now())",
+            uuid.uuid4(),
+            cid,
+            first_agent,
+        )
+        await db.execute(
+            "UPDATE conversations SET state = 'closed', closed_at = now(), close_reason = 'agent'"
+            " WHERE id = $1",
+            cid,
+        )
+        await db.execute("UPDATE agents SET used_units = 0 WHERE id = ANY($1::uuid[])", agents)
+        # The other agent is now the least loaded one, but affinity wins.
+        await db.execute("UPDATE agents SET used_units = 4 WHERE id = $1", first_agent)
+        body, headers = signed_post(INBOUND, inbound_form(customer=customer, body="voltei"))
+        assert (await router.post(INBOUND, data=body, headers=headers)).status == 200
+        reopened = await spy.next(where=lambda e: e["type"] == "conversation.reopened", timeout=10)
+        assert reopened["conversation_id"] == cid
+        again = await spy.next(
+            where=lambda e: e["type"] == "conversation.offered" and e["conversation_id"] == cid,
+            timeout=10,
+        )
+        assert again["data"]["agent_id"] == first_agent
+        assert again["data"]["affinity"] is True
+    count = await db.fetchval("SELECT count(*) FROM conversations WHERE customer = $1", customer)
+    assert count == 1
