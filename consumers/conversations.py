@@ -131,6 +131,7 @@ async def handle(event: Envelope, payload: BaseModel, tx: StageTx) -> list[Envel
     if stored is None:
         return []
     events = reopened + await _attachments_notice(event, payload, stored, tx)
+    events += await _resume_waiting(event, payload, stored, tx)
     if not stored.opened:
         return events
     opened = ConversationOpened(
@@ -302,6 +303,37 @@ async def _reopen(event: Envelope, payload: MessageReceived, tx: StageTx) -> lis
         event.caused(
             EventType.CONVERSATION_QUEUED, queued.model_dump(mode="json"), conversation_id=cid
         ),
+    ]
+
+
+async def _resume_waiting(
+    event: Envelope, payload: MessageReceived, stored: Stored, tx: StageTx
+) -> list[Envelope]:
+    """A conversation the agent parked comes back to its queue when the customer writes;
+    distribution offers it to that agent first (affinity)."""
+    row = await tx.conn.fetchrow(
+        "UPDATE conversations SET state = 'queued', queued_at = $2, declined_by = '{}',"
+        " updated_at = now() WHERE id = $1 AND state = 'waiting'"
+        " RETURNING queue, workstream, skills, priority, language",
+        stored.conversation_id,
+        payload.received_at,
+    )
+    if row is None or row["queue"] is None:
+        return []
+    queued = ConversationQueued(
+        queue=row["queue"],
+        workstream=row["workstream"],
+        skills=row["skills"] or {},
+        priority=row["priority"],
+        language=row["language"] or "en",
+        queued_at=payload.received_at,
+    )
+    return [
+        event.caused(
+            EventType.CONVERSATION_QUEUED,
+            queued.model_dump(mode="json"),
+            conversation_id=stored.conversation_id,
+        )
     ]
 
 

@@ -387,6 +387,38 @@ async def close(request: web.Request) -> web.Response:
     return web.json_response({"conversation_id": str(row["id"]), "state": new_state})
 
 
+async def wait(request: web.Request) -> web.Response:
+    """Park an active conversation waiting for the customer: capacity released, the
+    customer's next message brings it back (offered to this agent first)."""
+    found = await _own_conversation(request)
+    if isinstance(found, web.Response):
+        return found
+    agent, row = found
+    now = utcnow()
+    async with request.app[STORE].transaction() as conn:
+        state = await conn.fetchval(
+            "SELECT state FROM conversations WHERE id = $1 FOR UPDATE", row["id"]
+        )
+        if state != "active":
+            return error(409, "not_active", f"the conversation is {state}, not active")
+        await release_assignment(conn, str(row["id"]), now)
+        await conn.execute(
+            "UPDATE conversations SET state = 'waiting', updated_at = now() WHERE id = $1",
+            row["id"],
+        )
+        event = new_event(
+            EventType.CONVERSATION_WAITING,
+            account=row["account"],
+            key=(str(row["id"]), now.isoformat()),
+            data={"agent_id": str(agent["id"]), "waiting_since": now.isoformat()},
+            occurred_at=now,
+            conversation_id=str(row["id"]),
+        )
+        events = await add_to_outbox(conn, [event])
+    await publish_committed(request.app, events)
+    return web.json_response({"conversation_id": str(row["id"]), "state": "waiting"})
+
+
 async def transfer(request: web.Request) -> web.Response:
     found = await _own_conversation(request)
     if isinstance(found, web.Response):
@@ -435,3 +467,4 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/api/conversations/{conversation_id}/messages", conversation_messages)
     app.router.add_post("/api/conversations/{conversation_id}/close", close)
     app.router.add_post("/api/conversations/{conversation_id}/transfer", transfer)
+    app.router.add_post("/api/conversations/{conversation_id}/wait", wait)

@@ -333,6 +333,14 @@ OPERATIONS: tuple[Operation, ...] = (
         body=VariablesUpdate,
         errors=(400, 404, 422),
     ),
+    Operation(
+        "POST",
+        "/api/conversations/{conversation_id}/wait",
+        "Park my active conversation until the customer writes (capacity released)",
+        "agentToken",
+        None,
+        errors=(404, 409),
+    ),
     # Agent API: an agent reaches its own offers and conversations only.
     Operation("GET", "/api/me", "The calling agent", "agentToken", AgentProfile),
     Operation(

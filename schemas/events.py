@@ -43,6 +43,7 @@ class EventType(StrEnum):
     CONFIG_RELOAD_REQUESTED = "config.reload-requested"
     CONVERSATION_ENDED = "conversation.ended"
     CONVERSATION_REOPENED = "conversation.reopened"
+    CONVERSATION_WAITING = "conversation.waiting"
     SURVEY_ANSWERED = "survey.answered"
     SANDBOX_JOINED = "sandbox.joined"
 

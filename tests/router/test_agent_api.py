@@ -312,3 +312,26 @@ async def test_transfer_to_another_agent_offers_it_to_them(
     assert await db.fetchval("SELECT agent_id FROM conversations WHERE id = $1", cid) == (
         uuid.UUID(second)
     )
+
+
+async def test_a_parked_conversation_comes_back_to_its_agent_when_the_customer_writes(
+    router: TestClient[Any, Any], stages: None, flow: EventTap, db: asyncpg.Pool
+) -> None:
+    await _isolate(db)
+    owner, owner_auth = await _agent(db, "billing", skills={"billing": 9})
+    customer = new_customer()
+    await _customer_writes(router, "boleto", customer)
+    offer = await _next(flow, "conversation.offered")
+    cid = offer["conversation_id"]
+    assert offer["data"]["agent_id"] == owner
+    # A roomier colleague joins: without affinity the conversation would go to them.
+    await _agent(db, "billing", skills={"billing": 9}, capacity=9)
+    await router.post(f"/api/offers/{offer['data']['offer_id']}/accept", headers=owner_auth)
+    await _next(flow, "conversation.assigned", cid)
+    parked = await router.post(f"/api/conversations/{cid}/wait", headers=owner_auth)
+    assert parked.status == 200, await parked.text()
+    assert await db.fetchval("SELECT state FROM conversations WHERE id = $1", cid) == "waiting"
+    assert await db.fetchval("SELECT used_units FROM agents WHERE id = $1", owner) == 0
+    await _customer_writes(router, "voltei, e aí?", customer)
+    back = await _next(flow, "conversation.offered", cid)
+    assert back["data"]["agent_id"] == owner and back["data"]["affinity"] is True
