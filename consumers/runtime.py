@@ -203,6 +203,7 @@ class StageRunner:
             )
             for waiter in pending:
                 waiter.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
 
     async def stop(self) -> None:
         """Stop intake, let in-flight messages finish within the grace period, close."""

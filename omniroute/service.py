@@ -71,6 +71,7 @@ class Service:
             await asyncio.wait({ready, stop}, return_when=asyncio.FIRST_COMPLETED)
             for task in (ready, stop):
                 task.cancel()
+            await asyncio.gather(ready, stop, return_exceptions=True)
             if self.stop_event.is_set():
                 return
             relay = OutboxRelay(bus=bus, store=store, settings=self.settings)

@@ -157,17 +157,22 @@ async def _next_frame(
     """The next event as an SSE frame, a keep-alive comment, or None when shutting down."""
     getter = asyncio.ensure_future(events.get())
     stopper = asyncio.ensure_future(closing.wait())
-    done, _ = await asyncio.wait(
-        {getter, stopper}, timeout=HEARTBEAT_SECONDS, return_when=asyncio.FIRST_COMPLETED
-    )
-    for task in (getter, stopper):
-        if task not in done:
-            task.cancel()
-    if getter in done:
+    try:
+        done, _ = await asyncio.wait(
+            {getter, stopper}, timeout=HEARTBEAT_SECONDS, return_when=asyncio.FIRST_COMPLETED
+        )
+    finally:
+        # Cancelled or not, never leave these behind pending (even if we are cancelled).
+        for task in (getter, stopper):
+            if not task.done():
+                task.cancel()
+        await asyncio.gather(getter, stopper, return_exceptions=True)
+    del done
+    if getter.done() and not getter.cancelled():  # also when it completed as we timed out
         event = getter.result()
         payload = orjson.dumps(event)
         return f"id: {event['id']}\nevent: {event['type']}\ndata: ".encode() + payload + b"\n\n"
-    if stopper in done:
+    if stopper.done() and not stopper.cancelled():
         return None
     return b": keep-alive\n\n"
 
