@@ -8,32 +8,19 @@ import uuid
 from typing import Any
 
 from aiohttp import web
-from pydantic import ValidationError
 
-from router.agent_api import _own_conversation, _uuid
+from router.agent_api import _body, _own_conversation, _uuid
 from router.auth import require_admin
 from router.responses import error
 from router.state import STORE
 from schemas.api import SurveyOut, SurveyResults, VariablesOut, VariablesUpdate
 
 
-async def _update(request: web.Request) -> VariablesUpdate | web.Response:
-    try:
-        return VariablesUpdate.model_validate(await request.json())
-    except ValidationError as exc:
-        fields = [
-            {"field": ".".join(map(str, e["loc"])) or "(body)", "problem": e["msg"]}
-            for e in exc.errors()
-        ]
-        return error(422, "invalid_body", "the body does not match the API", fields=fields)
-    except ValueError:
-        return error(400, "invalid_json", "the body is not JSON")
-
-
 async def _apply(request: web.Request, conversation_id: str) -> web.Response:
-    update = await _update(request)
+    update = await _body(request, VariablesUpdate)
     if isinstance(update, web.Response):
         return update
+    assert isinstance(update, VariablesUpdate)
     removed = [k for k, v in update.variables.items() if v is None]
     values = {k: v for k, v in update.variables.items() if v is not None}
     async with request.app[STORE].transaction() as conn:
