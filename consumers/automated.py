@@ -50,12 +50,14 @@ async def queue_automated(
     now: datetime,
     key: str,
     placeholders: dict[str, str] | None = None,
+    message: AutomatedMessage | None = None,
 ) -> list[Envelope]:
     """Store the automated message and ask the outbound stage to send it (or record a skip).
 
     ``key`` makes it idempotent: the same cause (e.g. the customer message) stores one.
     """
-    message = workstream.automated_messages.get(kind)  # type: ignore[call-overload]
+    if message is None:  # else given by the caller (e.g. the survey question)
+        message = workstream.automated_messages.get(kind)  # type: ignore[call-overload]
     if message is None:
         return []
     message_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"automated:{kind}:{key}"))

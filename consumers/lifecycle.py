@@ -12,19 +12,18 @@ goes through ``consumers.automated`` and the outbound gate.
 
 from __future__ import annotations
 
-import uuid
 from datetime import datetime, timedelta
 from typing import Any
 
 from pydantic import BaseModel
 
-from consumers.automated import queue_automated, text_for
+from consumers.automated import queue_automated
 from consumers.conversations import SANDBOX_JOIN
 from consumers.runtime import Stage, StageTx
 from omniroute.errors import TransientError
 from omniroute.store import Connection
 from omniroute.timers import cancel, schedule, take_due
-from omniroute.window import render, window
+from omniroute.window import window
 from omniroute.work import release_assignment
 from schemas.config import Workstream
 from schemas.events import (
@@ -36,7 +35,6 @@ from schemas.events import (
     Envelope,
     EventType,
     MessageReceived,
-    MessageSendRequested,
     new_event,
 )
 
@@ -129,50 +127,20 @@ async def _survey(tx: StageTx, row: Any, workstream: Workstream) -> list[Envelop
 async def _send_survey(
     tx: StageTx, row: Any, workstream: Workstream, language: str, window_open: bool
 ) -> list[Envelope]:
-    """The survey question as a system message (its template outside the window)."""
-    assert workstream.survey is not None
-    message_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"survey:{row['id']}"))
-    body = text_for(workstream.survey_question_message(), language, workstream.language)
-    template = None
-    status = "requested"
-    if not window_open:
-        found = workstream.template(workstream.survey.template or "")
-        rendered = render(found, language, {}) if found else None
-        if rendered is None or isinstance(rendered, str):
-            status = "skipped"
-        else:
-            body = rendered.text
-            template = {
-                "name": rendered.template,
-                "language": rendered.language,
-                "content_sid": rendered.content_sid,
-                "variables": {},
-            }
-    inserted = await tx.conn.fetchval(
-        "INSERT INTO messages (id, conversation_id, direction, body, status, received_at, kind,"
-        " template) VALUES ($1, $2, 'outbound', $3, $4, $5, $6, $7)"
-        " ON CONFLICT (id) DO NOTHING RETURNING id",
-        message_id,
-        row["id"],
-        body,
-        status,
-        tx.now + timedelta(milliseconds=1),  # after the 'closed' message it follows
-        "template" if template else "system",
-        template,
+    """The survey question, sent like an automated message (its template outside the
+    window, else skipped), just after the closing message it follows."""
+    return await queue_automated(
+        tx.conn,
+        account=row["account"],
+        conversation_id=str(row["id"]),
+        workstream=workstream,
+        kind="survey",
+        language=language,
+        window_open=window_open,
+        now=tx.now + timedelta(milliseconds=1),
+        key=str(row["id"]),
+        message=workstream.survey_question_message(),
     )
-    if inserted is None or status != "requested":
-        return []
-    data = MessageSendRequested(message_id=message_id, kind="system", requested_at=tx.now)
-    return [
-        new_event(
-            EventType.MESSAGE_SEND_REQUESTED,
-            account=row["account"],
-            key=(message_id,),
-            data=data.model_dump(mode="json") | {"automated": "survey"},
-            occurred_at=tx.now,
-            conversation_id=str(row["id"]),
-        )
-    ]
 
 
 async def handle(event: Envelope, payload: BaseModel, tx: StageTx) -> list[Envelope]:
