@@ -136,6 +136,15 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     return _run(run_demo(settings, keep_running=args.keep_running))
 
 
+def cmd_contract(args: argparse.Namespace, settings: Settings) -> int:
+    import json
+
+    from omniroute.contract import asyncapi
+
+    print(json.dumps(asyncapi(), indent=2, sort_keys=True))
+    return 0
+
+
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     from omniroute.status import run_status
 
@@ -190,6 +199,7 @@ def parser() -> argparse.ArgumentParser:
     emulator.add_argument("--port", type=int, default=8081)
     demo = sub.add_parser("demo", help="emulator + router + stages with simulated customers")
     demo.add_argument("--keep-running", action="store_true", help="keep serving after the demo")
+    sub.add_parser("contract", help="print the event contract (AsyncAPI, from schemas/)")
     status = sub.add_parser("status", help="queue depth, consumers and dead letters per stage")
     status.add_argument("--json", action="store_true")
     dead = sub.add_parser("dead-letters", help="inspect or replay a stage's dead letters")
@@ -213,6 +223,7 @@ COMMANDS = {
     "demo": cmd_demo,
     "dead-letters": cmd_dead_letters,
     "status": cmd_status,
+    "contract": cmd_contract,
 }
 
 

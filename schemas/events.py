@@ -359,6 +359,35 @@ class SurveyAnswered(BaseModel):
     answered_at: datetime
 
 
+class ConversationReopened(BaseModel):
+    """``conversation.reopened``: the customer wrote within the reopen period after a close."""
+
+    model_config = ConfigDict(extra="allow")
+
+    reopened_at: datetime
+    workstream: str
+
+
+class ConversationWaiting(BaseModel):
+    """``conversation.waiting``: the agent parked it until the customer writes."""
+
+    model_config = ConfigDict(extra="allow")
+
+    agent_id: str
+    waiting_since: datetime
+
+
+class SandboxJoined(BaseModel):
+    """``sandbox.joined``: a customer sent ``join <code>`` to Twilio's sandbox number."""
+
+    model_config = ConfigDict(extra="allow")
+
+    customer: str
+    business_number: str
+    code: str
+    joined_at: datetime
+
+
 class SystemEvent(BaseModel):
     """Events about the deployment rather than a conversation (e.g. reload requests)."""
 
@@ -387,4 +416,7 @@ PAYLOADS: dict[str, type[BaseModel]] = {
     EventType.CONFIG_RELOAD_REQUESTED: SystemEvent,
     EventType.CONVERSATION_ENDED: ConversationEnded,
     EventType.SURVEY_ANSWERED: SurveyAnswered,
+    EventType.CONVERSATION_REOPENED: ConversationReopened,
+    EventType.CONVERSATION_WAITING: ConversationWaiting,
+    EventType.SANDBOX_JOINED: SandboxJoined,
 }
