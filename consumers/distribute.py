@@ -22,6 +22,7 @@ from pydantic import BaseModel
 
 from consumers.assignment import AgentView, QueuePolicy, WorkItem, eligible, plan
 from consumers.runtime import Stage, StageTx
+from omniroute.metrics import ASSIGNMENTS
 from omniroute.store import Connection
 from omniroute.work import ConversationRef, assign, claim_capacity, end_offer, make_offer
 from schemas.config import Config
@@ -91,6 +92,9 @@ async def cycle(tx: StageTx, queues: list[str] | None) -> list[Envelope]:
         if not await claim_capacity(tx.conn, decision.agent_id, decision.units, tx.now):
             continue  # another replica took that capacity first: next cycle
         distribution = _distribution(config, row["workstream"])
+        ASSIGNMENTS.labels(
+            "auto-accept" if distribution and distribution.auto_accept else "offer"
+        ).inc()
         if distribution is not None and distribution.auto_accept:
             events.append(
                 await assign(

@@ -15,6 +15,7 @@ as such, for the agent to retry explicitly.
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
@@ -27,6 +28,7 @@ from pydantic import BaseModel
 from consumers.runtime import Stage, StageTx
 from omniroute.config_loader import LiveConfig
 from omniroute.errors import TransientError
+from omniroute.metrics import GATE_REJECTIONS, TWILIO_CALLS, TWILIO_ERRORS
 from omniroute.settings import Settings
 from omniroute.store import Connection, add_to_outbox
 from omniroute.twilio_gateway import SendOutcome, TwilioClients, classify_error
@@ -155,6 +157,7 @@ async def prepare_send(tx: StageTx, message_id: str) -> list[Envelope]:
         variables=template.get("variables") or {},
     )
     if not verdict.allowed:
+        GATE_REJECTIONS.labels(verdict.reason or "rejected").inc()
         return [
             await _reject(
                 tx.conn,
@@ -207,11 +210,15 @@ async def _send(tx: StageTx, row: Any, params: dict[str, Any]) -> list[Envelope]
         outcome = SendOutcome("failed", message=f"account {row['account']} is not configured")
     else:
         client = tx.resources.get(account.account_sid, account.auth_token.get_secret_value())
+        started = time.perf_counter()
         try:
             created = await client.messages.create_async(**params)
             outcome = SendOutcome("sent", sid=created.sid, status=created.status)
         except Exception as exc:
             outcome = classify_error(exc)
+        TWILIO_CALLS.labels(outcome.kind).observe(time.perf_counter() - started)
+        if outcome.code is not None:
+            TWILIO_ERRORS.labels(str(outcome.code)).inc()
     assert tx.store is not None
     now = datetime.now(tx.now.tzinfo)
     async with tx.store.transaction() as conn:

@@ -19,3 +19,15 @@ STAGE_MESSAGES = Counter(
 STAGE_DURATION = Histogram(
     "omniroute_stage_duration_seconds", "Time to handle one message per stage", ["stage"]
 )
+TWILIO_CALLS = Histogram(
+    "omniroute_twilio_request_seconds", "Twilio Messages API calls by outcome", ["outcome"]
+)
+TWILIO_ERRORS = Counter(
+    "omniroute_twilio_errors_total", "Twilio error codes answered to sends", ["code"]
+)
+GATE_REJECTIONS = Counter(
+    "omniroute_gate_rejections_total", "Messages the 24-hour gate refused, by reason", ["reason"]
+)
+ASSIGNMENTS = Counter(
+    "omniroute_assignments_total", "Offers and assignments made by distribution", ["kind"]
+)

@@ -21,6 +21,7 @@ import aiohttp
 from aiohttp import web
 from pydantic import ValidationError
 
+from omniroute.metrics import GATE_REJECTIONS
 from omniroute.store import Connection, add_to_outbox
 from omniroute.window import gate, window
 from router.agent_api import _own_conversation, _uuid
@@ -146,6 +147,7 @@ async def send(request: web.Request) -> web.Response:
             kind, status = EventType.MESSAGE_SEND_REQUESTED, 202
             answer = {"id": message_id, "status": "requested", "window": win}
         else:
+            GATE_REJECTIONS.labels(verdict.reason or "rejected").inc()
             data = MessageRejected(
                 message_id=message_id,
                 reason=verdict.reason or "rejected",

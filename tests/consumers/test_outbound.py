@@ -29,6 +29,7 @@ from prometheus_client import REGISTRY
 from consumers import conversations, outbound, status
 from omniroute.bus import Bus
 from omniroute.config_loader import LiveConfig, parse_config
+from omniroute.metrics import GATE_REJECTIONS
 from omniroute.settings import Settings
 from omniroute.twilio_emulator import (
     EmulatorState,
@@ -461,8 +462,11 @@ async def test_outside_the_window_only_templates_go_out(
     db: asyncpg.Pool,
 ) -> None:
     chat = await _chat(db, hours_ago=25)
+    rejections = GATE_REJECTIONS.labels("window_closed")
+    before = rejections._value.get()
     code, answer = await _send(router, chat, {"text": "Ainda precisa de ajuda?"})
     assert code == 422, answer
+    assert rejections._value.get() == before + 1  # omniroute_gate_rejections_total
     error = answer["error"]
     assert error["code"] == "window_closed"
     assert error["details"]["templates"] == TEMPLATE_NAMES
