@@ -12,7 +12,7 @@ goes through ``consumers.automated`` and the outbound gate.
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 from pydantic import BaseModel
@@ -24,7 +24,7 @@ from omniroute.errors import TransientError
 from omniroute.store import Connection
 from omniroute.timers import cancel, schedule, take_due
 from omniroute.window import window
-from omniroute.work import release_assignment
+from omniroute.work import close_conversation
 from schemas.config import Workstream
 from schemas.events import (
     ConversationAssigned,
@@ -35,7 +35,6 @@ from schemas.events import (
     Envelope,
     EventType,
     MessageReceived,
-    new_event,
 )
 
 IDLE_TIMERS = ("idle_reminder", "auto_close")
@@ -209,45 +208,6 @@ async def _customer_activity(payload: MessageReceived, account: str, tx: StageTx
     return []
 
 
-async def close_conversation(conn: Connection, row: Any, reason: str, now: datetime) -> Envelope:
-    """Close a conversation (idle, end of wrap-up): capacity back, offers cancelled."""
-    await conn.execute(
-        "UPDATE offers SET state = 'cancelled', decided_at = $2 WHERE conversation_id = $1"
-        " AND state = 'pending'",
-        row["id"],
-        now,
-    )
-    pending = await conn.fetch(
-        "SELECT agent_id, units FROM offers WHERE conversation_id = $1 AND state = 'cancelled'"
-        " AND decided_at = $2",
-        row["id"],
-        now,
-    )
-    for offer in pending:
-        await conn.execute(
-            "UPDATE agents SET used_units = GREATEST(used_units - $2, 0) WHERE id = $1",
-            offer["agent_id"],
-            offer["units"],
-        )
-    await release_assignment(conn, str(row["id"]), now)
-    await conn.execute(
-        "UPDATE conversations SET state = 'closed', closed_at = $2, close_reason = $3,"
-        " updated_at = now() WHERE id = $1",
-        row["id"],
-        now,
-        reason,
-    )
-    data = ConversationClosed(reason=reason, workstream=row["workstream"], closed_at=now)
-    return new_event(
-        EventType.CONVERSATION_CLOSED,
-        account=row["account"],
-        key=(str(row["id"]),),
-        data=data.model_dump(mode="json"),
-        occurred_at=now,
-        conversation_id=str(row["id"]),
-    )
-
-
 async def tick(tx: StageTx) -> list[Envelope]:
     """Fire the due timers (each once, whichever replica takes it)."""
     events: list[Envelope] = []
@@ -259,9 +219,9 @@ async def tick(tx: StageTx) -> list[Envelope]:
         if timer["kind"] == "idle_reminder" and row["state"] in OPEN_STATES:
             events += await automated(tx, row, "idle_reminder", key)
         elif timer["kind"] == "auto_close" and row["state"] in OPEN_STATES:
-            events.append(await close_conversation(tx.conn, row, "idle", tx.now))
+            events.append(await close_conversation(tx.conn, str(row["id"]), "idle", tx.now))
         elif timer["kind"] == "wrap_up_end" and row["state"] == "wrap-up":
-            events.append(await close_conversation(tx.conn, row, "agent", tx.now))
+            events.append(await close_conversation(tx.conn, str(row["id"]), "agent", tx.now))
     return events
 
 

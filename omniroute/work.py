@@ -18,6 +18,7 @@ from typing import Any
 from omniroute.store import Connection
 from schemas.events import (
     ConversationAssigned,
+    ConversationClosed,
     ConversationOffered,
     ConversationTransferred,
     Envelope,
@@ -203,6 +204,44 @@ async def release_assignment(conn: Connection, conversation_id: str, now: dateti
         return None
     await release_capacity(conn, str(row["agent_id"]), row["units"], now)
     return str(row["agent_id"])
+
+
+async def close_conversation(
+    conn: Connection, conversation_id: str, reason: str, now: datetime
+) -> Envelope:
+    """Close a conversation: pending offers cancelled and assignment released (capacity
+    back), state closed. A reason recorded earlier (the agent's, at the start of wrap-up)
+    is kept; the event carries the reason that stands."""
+    offers = await conn.fetch(
+        "UPDATE offers SET state = 'cancelled', decided_at = $2 WHERE conversation_id = $1"
+        " AND state = 'pending' RETURNING agent_id, units",
+        conversation_id,
+        now,
+    )
+    for offer in offers:
+        await release_capacity(conn, str(offer["agent_id"]), offer["units"], now)
+    await release_assignment(conn, conversation_id, now)
+    row = await conn.fetchrow(
+        "UPDATE conversations SET state = 'closed', closed_at = $2,"
+        " close_reason = COALESCE(close_reason, $3), updated_at = now() WHERE id = $1"
+        " RETURNING account, workstream, close_reason",
+        conversation_id,
+        now,
+        reason,
+    )
+    if row is None:
+        raise WorkConflict("not_found", "no such conversation")
+    data = ConversationClosed(
+        reason=row["close_reason"], workstream=row["workstream"], closed_at=now
+    )
+    return new_event(
+        EventType.CONVERSATION_CLOSED,
+        account=row["account"],
+        key=(conversation_id,),
+        data=data.model_dump(mode="json"),
+        occurred_at=now,
+        conversation_id=conversation_id,
+    )
 
 
 async def transfer_to_queue(

@@ -19,6 +19,7 @@ from omniroute.work import (
     accept_offer,
     assign,
     claim_capacity,
+    close_conversation,
     end_offer,
     release_assignment,
     transfer_to_agent,
@@ -31,7 +32,6 @@ from router.state import CONFIG, STORE
 from schemas.api import CloseRequest, PresenceUpdate, TransferRequest
 from schemas.events import (
     AgentPresenceChanged,
-    ConversationClosed,
     ConversationEnded,
     EventType,
     new_event,
@@ -362,25 +362,7 @@ async def close(request: web.Request) -> web.Response:
             )
             new_state = "wrap-up"
         else:
-            await release_assignment(conn, str(row["id"]), now)
-            await conn.execute(
-                "UPDATE conversations SET state = 'closed', closed_at = $2,"
-                " close_reason = COALESCE(close_reason, $3), updated_at = now() WHERE id = $1",
-                row["id"],
-                now,
-                body.reason,
-            )
-            data = ConversationClosed(
-                reason=body.reason, workstream=row["workstream"], closed_at=now
-            )
-            event = new_event(
-                EventType.CONVERSATION_CLOSED,
-                account=row["account"],
-                key=(str(row["id"]),),
-                data=data.model_dump(mode="json"),
-                occurred_at=now,
-                conversation_id=str(row["id"]),
-            )
+            event = await close_conversation(conn, str(row["id"]), body.reason, now)
             new_state = "closed"
         events = await add_to_outbox(conn, [event])
     await publish_committed(request.app, events)
