@@ -27,7 +27,7 @@ from omniroute.work import (
 )
 from router.auth import current_agent
 from router.events_out import publish_committed
-from router.responses import error
+from router.responses import error, invalid_body
 from router.state import CONFIG, STORE
 from schemas.api import CloseRequest, PresenceUpdate, TransferRequest
 from schemas.events import (
@@ -72,11 +72,7 @@ async def _body(request: web.Request, model: type[BaseModel]) -> BaseModel | web
     try:
         return model.model_validate(raw)
     except ValidationError as exc:
-        fields = [
-            {"field": ".".join(str(p) for p in e["loc"]) or "(body)", "problem": e["msg"]}
-            for e in exc.errors()
-        ]
-        return error(422, "invalid_body", "the body does not match the API", fields=fields)
+        return invalid_body(exc)
 
 
 def _agent_out(agent: Any) -> dict[str, Any]:

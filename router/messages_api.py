@@ -26,7 +26,7 @@ from omniroute.store import Connection, add_to_outbox
 from omniroute.window import gate, window
 from router.agent_api import _own_conversation, _uuid
 from router.events_out import publish_committed
-from router.responses import error
+from router.responses import error, invalid_body
 from router.state import CONFIG, SETTINGS, STORE
 from schemas.events import (
     EventType,
@@ -82,11 +82,7 @@ async def send(request: web.Request) -> web.Response:
         body = SendMessage.model_validate(await request.json())
     except ValueError as exc:
         if isinstance(exc, ValidationError):
-            fields = [
-                {"field": ".".join(map(str, e["loc"])) or "(body)", "problem": e["msg"]}
-                for e in exc.errors()
-            ]
-            return error(422, "invalid_body", "the body does not match the API", fields=fields)
+            return invalid_body(exc)
         return error(400, "invalid_json", "the body is not JSON")
     scope = f"send:{agent['id']}:{conv['id']}"
     now = utcnow()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from aiohttp import web
+from pydantic import ValidationError
 
 EMPTY_TWIML = '<?xml version="1.0" encoding="UTF-8"?><Response></Response>'
 
@@ -16,6 +17,19 @@ def error(status: int, code: str, message: str, **details: Any) -> web.Response:
     if status == 503:
         response.headers["Retry-After"] = "1"
     return response
+
+
+def invalid(exc: ValidationError, *, whole: str = "(body)") -> list[dict[str, str]]:
+    """A validation error as ``[{"field", "problem"}]`` for an error's details."""
+    return [
+        {"field": ".".join(str(p) for p in e["loc"]) or whole, "problem": e["msg"]}
+        for e in exc.errors()
+    ]
+
+
+def invalid_body(exc: ValidationError) -> web.Response:
+    """422 ``invalid_body`` naming each field and its problem."""
+    return error(422, "invalid_body", "the body does not match the API", fields=invalid(exc))
 
 
 def empty_twiml() -> web.Response:

@@ -21,7 +21,7 @@ from pydantic import ValidationError
 
 from omniroute.errors import BrokerUnavailable
 from omniroute.metrics import PUBLISH_CONFIRM, WEBHOOK_DURATION, WEBHOOKS
-from router.responses import empty_twiml, error
+from router.responses import empty_twiml, error, invalid
 from router.signature import SIGNATURE_HEADER, signing_key, valid_signature
 from router.state import BUS, CONFIG, SETTINGS
 from schemas.config import Account
@@ -112,11 +112,12 @@ async def _authenticated_form(request: web.Request, account: Account) -> MultiDi
 
 
 def _validation_error(exc: ValidationError) -> web.Response:
-    problems = [
-        {"field": ".".join(str(p) for p in e["loc"]) or "(form)", "problem": e["msg"]}
-        for e in exc.errors()
-    ]
-    return error(400, "malformed_form", "the form is not a valid Twilio webhook", fields=problems)
+    return error(
+        400,
+        "malformed_form",
+        "the form is not a valid Twilio webhook",
+        fields=invalid(exc, whole="(form)"),
+    )
 
 
 def _account(request: web.Request) -> Account:
