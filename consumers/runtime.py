@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -33,7 +34,7 @@ import structlog
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 from pydantic import BaseModel, ValidationError
 
-from omniroute.bus import Bus, copy_message, declare_stage, event_message
+from omniroute.bus import Bus, copy_message, declare_stage
 from omniroute.config_loader import LiveConfig
 from omniroute.errors import (
     BrokerUnavailable,
@@ -41,13 +42,14 @@ from omniroute.errors import (
     StoreUnavailable,
     TransientError,
 )
-from omniroute.metrics import STAGE_DURATION, STAGE_MESSAGES
+from omniroute.metrics import STAGE_DURATION, STAGE_MESSAGES, STAGE_QUEUE_WAIT
 from omniroute.settings import Settings
 from omniroute.store import Connection, Store, add_to_outbox, claim_unpublished, mark_published
 from omniroute.topology import STAGES
 from schemas.events import Envelope
 
 log = structlog.get_logger("omniroute.consumer")
+ROUTINE = frozenset({"handled", "skipped", "coalesced"})
 
 Clock = Callable[[], datetime]
 
@@ -154,6 +156,7 @@ class StageRunner:
         self._clock = clock
         self._queue: AbstractQueue | None = None
         self._consumer_tag: str | None = None
+        self._queue_wait = STAGE_QUEUE_WAIT.labels(stage.name)
         self._in_flight: set[asyncio.Task[Any]] = set()
         self._stopping = asyncio.Event()
         self._ticker: asyncio.Task[None] | None = None
@@ -251,7 +254,10 @@ class StageRunner:
         elapsed = time.perf_counter() - started
         STAGE_MESSAGES.labels(self.stage.name, outcome.name).inc()
         STAGE_DURATION.labels(self.stage.name).observe(elapsed)
-        log.info(
+        # Routine outcomes are in the metrics; logging each at info costs throughput, so
+        # they log at debug and only the unusual ones (redelivered, dead-lettered) at info.
+        log.log(
+            logging.DEBUG if outcome.name in ROUTINE else logging.INFO,
             "stage.handled",
             outcome=outcome.name,
             reason=outcome.reason,
@@ -273,6 +279,7 @@ class StageRunner:
         except NotForThisStage as exc:
             await message.ack()
             return Outcome("skipped", f"not a {self.stage.name} event: {exc}")
+        self._queue_wait.observe(max(0.0, time.time() - event.occurred_at.timestamp()))
         if self.stage.coalesce:
             # A trigger: the work it asks for is already durable (rows in the database);
             # wake this replica's tick, which serves every trigger that came meanwhile.
@@ -421,7 +428,7 @@ class OutboxRelay:
             for row in rows:
                 event = Envelope.model_validate(row["body"])
                 try:
-                    await self._bus.publish_raw(row["routing_key"], event_message(event))
+                    await self._bus.publish(event, routing_key=row["routing_key"])
                 except BrokerUnavailable:
                     break
                 published.append(row["id"])

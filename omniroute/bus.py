@@ -13,16 +13,15 @@ import contextlib
 from typing import Any
 
 import aio_pika
-import orjson
 import structlog
 from aio_pika.abc import (
     AbstractChannel,
-    AbstractExchange,
     AbstractIncomingMessage,
     AbstractQueue,
     AbstractRobustConnection,
     DeliveryMode,
 )
+from pamqp.commands import Basic
 
 from omniroute.errors import BrokerUnavailable
 from omniroute.topology import (
@@ -38,19 +37,20 @@ log = structlog.get_logger("omniroute.bus")
 
 
 def encode(event: Envelope) -> bytes:
-    return orjson.dumps(event.model_dump(mode="json"))
+    """The event as JSON bytes, serialised by pydantic-core in one pass."""
+    return event.__pydantic_serializer__.to_json(event)
 
 
-def event_message(event: Envelope, headers: dict[str, Any] | None = None) -> aio_pika.Message:
-    return aio_pika.Message(
-        body=encode(event),
+def event_properties(event: Envelope) -> Basic.Properties:
+    """AMQP properties of an event: persistent, JSON, its id, correlation and type."""
+    return Basic.Properties(
         content_type="application/json",
-        delivery_mode=DeliveryMode.PERSISTENT,
+        delivery_mode=DeliveryMode.PERSISTENT.value,
         message_id=event.id,
         correlation_id=event.correlation_id,
-        type=event.type,
+        message_type=event.type,
         timestamp=event.occurred_at,
-        headers=headers or {},
+        headers={},
     )
 
 
@@ -116,8 +116,6 @@ class Bus:
         self._declare_stages = declare_stages
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractChannel | None = None
-        self._exchange: AbstractExchange | None = None
-        self._dead_exchange: AbstractExchange | None = None
         self._ready = asyncio.Event()
         self._supervisor: asyncio.Task[None] | None = None
 
@@ -186,8 +184,6 @@ class Bus:
         channel = await connection.channel(publisher_confirms=True)
         for name in self._declare_stages:
             await declare_stage(channel, STAGES[name])
-        self._exchange = await channel.get_exchange(EXCHANGE)
-        self._dead_exchange = await channel.get_exchange(DEAD_LETTER_EXCHANGE)
         self._channel = channel
         self._ready.set()
         log.info("bus.connected", stages=list(self._declare_stages))
@@ -198,31 +194,42 @@ class Bus:
         await channel.set_qos(prefetch_count=prefetch)
         return channel
 
-    async def publish(self, event: Envelope, headers: dict[str, Any] | None = None) -> None:
-        """Publish persistently and wait for the broker's confirm.
+    async def publish(self, event: Envelope, routing_key: str | None = None) -> None:
+        """Publish persistently (routed by the event's type unless told otherwise) and wait
+        for the broker's confirm.
 
         Raises BrokerUnavailable when not connected, on a nack, or when no confirm arrives
         within ``publish_timeout``; the caller must then not report success.
         """
-        await self._publish(self._exchange, event.type, event_message(event, headers))
+        key = routing_key or event.type
+        await self._publish(EXCHANGE, key, encode(event), event_properties(event))
 
     async def publish_dead(self, stage: str, message: aio_pika.Message) -> None:
         """Put a message on a stage's dead-letter queue, confirmed."""
-        await self._publish(self._dead_exchange, stage, message)
+        await self._publish(DEAD_LETTER_EXCHANGE, stage, message.body, message.properties)
 
     async def publish_raw(self, routing_key: str, message: aio_pika.Message) -> None:
-        await self._publish(self._exchange, routing_key, message)
+        await self._publish(EXCHANGE, routing_key, message.body, message.properties)
 
     async def _publish(
-        self, exchange: AbstractExchange | None, routing_key: str, message: aio_pika.Message
+        self, exchange: str, routing_key: str, body: bytes, properties: Basic.Properties
     ) -> None:
-        if exchange is None or not self.ready:
+        # Straight to the aiormq channel under aio-pika's robust one: the same frames and
+        # confirm, without building an aio_pika.Message per event (a tenth of the router's
+        # time per webhook went there).
+        channel = self._channel
+        if channel is None or not self.ready:
             raise BrokerUnavailable("not connected to the broker")
         try:
-            await asyncio.wait_for(
-                exchange.publish(message, routing_key, mandatory=False),
-                timeout=self._publish_timeout,
-            )
+            async with asyncio.timeout(self._publish_timeout):  # no extra task per publish
+                underlay = await channel.get_underlay_channel()
+                await underlay.basic_publish(
+                    body,
+                    exchange=exchange,
+                    routing_key=routing_key,
+                    properties=properties,
+                    mandatory=False,
+                )
         except TimeoutError as exc:
             raise BrokerUnavailable("the broker did not confirm the publish in time") from exc
         except asyncio.CancelledError:
@@ -233,7 +240,6 @@ class Bus:
     async def _close_connection(self) -> None:
         connection, self._connection = self._connection, None
         self._channel = None
-        self._exchange = None
         if connection is not None:
             with contextlib.suppress(Exception):
                 await connection.close()

@@ -30,17 +30,25 @@ def _mask_secrets(
     return event
 
 
-def _dumps(obj: Any, default: Any = None) -> str:
-    return orjson.dumps(obj, default=default).decode()
+def configure_logging(
+    log_format: str = "json", level: str = "info", *, cache: bool = False
+) -> None:
+    """Configure structlog and the stdlib root logger once per process.
 
-
-def configure_logging(log_format: str = "json", level: str = "info") -> None:
-    """Configure structlog and the stdlib root logger once per process."""
+    ``cache`` binds each logger to this configuration on first use (what a service wants:
+    cheaper log calls); tests leave it off so that they can capture logs.
+    """
     log_level = logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
+    json_output = log_format == "json"
     renderer: Any = (
-        structlog.processors.JSONRenderer(serializer=_dumps)
-        if log_format == "json"
+        structlog.processors.JSONRenderer(serializer=orjson.dumps)
+        if json_output
         else structlog.dev.ConsoleRenderer()
+    )
+    factory: Any = (
+        structlog.BytesLoggerFactory(file=sys.stderr.buffer)
+        if json_output
+        else structlog.PrintLoggerFactory(file=sys.stderr)
     )
     structlog.configure(
         processors=[
@@ -52,7 +60,7 @@ def configure_logging(log_format: str = "json", level: str = "info") -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(log_level),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
-        cache_logger_on_first_use=False,
+        logger_factory=factory,
+        cache_logger_on_first_use=cache,
     )
     logging.basicConfig(level=max(log_level, logging.WARNING), stream=sys.stderr)

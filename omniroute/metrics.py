@@ -19,6 +19,12 @@ STAGE_MESSAGES = Counter(
 STAGE_DURATION = Histogram(
     "omniroute_stage_duration_seconds", "Time to handle one message per stage", ["stage"]
 )
+STAGE_QUEUE_WAIT = Histogram(
+    "omniroute_stage_queue_wait_seconds",
+    "Time from an event's occurrence to its stage taking it (queue wait plus publish)",
+    ["stage"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+)
 TWILIO_CALLS = Histogram(
     "omniroute_twilio_request_seconds", "Twilio Messages API calls by outcome", ["outcome"]
 )

@@ -1,10 +1,12 @@
 """``GET /api/me/events``: each agent's live stream (Server-Sent Events) of its offers,
 assignments, transfers, closes and its customers' new messages, so an agent UI never polls.
 
-One exclusive queue per router process receives the events from the exchange; the hub
-routes each to the agents it concerns (the agent named in the event, or for a customer
-message, the agent who has that conversation) and drops it for anyone not connected. The
-stream is a live view: the agent's current state is always available from the REST calls.
+While at least one agent is connected, one exclusive queue per router process receives
+the events from the exchange; the hub routes each to the agents it concerns (the agent named
+in the event, or for a customer message, the agent who has that conversation) and drops it
+for anyone not connected. With nobody connected the feed is closed, so a router that only
+takes webhooks does not also consume every event. The stream is a live view: the agent's
+current state is always available from the REST calls.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ STREAMED = (
 )
 HEARTBEAT_SECONDS = 15.0
 BACKLOG = 1000  # events held per slow client; past that its newest events are dropped
+FEED_WAIT_SECONDS = 2.0  # a client waits this long for the feed to be bound
 
 
 class AgentEventHub:
@@ -45,36 +48,57 @@ class AgentEventHub:
         self._store = store
         self._clients: dict[str, set[asyncio.Queue[dict[str, Any]]]] = defaultdict(set)
         self._task: asyncio.Task[None] | None = None
+        self._bound = asyncio.Event()
         self.closing = asyncio.Event()
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._consume(), name="agent-events")
+        """Nothing to do until an agent connects: the feed opens with the first client."""
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+        await self._close_feed()
 
-    @contextlib.contextmanager
-    def subscribe(self, agent_id: str) -> Any:
+    @contextlib.asynccontextmanager
+    async def subscribe(self, agent_id: str) -> AsyncIterator[asyncio.Queue[dict[str, Any]]]:
+        """A queue of this agent's events; the feed is bound before this yields (or the
+        broker is away, in which case the stream starts and events follow once it is back)."""
         queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(BACKLOG)
         self._clients[agent_id].add(queue)
+        if self._task is None or self._task.done():
+            self._bound = asyncio.Event()
+            self._task = asyncio.create_task(self._consume(self._bound), name="agent-events")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._bound.wait(), FEED_WAIT_SECONDS)
         try:
             yield queue
         finally:
             self._clients[agent_id].discard(queue)
             if not self._clients[agent_id]:
                 del self._clients[agent_id]
+            if not self._clients:
+                await self._close_feed()
 
-    async def _consume(self) -> None:
+    async def _close_feed(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    async def _consume(self, bound: asyncio.Event) -> None:
         await self._bus.wait_ready()
         channel = await self._bus.channel(prefetch=256)
-        exchange = await channel.get_exchange(EXCHANGE)
-        queue = await channel.declare_queue(exclusive=True, auto_delete=True)
-        for key in STREAMED:
-            await queue.bind(exchange, routing_key=key)
-        await queue.consume(self._on_message)
+        try:
+            exchange = await channel.get_exchange(EXCHANGE)
+            queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+            for key in STREAMED:
+                await queue.bind(exchange, routing_key=key)
+            await queue.consume(self._on_message)
+            bound.set()
+            await asyncio.Future()  # until the last client leaves
+        finally:
+            # Closing the channel cancels the consumer; the auto-delete queue goes with it.
+            with contextlib.suppress(Exception):
+                await asyncio.shield(channel.close())
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         await message.ack()
@@ -140,8 +164,8 @@ async def stream(request: web.Request) -> web.StreamResponse:
     await response.prepare(request)
     hub = request.app[HUB]
     try:
-        await response.write(b": connected\n\n")
-        with hub.subscribe(str(agent["id"])) as events:
+        async with hub.subscribe(str(agent["id"])) as events:
+            await response.write(b": connected\n\n")  # the feed is bound from here on
             while not hub.closing.is_set():
                 frame = await _next_frame(events, hub.closing)
                 if frame is not None:

@@ -1,0 +1,1 @@
+"""Baseline webhook handlers the router is measured against, each run as its own process."""
