@@ -42,7 +42,7 @@ class Service:
     async def start(self) -> None:
         from consumers.registry import STAGES
         from consumers.runtime import OutboxRelay, StageRunner
-        from router.app import create_app, make_bus, make_store
+        from router.app import create_app, create_ops_app, make_bus, make_store
 
         unknown = [s for s in self.stages if s not in STAGES]
         if unknown:
@@ -52,8 +52,13 @@ class Service:
         await bus.start()
         self._cleanups.append(store.close)
         self._cleanups.append(bus.close)
-        if self.serve_http:
-            app = create_app(self.settings, self.config, bus=bus, store=store)
+        if self.serve_http or self.stages:
+            # The router's whole API, or for stages alone health and metrics on the same port.
+            app = (
+                create_app(self.settings, self.config, bus=bus, store=store)
+                if self.serve_http
+                else create_ops_app(bus, store)
+            )
             runner = web.AppRunner(app, handle_signals=False, access_log=None)
             await runner.setup()
             site = web.TCPSite(runner, self.settings.http_host, self.settings.http_port)
@@ -61,7 +66,11 @@ class Service:
             sockets = getattr(site._server, "sockets", None) or []
             self.http_port = sockets[0].getsockname()[1] if sockets else self.settings.http_port
             self._cleanups.append(runner.cleanup)
-            log.info("router.listening", host=self.settings.http_host, port=self.http_port)
+            log.info(
+                "router.listening" if self.serve_http else "ops.listening",
+                host=self.settings.http_host,
+                port=self.http_port,
+            )
         listener = asyncio.create_task(self._listen_for_reload(bus), name="config-reload")
         self._cleanups.append(lambda: _cancel(listener))
         if self.stages:

@@ -75,3 +75,12 @@ def create_app(
     variables_api.add_routes(app)
     openapi.add_routes(app)
     return app
+
+
+def create_ops_app(bus: Bus, store: Store) -> web.Application:
+    """What a consume-only process serves: ``/healthz``, ``/readyz`` and ``/metrics``."""
+    app = web.Application()
+    app[BUS] = bus
+    app[STORE] = store
+    health.add_routes(app)
+    return app

@@ -102,6 +102,7 @@ async def test_three_replicas_assign_each_conversation_once_within_capacity(
         "OMNIROUTE_CONFIG": str(config),
         "OMNIROUTE_LOG_LEVEL": "warning",
         "OMNIROUTE_TICK_INTERVAL": "2",  # let the triggers do the work, the tick sweep helps
+        "OMNIROUTE_HTTP_PORT": "0",  # each replica serves its /metrics on a port of its own
     }
     log = tmp_path / "distribute.log"
     procs = []

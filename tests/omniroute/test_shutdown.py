@@ -31,6 +31,7 @@ def _env(infra: Infra, config: Path) -> dict[str, str]:
         "OMNIROUTE_LOG_LEVEL": "warning",
         "OMNIROUTE_PREFETCH": "64",
         "OMNIROUTE_SHUTDOWN_GRACE": "10",
+        "OMNIROUTE_HTTP_PORT": "0",  # health and metrics on a port of its own
     }
 
 

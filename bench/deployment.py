@@ -1,0 +1,123 @@
+"""A deployment as operators run it, on loopback: the router and each stage in a process of
+its own (``omniroute serve`` / ``omniroute consume STAGE``), configured by environment."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+
+from bench.infra import BenchInfra
+from bench.processes import free_port, python_process, rss_mib, wait_port
+from omniroute.store import Store
+
+SID = "AC0000000000000000000000000000000e"
+TOKEN = "bench-pipeline-token"
+CONFIG = f"""
+accounts:
+  - name: bench
+    account_sid: {SID}
+    auth_token_env: BENCH_TOKEN
+    numbers: [{{name: Main, number: "+5511999990000", workstream: main}}]
+workstreams:
+  - name: main
+    fallback_queue: general
+    distribution: {{mode: push, auto_accept: true, units: 1}}
+queues: [{{name: general}}]
+"""
+INBOUND = "/twilio/bench/inbound"
+
+
+@dataclass
+class Deployment:
+    router_url: str
+    router_pid: int
+    stage_urls: dict[str, str] = field(default_factory=dict)
+    pids: dict[str, int] = field(default_factory=dict)
+
+    def rss(self) -> dict[str, float]:
+        return {name: rss_mib(pid) for name, pid in self.pids.items()}
+
+    async def processed(self, http: aiohttp.ClientSession, stage: str) -> int:
+        """Messages the stage has finished with (any outcome), from its /metrics."""
+        async with http.get(self.stage_urls[stage] + "/metrics") as response:
+            text = await response.text()
+        pattern = rf'^omniroute_stage_messages_total{{[^}}]*stage="{stage}"[^}}]*}} (\S+)$'
+        return int(sum(float(v) for v in re.findall(pattern, text, re.MULTILINE)))
+
+
+async def seed_agents(database_url: str, agents: int, capacity: int) -> None:
+    store = Store(database_url, max_size=2)
+    try:
+        pool = await store.pool()
+        await pool.executemany(
+            "INSERT INTO agents (id, name, queues, capacity_units, presence, token_hash)"
+            " VALUES ($1, $2, '{general}', $3, 'available', $4)",
+            [(uuid.uuid4(), f"agent{n}", capacity, uuid.uuid4().hex) for n in range(agents)],
+        )
+    finally:
+        await store.close()
+
+
+async def _ready(http: aiohttp.ClientSession, url: str, within: float = 20.0) -> None:
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            async with http.get(url + "/readyz") as response:
+                if response.status == 200:
+                    return
+        except aiohttp.ClientError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url} not ready after {within} s")
+        await asyncio.sleep(0.1)
+
+
+@asynccontextmanager
+async def deployment(
+    infra: BenchInfra, stages: Sequence[str], router: bool = True, **settings: str
+) -> AsyncIterator[Deployment]:
+    """Start the router (if asked) and one process per stage; SIGTERM them on the way out."""
+    with tempfile.TemporaryDirectory() as tmp:
+        config = Path(tmp) / "omniroute.yaml"
+        config.write_text(CONFIG)
+        base = {
+            "BENCH_TOKEN": TOKEN,
+            "OMNIROUTE_AMQP_URL": infra.amqp_url,
+            "OMNIROUTE_DATABASE_URL": infra.database_url,
+            "OMNIROUTE_CONFIG": str(config),
+            "OMNIROUTE_HTTP_HOST": "127.0.0.1",
+            **{f"OMNIROUTE_{k.upper()}": v for k, v in settings.items()},
+        }
+        async with AsyncExitStack() as stack, aiohttp.ClientSession() as http:
+            port = free_port()
+            public = f"http://127.0.0.1:{port}"
+            env = {**base, "OMNIROUTE_PUBLIC_URL": public, "OMNIROUTE_HTTP_PORT": str(port)}
+            deployed = Deployment(router_url=public, router_pid=0)
+            if router:
+                proc = await stack.enter_async_context(
+                    python_process(["-m", "omniroute.cli", "serve"], env)
+                )
+                deployed.router_pid = proc.pid
+                deployed.pids["router"] = proc.pid
+                await wait_port(port)
+                await _ready(http, public)
+            for stage in stages:
+                stage_port = free_port()
+                stage_env = {**base, "OMNIROUTE_HTTP_PORT": str(stage_port)}
+                proc = await stack.enter_async_context(
+                    python_process(["-m", "omniroute.cli", "consume", stage], stage_env)
+                )
+                deployed.pids[stage] = proc.pid
+                deployed.stage_urls[stage] = f"http://127.0.0.1:{stage_port}"
+            for url in deployed.stage_urls.values():
+                await _ready(http, url)
+            yield deployed
