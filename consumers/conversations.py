@@ -28,38 +28,40 @@ from schemas.events import (
     SurveyAnswered,
 )
 
-_UPSERT_CONTACT = """
-INSERT INTO contacts (id, account, address, wa_id, external_user_id, profile_name)
-VALUES ($1, $2, $3, $4, $5, $6)
-ON CONFLICT (account, address) DO UPDATE SET
-    wa_id = COALESCE(EXCLUDED.wa_id, contacts.wa_id),
-    external_user_id = COALESCE(EXCLUDED.external_user_id, contacts.external_user_id),
-    profile_name = COALESCE(EXCLUDED.profile_name, contacts.profile_name),
-    updated_at = now()
-RETURNING id
-"""
-
-# One statement: open a conversation, or move the window anchor of the open one.
-_FIND_OR_OPEN = """
-INSERT INTO conversations
-    (id, account, business_number, customer, contact_id, workstream, state,
-     opened_at, last_customer_message_at)
-VALUES ($1, $2, $3, $4, $5, $6, 'open', $7, $7)
-ON CONFLICT (account, business_number, customer) WHERE state <> 'closed' DO UPDATE SET
-    -- Replicas may commit a customer's messages out of order: the earliest receipt wins.
-    opened_at = LEAST(conversations.opened_at, EXCLUDED.opened_at),
-    last_customer_message_at =
-        GREATEST(conversations.last_customer_message_at, EXCLUDED.last_customer_message_at),
-    updated_at = now()
-RETURNING id, (xmax = 0) AS opened
-"""
-
-_INSERT_MESSAGE = """
-INSERT INTO messages
-    (id, conversation_id, direction, twilio_sid, body, media, attributes, status, received_at)
-VALUES ($1, $2, 'inbound', $3, $4, $5, $6, 'received', $7)
-ON CONFLICT (twilio_sid) DO NOTHING
-RETURNING id
+# One statement, one round trip: upsert the contact, find or open the conversation (or move
+# the window anchor of the open one), insert the message. Replicas may commit a customer's
+# messages out of order: the earliest receipt opens, the latest anchors the window.
+_STORE_INBOUND = """
+WITH contact AS (
+    INSERT INTO contacts (id, account, address, wa_id, external_user_id, profile_name)
+    VALUES ($1, $2, $3, $4, $5, $6)
+    ON CONFLICT (account, address) DO UPDATE SET
+        wa_id = COALESCE(EXCLUDED.wa_id, contacts.wa_id),
+        external_user_id = COALESCE(EXCLUDED.external_user_id, contacts.external_user_id),
+        profile_name = COALESCE(EXCLUDED.profile_name, contacts.profile_name),
+        updated_at = now()
+    RETURNING id
+), conversation AS (
+    INSERT INTO conversations
+        (id, account, business_number, customer, contact_id, workstream, state,
+         opened_at, last_customer_message_at)
+    SELECT $7, $2, $8, $3, contact.id, $9, 'open', $10, $10 FROM contact
+    ON CONFLICT (account, business_number, customer) WHERE state <> 'closed' DO UPDATE SET
+        opened_at = LEAST(conversations.opened_at, EXCLUDED.opened_at),
+        last_customer_message_at =
+            GREATEST(conversations.last_customer_message_at, EXCLUDED.last_customer_message_at),
+        updated_at = now()
+    RETURNING id, contact_id, state, (xmax = 0) AS opened
+), message AS (
+    INSERT INTO messages
+        (id, conversation_id, direction, twilio_sid, body, media, attributes, status, received_at)
+    SELECT $11, conversation.id, 'inbound', $12, $13, $14, $15, 'received', $10 FROM conversation
+    ON CONFLICT (twilio_sid) DO NOTHING
+    RETURNING id
+)
+SELECT conversation.id, conversation.contact_id, conversation.state, conversation.opened,
+       (SELECT id FROM message) AS message_id
+FROM conversation
 """
 
 
@@ -69,45 +71,49 @@ class Stored:
     contact_id: str
     message_id: str
     opened: bool
+    waiting: bool = False  # the agent had parked the conversation
 
 
 async def store_inbound(conn: Connection, account: str, message: MessageReceived) -> Stored | None:
     """Store a customer's message in its conversation; None if it was already stored."""
-    if await conn.fetchval("SELECT 1 FROM messages WHERE twilio_sid = $1", message.message_sid):
+    if await _seen(conn, message.message_sid):
         return None
-    contact_id = await conn.fetchval(
-        _UPSERT_CONTACT,
+    return await _store_new(conn, account, message)
+
+
+async def _seen(conn: Connection, message_sid: str) -> bool:
+    return bool(await conn.fetchval("SELECT 1 FROM messages WHERE twilio_sid = $1", message_sid))
+
+
+async def _store_new(conn: Connection, account: str, message: MessageReceived) -> Stored | None:
+    row = await conn.fetchrow(
+        _STORE_INBOUND,
         uuid.uuid4(),
         account,
         message.customer,
         message.customer_wa_id,
         message.external_user_id,
         message.profile_name,
-    )
-    row = await conn.fetchrow(
-        _FIND_OR_OPEN,
         uuid.uuid4(),
-        account,
         message.business_number,
-        message.customer,
-        contact_id,
         message.workstream,
         message.received_at,
-    )
-    assert row is not None  # INSERT … ON CONFLICT DO UPDATE always returns the row
-    message_id = await conn.fetchval(
-        _INSERT_MESSAGE,
         uuid.uuid4(),
-        row["id"],
         message.message_sid,
         message.body,
         [m.model_dump(mode="json") for m in message.media],
         _attributes(message),
-        message.received_at,
     )
-    if message_id is None:  # the same sid committed by a concurrent replica meanwhile
+    assert row is not None  # INSERT … ON CONFLICT DO UPDATE always returns the row
+    if row["message_id"] is None:  # the same sid committed by a concurrent replica meanwhile
         return None
-    return Stored(str(row["id"]), str(contact_id), str(message_id), bool(row["opened"]))
+    return Stored(
+        str(row["id"]),
+        str(row["contact_id"]),
+        str(row["message_id"]),
+        bool(row["opened"]),
+        waiting=row["state"] == "waiting",
+    )
 
 
 def _attributes(message: MessageReceived) -> dict[str, object]:
@@ -123,11 +129,13 @@ async def handle(event: Envelope, payload: BaseModel, tx: StageTx) -> list[Envel
     assert isinstance(payload, MessageReceived)
     if payload.sandbox and SANDBOX_JOIN.match(payload.body):
         return await _sandbox_join(event, payload, tx)
+    if await _seen(tx.conn, payload.message_sid):
+        return []  # Twilio resent it or the broker redelivered it: already done
     answered = await _survey_answer(event, payload, tx)
     if answered is not None:
         return answered
     reopened = await _reopen(event, payload, tx)
-    stored = await store_inbound(tx.conn, event.account, payload)
+    stored = await _store_new(tx.conn, event.account, payload)
     if stored is None:
         return []
     events = reopened + await _attachments_notice(event, payload, stored, tx)
@@ -191,7 +199,13 @@ async def _sandbox_join(event: Envelope, payload: MessageReceived, tx: StageTx) 
 async def _survey_answer(
     event: Envelope, payload: MessageReceived, tx: StageTx
 ) -> list[Envelope] | None:
-    """A reply to an open post-conversation survey is its answer, not new work."""
+    """A reply to an open post-conversation survey is its answer, not new work.
+
+    Surveys are only asked where a workstream configures one; with none configured there
+    is nothing to look up (answers to surveys asked before one was removed from the
+    configuration then count as ordinary messages)."""
+    if not any(ws.survey for ws in tx.config.current.workstreams):
+        return None
     survey = await tx.conn.fetchrow(
         "SELECT conversation_id, workstream FROM surveys WHERE account = $1"
         " AND business_number = $2 AND customer = $3 AND answered_at IS NULL"
@@ -216,8 +230,6 @@ async def _survey_answer(
     match = RATING.match(payload.body)
     if match is None or not 1 <= int(match["rating"]) <= scale:
         return None  # not an answer: an ordinary message (a new conversation)
-    if await tx.conn.fetchval("SELECT 1 FROM messages WHERE twilio_sid = $1", payload.message_sid):
-        return []
     comment = match["comment"].strip() or None
     await tx.conn.execute(
         "UPDATE surveys SET rating = $2, comment = $3, answered_at = $4 WHERE conversation_id = $1",
@@ -273,8 +285,6 @@ async def _reopen(event: Envelope, payload: MessageReceived, tx: StageTx) -> lis
     within = workstream.lifecycle.reopen_within if workstream else None
     if not within or workstream is None:
         return []
-    if await tx.conn.fetchval("SELECT 1 FROM messages WHERE twilio_sid = $1", payload.message_sid):
-        return []
     row = await tx.conn.fetchrow(
         _REOPEN,
         event.account,
@@ -311,6 +321,8 @@ async def _resume_waiting(
 ) -> list[Envelope]:
     """A conversation the agent parked comes back to its queue when the customer writes;
     distribution offers it to that agent first (affinity)."""
+    if not stored.waiting:
+        return []
     row = await tx.conn.fetchrow(
         "UPDATE conversations SET state = 'queued', queued_at = $2, declined_by = '{}',"
         " updated_at = now() WHERE id = $1 AND state = 'waiting'"

@@ -44,7 +44,13 @@ from omniroute.errors import (
 )
 from omniroute.metrics import STAGE_DURATION, STAGE_MESSAGES, STAGE_QUEUE_WAIT
 from omniroute.settings import Settings
-from omniroute.store import Connection, Store, add_to_outbox, claim_unpublished, mark_published
+from omniroute.store import (
+    Connection,
+    PublishedMarks,
+    Store,
+    add_to_outbox,
+    claim_unpublished,
+)
 from omniroute.topology import STAGES
 from schemas.events import Envelope
 
@@ -157,6 +163,7 @@ class StageRunner:
         self._queue: AbstractQueue | None = None
         self._consumer_tag: str | None = None
         self._queue_wait = STAGE_QUEUE_WAIT.labels(stage.name)
+        self._marks = PublishedMarks(store)
         self._in_flight: set[asyncio.Task[Any]] = set()
         self._stopping = asyncio.Event()
         self._ticker: asyncio.Task[None] | None = None
@@ -171,6 +178,7 @@ class StageRunner:
             self._resources = await self._exit_stack.enter_async_context(
                 self.stage.resources(self._settings, self._config)
             )
+        await self._marks.start()
         channel = await self._bus.channel(self._settings.prefetch)
         self._queue = await declare_stage(channel, STAGES[self.stage.name])
         self._consumer_tag = await self._queue.consume(self._on_message)
@@ -225,6 +233,7 @@ class StageRunner:
         if self._queue is not None:
             with contextlib.suppress(Exception):
                 await self._queue.channel.close()
+        await self._marks.stop()
         if self._exit_stack is not None:
             await self._exit_stack.aclose()
         log.info("stage.stopped", stage=self.stage.name)
@@ -361,8 +370,7 @@ class StageRunner:
                 log.warning("stage.publish_deferred", event_id=event.id, event_type=event.type)
                 continue
             published.append(event.id)
-        with contextlib.suppress(StoreUnavailable):
-            await mark_published(self._store, published)
+        self._marks.add(published)
         return [e.type for e in events if e.id in published]
 
     async def _dead_letter(self, message: AbstractIncomingMessage, reason: str) -> Outcome:

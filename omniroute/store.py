@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -47,6 +48,16 @@ async def init_connection(conn: asyncpg.Connection[asyncpg.Record]) -> None:
         )
 
 
+async def _keep_session(conn: asyncpg.Connection[asyncpg.Record]) -> None:
+    """Nothing to reset when a connection goes back to the pool.
+
+    asyncpg's default reset runs ``pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET
+    ALL`` (a round trip) on every release. Pooled connections here never take session-level
+    locks, LISTEN, open cursors outside a transaction or SET session state (the migrator
+    uses a connection of its own), so that query is skipped.
+    """
+
+
 class Store:
     """A lazily connected pool: processes start while PostgreSQL is down and recover."""
 
@@ -72,6 +83,7 @@ class Store:
                         max_size=self._max_size,
                         timeout=self._connect_timeout,
                         init=init_connection,
+                        reset=_keep_session,
                     )
                 except UNAVAILABLE as exc:
                     raise StoreUnavailable(f"database unreachable: {type(exc).__name__}") from exc
@@ -148,32 +160,86 @@ async def migrate(dsn: str) -> list[str]:
 
 
 async def add_to_outbox(conn: Connection, events: Sequence[Envelope]) -> list[Envelope]:
-    """Record events in the outbox within the caller's transaction.
+    """Record events in the outbox within the caller's transaction (one statement).
 
     Returns the events actually added: an event whose id is already there (the same cause
     handled twice) is not added again.
     """
-    added: list[Envelope] = []
-    for event in events:
-        row = await conn.fetchval(
-            "INSERT INTO outbox (id, routing_key, body) VALUES ($1, $2, $3)"
-            " ON CONFLICT (id) DO NOTHING RETURNING id",
-            event.id,
-            event.type,
-            event.model_dump(mode="json"),
-        )
-        if row is not None:
-            added.append(event)
-    return added
+    if not events:
+        return []
+    rows = await conn.fetch(
+        "INSERT INTO outbox (id, routing_key, body)"
+        " SELECT * FROM unnest($1::uuid[], $2::text[], $3::jsonb[])"
+        " ON CONFLICT (id) DO NOTHING RETURNING id",
+        [e.id for e in events],
+        [e.type for e in events],
+        [e.model_dump(mode="json") for e in events],
+    )
+    added = {str(r["id"]) for r in rows}
+    return [e for e in events if e.id in added]
 
 
 async def mark_published(store: Store, ids: Sequence[str]) -> None:
     if not ids:
         return
-    async with store.transaction() as conn:
-        await conn.execute(
+    pool = await store.pool()
+    try:
+        await pool.execute(
             "UPDATE outbox SET published_at = now() WHERE id = ANY($1::uuid[])", list(ids)
         )
+    except UNAVAILABLE as exc:
+        raise StoreUnavailable(f"database unavailable: {type(exc).__name__}") from exc
+
+
+class PublishedMarks:
+    """Outbox rows marked published in batches: one UPDATE per ``interval`` for every event a
+    stage published meanwhile, instead of a transaction per message.
+
+    A mark that never lands (the process died, the database was away) only means the outbox
+    relay publishes that event again later; consumers already take events at least once and
+    recognise them by id, so the guarantee is unchanged.
+    """
+
+    def __init__(self, store: Store, interval: float = 0.1, batch: int = 500) -> None:
+        self._store = store
+        self._interval = interval
+        self._batch = batch
+        self._pending: list[str] = []
+        self._full = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def add(self, ids: Sequence[str]) -> None:
+        self._pending.extend(ids)
+        if len(self._pending) >= self._batch:
+            self._full.set()
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="outbox-marks")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        with contextlib.suppress(StoreUnavailable):
+            await self.flush()
+
+    async def flush(self) -> None:
+        ids, self._pending = self._pending, []
+        self._full.clear()
+        try:
+            await mark_published(self._store, ids)
+        except StoreUnavailable:
+            self._pending[:0] = ids[-10 * self._batch :]  # try again; the relay covers the rest
+            raise
+
+    async def _run(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._full.wait(), self._interval)
+            if self._pending:
+                with contextlib.suppress(StoreUnavailable):
+                    await self.flush()
 
 
 async def claim_unpublished(
