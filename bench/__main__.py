@@ -1,38 +1,67 @@
-"""``python -m bench``: run the benchmarks, print a table of ratios, write bench/results.json."""
+"""``python -m bench`` (``make bench``): run the benchmarks, print a table of ratios, write
+``bench/results.json``.
+
+Every figure is printed next to a baseline measured in the same run on the same machine;
+each benchmark gets a database and a vhost of its own. ``--quick`` is a short smoke run;
+``--soak SECONDS`` adds the long memory run.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
+import platform
+import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from bench import classify_stage, distribution, outbound_stage
-from bench.infra import bench_infra
+from bench import classify_stage, distribution, end_to_end, ingress, outbound_stage, stages
+from bench.infra import BenchInfra, bench_infra
 from omniroute.logging import configure_logging
+
+Bench = Callable[[BenchInfra], Awaitable[list[dict[str, Any]]]]
+ALL = ("ingress", "stages", "end-to-end", "classify", "distribution", "outbound")
+
+
+def benchmarks(args: argparse.Namespace) -> dict[str, Bench]:
+    quick = args.quick
+    return {
+        "ingress": lambda i: ingress.run(
+            i, count=2000 if quick else 5000, rounds=1 if quick else 3
+        ),
+        "stages": lambda i: stages.run(i, count=1000 if quick else 3000),
+        "end-to-end": lambda i: end_to_end.run(i, rate=args.rate, seconds=5 if quick else 60),
+        "classify": lambda i: classify_stage.run(i, count=1000 if quick else 3000),
+        "distribution": lambda i: distribution.run(i, seconds=3 if quick else 10),
+        "outbound": lambda i: outbound_stage.run(i, count=300 if quick else 1000),
+    }
 
 
 async def main(args: argparse.Namespace) -> list[dict[str, Any]]:
     results: list[dict[str, Any]] = []
-    # Each benchmark in a database and vhost of its own: none sees another's leftovers.
-    if "classify" in args.only:
+    chosen = benchmarks(args)
+    for name in args.only:
+        started = time.perf_counter()
         async with bench_infra() as infra:
-            results += await classify_stage.run(infra, count=args.count)
-    if "distribution" in args.only:
+            figures = await chosen[name](infra)
+        for figure in figures:
+            figure["benchmark"] = name
+        results += figures
+        print(f"# {name}: {len(figures)} figure(s) in {time.perf_counter() - started:.0f} s")
+    if args.soak:
         async with bench_infra() as infra:
-            results += await distribution.run(infra)
-    if "outbound" in args.only:
-        async with bench_infra() as infra:
-            results += await outbound_stage.run(infra)
+            figures = await end_to_end.soak(infra, rate=args.soak_rate, seconds=args.soak)
+        results += [{**f, "benchmark": "soak"} for f in figures]
     return results
 
 
 def table(results: list[dict[str, Any]]) -> str:
-    lines = [f"{'figure':<56} {'value':>10} {'baseline':>10} {'ratio':>7}  goal  (baseline)"]
+    lines = [f"{'figure':<62} {'value':>10} {'baseline':>10} {'ratio':>7}  goal  (baseline)"]
     for r in results:
         lines.append(
-            f"{r['figure']:<56} {r['value']:>10} {r['baseline_value']:>10} {r['ratio']:>7}  "
+            f"{r['figure']:<62} {r['value']:>10} {r['baseline_value']:>10} {r['ratio']!s:>7}  "
             f"{r['goal']}  ({r['baseline']})"
         )
     return "\n".join(lines)
@@ -40,10 +69,20 @@ def table(results: list[dict[str, Any]]) -> str:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(prog="python -m bench")
-    parser.add_argument("--only", nargs="*", default=["classify", "distribution", "outbound"])
-    parser.add_argument("--count", type=int, default=3000)
+    parser.add_argument("--only", nargs="*", choices=ALL, default=list(ALL))
+    parser.add_argument("--quick", action="store_true", help="short smoke run")
+    parser.add_argument("--rate", type=float, default=300.0, help="end-to-end arrivals/s")
+    parser.add_argument("--soak", type=float, default=0.0, help="soak run length, seconds")
+    parser.add_argument("--soak-rate", type=float, default=100.0)
     arguments = parser.parse_args()
     configure_logging("console", "warning")
     output = asyncio.run(main(arguments))
     print(table(output))
-    Path(__file__).with_name("results.json").write_text(json.dumps(output, indent=2))
+    meta = {
+        "machine": platform.node(),
+        "python": platform.python_version(),
+        "args": vars(arguments),
+    }
+    Path(__file__).with_name("results.json").write_text(
+        json.dumps({"run": meta, "figures": output}, indent=2)
+    )

@@ -16,7 +16,7 @@ from pathlib import Path
 import aiohttp
 
 from bench.infra import BenchInfra
-from bench.processes import free_port, python_process, rss_mib, wait_port
+from bench.processes import cpu_seconds, free_port, python_process, rss_mib, wait_port
 from omniroute.store import Store
 
 SID = "AC0000000000000000000000000000000e"
@@ -45,6 +45,9 @@ class Deployment:
 
     def rss(self) -> dict[str, float]:
         return {name: rss_mib(pid) for name, pid in self.pids.items()}
+
+    def cpu(self) -> dict[str, float]:
+        return {name: cpu_seconds(pid) for name, pid in self.pids.items()}
 
     async def processed(self, http: aiohttp.ClientSession, stage: str) -> int:
         """Messages the stage has finished with (any outcome), from its /metrics."""
@@ -85,7 +88,8 @@ async def _ready(http: aiohttp.ClientSession, url: str, within: float = 20.0) ->
 async def deployment(
     infra: BenchInfra, stages: Sequence[str], router: bool = True, **settings: str
 ) -> AsyncIterator[Deployment]:
-    """Start the router (if asked) and one process per stage; SIGTERM them on the way out."""
+    """Start the router (if asked) and one process per stage named (a stage named twice gets
+    two replicas, ``distribute#0`` and ``distribute#1``); SIGTERM them on the way out."""
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "omniroute.yaml"
         config.write_text(CONFIG)
@@ -110,14 +114,15 @@ async def deployment(
                 deployed.pids["router"] = proc.pid
                 await wait_port(port)
                 await _ready(http, public)
-            for stage in stages:
+            for n, stage in enumerate(stages):
+                name = stage if stages.count(stage) == 1 else f"{stage}#{n}"
                 stage_port = free_port()
                 stage_env = {**base, "OMNIROUTE_HTTP_PORT": str(stage_port)}
                 proc = await stack.enter_async_context(
                     python_process(["-m", "omniroute.cli", "consume", stage], stage_env)
                 )
-                deployed.pids[stage] = proc.pid
-                deployed.stage_urls[stage] = f"http://127.0.0.1:{stage_port}"
+                deployed.pids[name] = proc.pid
+                deployed.stage_urls[name] = f"http://127.0.0.1:{stage_port}"
             for url in deployed.stage_urls.values():
                 await _ready(http, url)
             yield deployed

@@ -1,5 +1,6 @@
 """Distribution: time from ``conversation.queued`` to ``conversation.assigned`` (p50/p99) at a
-sustained arrival rate, and the throughput of one vs two ``distribute`` replicas."""
+sustained arrival rate, and the throughput of one vs two ``distribute`` replicas (each its
+own ``omniroute consume distribute`` process)."""
 
 from __future__ import annotations
 
@@ -13,10 +14,8 @@ from typing import Any
 import aio_pika
 import orjson
 
+from bench.deployment import deployment
 from bench.infra import BenchInfra
-from consumers import distribute
-from consumers.runtime import StageRunner
-from omniroute.config_loader import LiveConfig, parse_config
 from omniroute.settings import Settings
 from omniroute.store import Store
 from router.app import make_bus
@@ -85,93 +84,73 @@ async def _seed(store: Store, agents: int, conversations: int) -> list[str]:
 
 async def run_once(infra: BenchInfra, replicas: int, rate: float, seconds: float) -> dict[str, Any]:
     """Queue ``rate`` conversations per second for ``seconds``; measure queued → assigned."""
-    settings = Settings.model_validate(
-        {
-            "amqp_url": infra.amqp_url,
-            "database_url": infra.database_url,
-            "prefetch": 32,
-            "tick_interval": 0.5,
-        }
-    )
-    config = LiveConfig(parse_config(CONFIG, "bench.yaml", {"BENCH_TOKEN": "x"}))
+    settings = Settings.model_validate({"amqp_url": infra.amqp_url})
     count = int(rate * seconds)
     seed_store = Store(infra.database_url, max_size=2)
     ids = await _seed(seed_store, 50, count)
     pool = await seed_store.pool()
-    runners, resources = [], []
-    for _ in range(replicas):
-        bus, store = make_bus(settings), Store(infra.database_url, max_size=10)
-        await bus.start()
-        await bus.wait_ready()
-        runner = StageRunner(
-            distribute.STAGE, bus=bus, store=store, config=config, settings=settings
-        )
-        await runner.start()
-        runners.append(runner)
-        resources.append((bus, store))
-    publisher = make_bus(settings)
-    await publisher.start()
-    await publisher.wait_ready()
-    assigned: dict[str, float] = {}
-    queued: dict[str, float] = {}
-    done = asyncio.Event()
-    connection = await aio_pika.connect(infra.amqp_url)
-    channel = await connection.channel()
-    tap = await channel.declare_queue(exclusive=True)
-    await tap.bind(await channel.get_exchange(EXCHANGE), EventType.CONVERSATION_ASSIGNED)
+    # Replicas are processes of their own, as operators scale them.
+    async with deployment(
+        infra, ["distribute"] * replicas, router=False, prefetch="32", tick_interval="0.5"
+    ):
+        publisher = make_bus(settings)
+        await publisher.start()
+        await publisher.wait_ready()
+        assigned: dict[str, float] = {}
+        queued: dict[str, float] = {}
+        done = asyncio.Event()
+        connection = await aio_pika.connect(infra.amqp_url)
+        channel = await connection.channel()
+        tap = await channel.declare_queue(exclusive=True)
+        await tap.bind(await channel.get_exchange(EXCHANGE), EventType.CONVERSATION_ASSIGNED)
 
-    async def on_assigned(message: aio_pika.abc.AbstractIncomingMessage) -> None:
-        await message.ack()
-        cid = orjson.loads(message.body)["conversation_id"]
-        assigned.setdefault(cid, time.perf_counter())
-        if len(assigned) >= count:
-            done.set()
+        async def on_assigned(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            await message.ack()
+            cid = orjson.loads(message.body)["conversation_id"]
+            assigned.setdefault(cid, time.perf_counter())
+            if len(assigned) >= count:
+                done.set()
 
-    await tap.consume(on_assigned)
-    publishes: list[asyncio.Future[None]] = []
-    started = time.perf_counter()
-    for n, cid in enumerate(ids):
-        due = started + n / rate
-        delay = due - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        now = datetime.now(UTC)
-        await pool.execute(
-            "UPDATE conversations SET state = 'queued', queue = 'general', queued_at = $2"
-            " WHERE id = $1",
-            uuid.UUID(cid),
-            now,
-        )
-        queued[cid] = time.perf_counter()
-        publishes.append(
-            asyncio.ensure_future(
-                publisher.publish(
-                    new_event(
-                        EventType.CONVERSATION_QUEUED,
-                        account="bench",
-                        key=(cid,),
-                        conversation_id=cid,
-                        occurred_at=now,
-                        data=ConversationQueued(
-                            queue="general", workstream="main", language="en", queued_at=now
-                        ).model_dump(mode="json"),
+        await tap.consume(on_assigned)
+        publishes: list[asyncio.Future[None]] = []
+        started = time.perf_counter()
+        for n, cid in enumerate(ids):
+            due = started + n / rate
+            delay = due - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            now = datetime.now(UTC)
+            await pool.execute(
+                "UPDATE conversations SET state = 'queued', queue = 'general', queued_at = $2"
+                " WHERE id = $1",
+                uuid.UUID(cid),
+                now,
+            )
+            queued[cid] = time.perf_counter()
+            publishes.append(
+                asyncio.ensure_future(
+                    publisher.publish(
+                        new_event(
+                            EventType.CONVERSATION_QUEUED,
+                            account="bench",
+                            key=(cid,),
+                            conversation_id=cid,
+                            occurred_at=now,
+                            data=ConversationQueued(
+                                queue="general", workstream="main", language="en", queued_at=now
+                            ).model_dump(mode="json"),
+                        )
                     )
                 )
             )
-        )
-    await asyncio.gather(*publishes)
-    try:
-        async with asyncio.timeout(seconds + 60):
-            await done.wait()
-    except TimeoutError:
-        pass
-    elapsed = time.perf_counter() - started
-    latencies = sorted((assigned[c] - queued[c]) * 1000 for c in assigned if c in queued)
-    for runner in runners:
-        await runner.stop()
-    for bus, store in resources:
-        await bus.close()
-        await store.close()
+        await asyncio.gather(*publishes)
+        try:
+            async with asyncio.timeout(seconds + 60):
+                await done.wait()
+        except TimeoutError:
+            pass
+        elapsed = time.perf_counter() - started
+        latencies = sorted((assigned[c] - queued[c]) * 1000 for c in assigned if c in queued)
     await publisher.close()
     await connection.close()
     await seed_store.close()

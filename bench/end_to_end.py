@@ -12,6 +12,7 @@ run (what Twilio sees), so the ratio is what the rest of the pipeline adds.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import Any
 
@@ -20,7 +21,7 @@ import aiohttp
 import orjson
 from aio_pika.abc import AbstractIncomingMessage
 
-from bench.deployment import INBOUND, SID, TOKEN, deployment, seed_agents
+from bench.deployment import INBOUND, SID, TOKEN, Deployment, deployment, seed_agents
 from bench.infra import BenchInfra
 from bench.loadgen import percentile, signed_requests
 from schemas.events import EXCHANGE, EventType
@@ -35,6 +36,8 @@ class Tap:
         self.customer_of: dict[str, str] = {}
         self.assigned_at: dict[str, float] = {}
         self.assignments = 0
+        self.expected = -1
+        self.complete = asyncio.Event()
 
     async def on_message(self, message: AbstractIncomingMessage) -> None:
         now = time.perf_counter()
@@ -46,6 +49,13 @@ class Tap:
             self.assignments += 1
             self.assigned_at.setdefault(conversation, now)
         await message.ack()
+        if len(self.assigned_at) == self.expected:
+            self.complete.set()
+
+    def expect(self, count: int) -> None:
+        self.expected = count
+        if len(self.assigned_at) >= count:
+            self.complete.set()
 
 
 async def _send_at_rate(
@@ -81,7 +91,15 @@ async def _send_at_rate(
     return sent_at, answer, statuses
 
 
-async def measure(infra: BenchInfra, rate: float, seconds: float) -> dict[str, Any]:
+async def _sample_rss(deployed: Deployment, every: float, into: list[dict[str, float]]) -> None:
+    while True:
+        await asyncio.sleep(every)
+        into.append(deployed.rss())
+
+
+async def measure(
+    infra: BenchInfra, rate: float, seconds: float, rss_every: float = 10.0
+) -> dict[str, Any]:
     count = int(rate * seconds)
     await seed_agents(infra.database_url, agents=100, capacity=count // 50 + 10)
     connection = await aio_pika.connect_robust(infra.amqp_url)
@@ -98,10 +116,15 @@ async def measure(infra: BenchInfra, rate: float, seconds: float) -> dict[str, A
         url = deployed.router_url + INBOUND
         requests = signed_requests(url, TOKEN, SID, count)
         customers = [body_customer(body) for body, _ in requests]
+        cpu_before = deployed.cpu()
+        rss_samples: list[dict[str, float]] = []
+        sampler = asyncio.create_task(_sample_rss(deployed, rss_every, rss_samples))
         sent_at, answer, statuses = await _send_at_rate(url, requests, customers, rate)
-        deadline = time.monotonic() + 60
-        while len(tap.assigned_at) < len(sent_at) and time.monotonic() < deadline:
-            await asyncio.sleep(0.2)
+        sampler.cancel()
+        tap.expect(len(sent_at))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(tap.complete.wait(), 60)
+        cpu = {k: v - cpu_before[k] for k, v in deployed.cpu().items()}
         rss_after = deployed.rss()
     latencies = sorted(
         tap.assigned_at[c] - sent_at[tap.customer_of[c]]
@@ -120,9 +143,108 @@ async def measure(infra: BenchInfra, rate: float, seconds: float) -> dict[str, A
         "p99_ms": round(percentile(latencies, 0.99) * 1000, 1),
         "answer_p50_ms": round(percentile(answer, 0.5) * 1000, 1),
         "answer_p99_ms": round(percentile(answer, 0.99) * 1000, 1),
+        "cpu_ms_per_conversation": {
+            k: round(v * 1000 / max(1, len(sent_at)), 3) for k, v in cpu.items()
+        },
         "rss_rest_mib": rss_rest,
         "rss_after_mib": rss_after,
+        "rss_samples_mib": rss_samples,
     }
+
+
+def _figure(name: str, value: float, baseline: str, base: float, goal: str) -> dict[str, Any]:
+    return {
+        "figure": name,
+        "value": value,
+        "baseline": baseline,
+        "baseline_value": base,
+        "ratio": round(value / base, 3) if base else None,
+        "goal": goal,
+    }
+
+
+async def run(
+    infra: BenchInfra, rate: float = 300.0, seconds: float = 60.0
+) -> list[dict[str, Any]]:
+    m = await measure(infra, rate, seconds)
+    at = f"at {rate:.0f}/s for {seconds:.0f} s"
+    figures = [
+        _figure(
+            f"webhook→assigned p99 ms {at}",
+            m["p99_ms"],
+            "webhook answer p99 ms, same run",
+            m["answer_p99_ms"],
+            "value < 50 ms",
+        ),
+        _figure(
+            f"webhook→assigned p50 ms {at}",
+            m["p50_ms"],
+            "webhook answer p50 ms, same run",
+            m["answer_p50_ms"],
+            "information",
+        ),
+        _figure(
+            f"conversations lost {at}", m["lost"], "webhooks answered 200", m["accepted"], "value 0"
+        ),
+        _figure(
+            f"duplicate assignments {at}",
+            m["duplicate_assignments"],
+            "conversations assigned",
+            m["assigned"],
+            "value 0",
+        ),
+    ]
+    cpu = m["cpu_ms_per_conversation"]
+    figures += [
+        _figure(
+            f"CPU ms per conversation, {proc}",
+            cpu[proc],
+            "all processes",
+            round(sum(cpu.values()), 3),
+            "information",
+        )
+        for proc in cpu
+    ]
+    figures += [
+        _figure(
+            f"RSS MiB after the run, {proc}",
+            m["rss_after_mib"][proc],
+            "at rest",
+            m["rss_rest_mib"][proc],
+            "information",
+        )
+        for proc in m["rss_after_mib"]
+    ]
+    return figures
+
+
+async def soak(
+    infra: BenchInfra, rate: float = 100.0, seconds: float = 600.0
+) -> list[dict[str, Any]]:
+    """Memory under a long steady load: RSS at the end vs after the first minute."""
+    m = await measure(infra, rate, seconds, rss_every=30.0)
+    samples = m["rss_samples_mib"]
+    if len(samples) < 3:
+        raise ValueError("the soak run is too short to compare memory (needs ≥ 90 s)")
+    warm, last = samples[1], samples[-1]
+    return [
+        _figure(
+            f"soak {seconds:.0f} s at {rate:.0f}/s: RSS MiB at the end, {proc}",
+            last[proc],
+            "RSS after the first minute",
+            warm[proc],
+            "ratio <= 1.05",
+        )
+        for proc in last
+    ] + [
+        _figure(
+            f"soak {seconds:.0f} s at {rate:.0f}/s: conversations lost",
+            m["lost"],
+            "webhooks answered 200",
+            m["accepted"],
+            "value 0",
+        ),
+    ]
 
 
 def body_customer(body: bytes) -> str:
