@@ -34,6 +34,7 @@ import structlog
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 from pydantic import BaseModel, ValidationError
 
+from consumers.group_commit import GroupCommit
 from omniroute.bus import Bus, copy_message, declare_stage
 from omniroute.config_loader import LiveConfig
 from omniroute.errors import (
@@ -84,6 +85,7 @@ class StageTx:
 
 
 Handler = Callable[[Envelope, BaseModel, StageTx], Awaitable[list[Envelope]]]
+Handled = tuple[list[Envelope], StageTx]  # follow-up events added to the outbox, and the tx
 Ticker = Callable[[StageTx], Awaitable[list[Envelope]]]
 Resources = Callable[[Settings, LiveConfig], AbstractAsyncContextManager[Any]]
 
@@ -164,6 +166,13 @@ class StageRunner:
         self._consumer_tag: str | None = None
         self._queue_wait = STAGE_QUEUE_WAIT.labels(stage.name)
         self._marks = PublishedMarks(store)
+        self._commits: GroupCommit[tuple[Envelope, BaseModel], Handled] = GroupCommit(
+            self._until_stored,
+            self._handle_alone,
+            max_batch=settings.prefetch,
+            max_concurrent=2,  # two transactions in flight: one fills while one commits
+            fatal=(_Stopping,),
+        )
         self._in_flight: set[asyncio.Task[Any]] = set()
         self._stopping = asyncio.Event()
         self._ticker: asyncio.Task[None] | None = None
@@ -342,13 +351,20 @@ class StageRunner:
     async def _handle_until_stored(
         self, event: Envelope, payload: BaseModel
     ) -> tuple[list[Envelope], StageTx]:
+        """Handle the event and store its effects and follow-up events (committed together
+        with whatever other messages are being handled at the same time)."""
+        return await self._commits.submit((event, payload))
+
+    async def _handle_alone(self, item: tuple[Envelope, BaseModel]) -> Handled:
+        [handled] = await self._until_stored([item])
+        return handled
+
+    async def _until_stored(self, items: list[tuple[Envelope, BaseModel]]) -> list[Handled]:
+        """One transaction for ``items``; waits out database outages (until shutdown)."""
         attempt = 0
         while True:
             try:
-                async with self._store.transaction() as conn:
-                    tx = self._tx(conn)
-                    events = await self.stage.handle(event, payload, tx)
-                    return await add_to_outbox(conn, events), tx
+                return await self._handle_in_one_transaction(items)
             except StoreUnavailable as exc:
                 attempt += 1
                 delay = self._backoff(attempt)
@@ -357,6 +373,26 @@ class StageRunner:
                     await asyncio.wait_for(self._stopping.wait(), delay)
                 if self._stopping.is_set():
                     raise _Stopping from exc
+
+    async def _handle_in_one_transaction(
+        self, items: list[tuple[Envelope, BaseModel]]
+    ) -> list[Handled]:
+        outputs: list[tuple[list[Envelope], StageTx]] = []
+        async with self._store.transaction() as conn:
+            for event, payload in items:
+                tx = self._tx(conn)
+                with structlog.contextvars.bound_contextvars(
+                    event_id=event.id, conversation_id=event.conversation_id
+                ):
+                    outputs.append((await self.stage.handle(event, payload, tx), tx))
+            added = await add_to_outbox(conn, [e for events, _ in outputs for e in events])
+        fresh = {e.id for e in added}
+        handled: list[Handled] = []
+        for events, tx in outputs:
+            mine = [e for e in events if e.id in fresh]
+            fresh.difference_update(e.id for e in mine)
+            handled.append((mine, tx))
+        return handled
 
     async def _publish(self, events: list[Envelope]) -> list[str]:
         """Publish committed outbox events, confirms awaited together (frames go out in
