@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install services migrate demo test lint bench chaos clean
+.PHONY: install services migrate demo test lint bench chaos fuzz clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "omniroute needs Python >= 3.11")'
@@ -35,8 +35,12 @@ lint: install
 bench: migrate
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
+# Full-size versions of the suites whose short versions run in `make test`.
 chaos: services
-	$(BIN)/pytest tests/chaos -m chaos $(PYTEST_ARGS)
+	OMNIROUTE_CHAOS_SCALE=$${OMNIROUTE_CHAOS_SCALE:-1} $(BIN)/pytest tests/chaos -m chaos $(PYTEST_ARGS)
+
+fuzz: services
+	OMNIROUTE_FUZZ_EXAMPLES=$${OMNIROUTE_FUZZ_EXAMPLES:-20000} $(BIN)/pytest tests/fuzz -m fuzz -s $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

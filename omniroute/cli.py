@@ -159,13 +159,13 @@ def cmd_contract(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     from omniroute.status import run_status
 
-    return _run(run_status(settings, args.json))
+    return _run(run_status(settings, args.json, args.interval))
 
 
 def cmd_dead_letters(args: argparse.Namespace, settings: Settings) -> int:
     from omniroute.dead_letters import run_dead_letters
 
-    return _run(run_dead_letters(settings, args.action, args.stage, args.limit))
+    return _run(run_dead_letters(settings, args.action, args.stage, args.limit, args.id))
 
 
 def parser() -> argparse.ArgumentParser:
@@ -213,10 +213,14 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("contract", help="print the event contract (AsyncAPI, from schemas/)")
     status = sub.add_parser("status", help="queue depth, consumers and dead letters per stage")
     status.add_argument("--json", action="store_true")
+    status.add_argument(
+        "--interval", type=float, default=1.0, help="seconds between the two samples (0: one)"
+    )
     dead = sub.add_parser("dead-letters", help="inspect or replay a stage's dead letters")
-    dead.add_argument("action", choices=["list", "replay", "purge"])
+    dead.add_argument("action", choices=["list", "show", "replay", "purge"])
     dead.add_argument("stage")
     dead.add_argument("--limit", type=int, default=100)
+    dead.add_argument("--id", help="show: the message id (default: the oldest dead letter)")
     add_agents_parser(sub)
     return p
 

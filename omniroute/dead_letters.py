@@ -1,4 +1,4 @@
-"""``omniroute dead-letters list|replay|purge STAGE``: see and fix poison messages.
+"""``omniroute dead-letters list|show|replay|purge STAGE``: see and fix poison messages.
 
 Replay sends each dead letter back to its stage's own queue (not to the exchange, which
 would reach every other subscriber again) with its original headers, confirmed before the
@@ -7,6 +7,7 @@ dead letter is acked. Stages are idempotent, so replaying twice is harmless.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -28,6 +29,20 @@ class DeadLetter:
     reason: str
     dead_at: str
     body: bytes
+    headers: dict[str, Any]
+
+    def describe(self) -> str:
+        """Everything an operator needs to decide: why, when, what, and the body itself."""
+        try:
+            body = json.dumps(json.loads(self.body), indent=2, ensure_ascii=False)
+        except ValueError:
+            body = repr(self.body[:4000])
+        headers = json.dumps(self.headers, indent=2, default=str, ensure_ascii=False)
+        return (
+            f"message id:  {self.message_id}\nrouting key: {self.routing_key}\n"
+            f"dead at:     {self.dead_at}\nreason:      {self.reason}\n"
+            f"headers:\n{headers}\nbody:\n{body}"
+        )
 
     @classmethod
     def of(cls, message: AbstractIncomingMessage) -> DeadLetter:
@@ -43,6 +58,7 @@ class DeadLetter:
             reason=str(reason),
             dead_at=str(headers.get("x-omniroute-dead-at", "")),
             body=message.body,
+            headers=dict(headers),
         )
 
 
@@ -96,11 +112,20 @@ async def purge_dead(settings: Settings, stage: str) -> int:
         return int(result.message_count or 0)
 
 
-async def run_dead_letters(settings: Settings, action: str, stage: str, limit: int) -> int:
+async def run_dead_letters(
+    settings: Settings, action: str, stage: str, limit: int, message_id: str | None = None
+) -> int:
     if stage not in STAGES:
         print(f"unknown stage {stage!r}; known: {', '.join(STAGES)}")
         return 2
-    if action == "list":
+    if action == "show":
+        letters = await list_dead(settings, stage, limit if message_id else 1)
+        chosen = [d for d in letters if message_id in (None, d.message_id)]
+        if not chosen:
+            print(f"no dead letter {message_id or ''} in {STAGES[stage].dead_queue}".strip())
+            return 1
+        print(chosen[0].describe())
+    elif action == "list":
         letters = await list_dead(settings, stage, limit)
         for letter in letters:
             print(f"{letter.dead_at}  {letter.routing_key}  {letter.message_id}  {letter.reason}")

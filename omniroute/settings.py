@@ -28,6 +28,9 @@ class Settings(BaseSettings):
     log_level: str = "info"
     admin_token: SecretStr | None = None
     twilio_api_url: AnyHttpUrl = AnyHttpUrl("https://api.twilio.com")
+    rabbitmq_api_url: AnyHttpUrl | None = Field(
+        default=None, description="management API for `omniroute status` (default: host:15672)"
+    )
 
     # Ingress
     max_body_bytes: int = Field(default=64 * 1024, gt=0)

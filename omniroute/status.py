@@ -1,11 +1,23 @@
-"""``omniroute status``: each stage's queue depth, consumers and dead letters at a glance."""
+"""``omniroute status``: each stage's backlog, consumers, rates and dead letters at a glance.
+
+Depth and consumers come over AMQP (passive declares), sampled twice ``interval`` apart to
+tell a backlog that drains from one that grows. When RabbitMQ's management API answers
+(``OMNIROUTE_RABBITMQ_API_URL``, by default the broker's host on port 15672 with the AMQP
+credentials), its per-queue publish and deliver rates and the in-flight (unacknowledged)
+count are shown too.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import json
 from dataclasses import asdict, dataclass
+from typing import Any
+from urllib.parse import quote, unquote, urlsplit
 
 import aio_pika
+import aiohttp
 from aio_pika.exceptions import ChannelClosed
 
 from omniroute.settings import Settings
@@ -19,6 +31,20 @@ class StageStatus:
     ready: int | None
     consumers: int | None
     dead_letters: int | None
+    drain_per_s: float | None = None  # positive: the backlog shrinks; negative: it grows
+    in_per_s: float | None = None  # management API only
+    out_per_s: float | None = None  # delivered per second (management API only)
+    in_flight: int | None = None  # delivered, not yet acknowledged (management API only)
+
+    def hints(self) -> list[str]:
+        out = []
+        if self.consumers == 0 and (self.ready or 0) > 0:
+            out.append(f"no consumer: start `omniroute consume {self.stage}`")
+        elif (self.drain_per_s or 0) < 0 and (self.ready or 0) > 0:
+            out.append(f"growing: add replicas (`docker compose up -d --scale {self.stage}=N`)")
+        if self.dead_letters:
+            out.append(f"inspect: `omniroute dead-letters list {self.stage}`")
+        return out
 
 
 async def _depth(connection: aio_pika.abc.AbstractConnection, name: str) -> tuple[int, int] | None:
@@ -34,40 +60,116 @@ async def _depth(connection: aio_pika.abc.AbstractConnection, name: str) -> tupl
             await channel.close()
 
 
-async def collect(settings: Settings) -> list[StageStatus]:
+Depths = dict[str, tuple[int, int] | None]
+
+
+async def _depths(connection: aio_pika.abc.AbstractConnection) -> Depths:
+    depths: Depths = {}
+    for stage in STAGES.values():
+        depths[stage.queue] = await _depth(connection, stage.queue)
+        depths[stage.dead_queue] = await _depth(connection, stage.dead_queue)
+    return depths
+
+
+def management_url(settings: Settings) -> tuple[str, str, str, str]:
+    """(API base URL, vhost, user, password) for the broker's management API."""
+    amqp = urlsplit(settings.amqp_url.get_secret_value())
+    vhost = unquote(amqp.path[1:]) if len(amqp.path) > 1 else "/"
+    user, password = unquote(amqp.username or "guest"), unquote(amqp.password or "guest")
+    if settings.rabbitmq_api_url is not None:
+        base = str(settings.rabbitmq_api_url).rstrip("/")
+    else:
+        base = f"http://{amqp.hostname or '127.0.0.1'}:15672"
+    return base, vhost, user, password
+
+
+async def management_rates(settings: Settings) -> dict[str, dict[str, Any]] | None:
+    """Per-queue figures from the management API, or None when it does not answer."""
+    base, vhost, user, password = management_url(settings)
+    url = f"{base}/api/queues/{quote(vhost, safe='')}"
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as http,
+            http.get(url, headers={"Authorization": _basic(user, password)}) as response,
+        ):
+            if response.status != 200:
+                return None
+            queues = await response.json()
+    except (aiohttp.ClientError, TimeoutError, ValueError):
+        return None
+    return {q["name"]: q for q in queues if isinstance(q, dict) and "name" in q}
+
+
+def _basic(user: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+def _rate(queue: dict[str, Any] | None, key: str) -> float | None:
+    if queue is None:
+        return None
+    details = (queue.get("message_stats") or {}).get(f"{key}_details") or {}
+    return float(details.get("rate", 0.0))
+
+
+async def collect(settings: Settings, interval: float = 1.0) -> list[StageStatus]:
     connection = await aio_pika.connect(settings.amqp_url.get_secret_value(), timeout=5)
     async with connection:
-        rows = []
-        for stage in STAGES.values():
-            main = await _depth(connection, stage.queue)
-            dead = await _depth(connection, stage.dead_queue)
-            rows.append(
-                StageStatus(
-                    stage.stage,
-                    stage.queue,
-                    main[0] if main else None,
-                    main[1] if main else None,
-                    dead[0] if dead else None,
-                )
+        first = await _depths(connection)
+        if interval > 0:
+            await asyncio.sleep(interval)
+        second = await _depths(connection) if interval > 0 else first
+    api = await management_rates(settings)
+    rows = []
+    for stage in STAGES.values():
+        main, dead, before = second[stage.queue], second[stage.dead_queue], first[stage.queue]
+        drain = None
+        if interval > 0 and main is not None and before is not None:
+            drain = round((before[0] - main[0]) / interval, 1)
+        queue = (api or {}).get(stage.queue)
+        rows.append(
+            StageStatus(
+                stage.stage,
+                stage.queue,
+                main[0] if main else None,
+                main[1] if main else None,
+                dead[0] if dead else None,
+                drain_per_s=drain,
+                in_per_s=_rate(queue, "publish"),
+                out_per_s=_rate(queue, "deliver_get"),
+                in_flight=int(queue["messages_unacknowledged"])
+                if queue and "messages_unacknowledged" in queue
+                else None,
             )
+        )
     return rows
 
 
-async def run_status(settings: Settings, as_json: bool) -> int:
-    rows = await collect(settings)
-    if as_json:
-        print(json.dumps([asdict(r) for r in rows], indent=2))
-        return 0
-    print(f"{'stage':<14} {'waiting':>8} {'consumers':>10} {'dead letters':>13}")
+def render(rows: list[StageStatus]) -> str:
+    def show(value: float | int | None) -> str:
+        return "-" if value is None else f"{value:g}"
+
+    lines = [
+        f"{'stage':<14} {'waiting':>8} {'in flight':>9} {'consumers':>9} {'in/s':>8} "
+        f"{'out/s':>8} {'drain/s':>8} {'dead':>6}"
+    ]
     for r in rows:
-
-        def show(value: int | None) -> str:
-            return "-" if value is None else str(value)
-
-        flag = "  ← no consumer" if r.consumers == 0 and (r.ready or 0) > 0 else ""
-        flag += "  ← inspect: omniroute dead-letters list " + r.stage if r.dead_letters else ""
-        print(
-            f"{r.stage:<14} {show(r.ready):>8} {show(r.consumers):>10} "
-            f"{show(r.dead_letters):>13}{flag}"
+        hints = "  ← " + "; ".join(r.hints()) if r.hints() else ""
+        lines.append(
+            f"{r.stage:<14} {show(r.ready):>8} {show(r.in_flight):>9} {show(r.consumers):>9} "
+            f"{show(r.in_per_s):>8} {show(r.out_per_s):>8} {show(r.drain_per_s):>8} "
+            f"{show(r.dead_letters):>6}{hints}"
         )
+    if all(r.in_per_s is None for r in rows):
+        lines.append(
+            "(in/s, out/s and in flight need RabbitMQ's management API; drain/s is sampled)"
+        )
+    return "\n".join(lines)
+
+
+async def run_status(settings: Settings, as_json: bool, interval: float = 1.0) -> int:
+    rows = await collect(settings, interval)
+    if as_json:
+        print(json.dumps([{**asdict(r), "hints": r.hints()} for r in rows], indent=2))
+    else:
+        print(render(rows))
     return 0

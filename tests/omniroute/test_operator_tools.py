@@ -1,0 +1,140 @@
+"""What an operator reads: `omniroute status` (backlog, rates, hints) and
+`omniroute dead-letters show`, against the real broker."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aio_pika
+import pytest
+from aiohttp import web
+
+from omniroute.bus import Bus
+from omniroute.dead_letters import run_dead_letters
+from omniroute.settings import Settings
+from omniroute.status import StageStatus, collect, management_url, render
+from omniroute.topology import STAGES
+
+pytestmark = pytest.mark.integration
+
+
+async def _publish_to_queue(settings: Settings, queue: str, bodies: list[bytes], **kw: Any) -> None:
+    connection = await aio_pika.connect(settings.amqp_url.get_secret_value())
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        for body in bodies:
+            await channel.default_exchange.publish(
+                aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT, **kw),
+                routing_key=queue,
+            )
+
+
+async def _purge(settings: Settings, *queues: str) -> None:
+    connection = await aio_pika.connect(settings.amqp_url.get_secret_value())
+    async with connection:
+        channel = await connection.channel()
+        for name in queues:
+            await (await channel.declare_queue(name, passive=True)).purge()
+
+
+async def test_status_shows_a_backlog_without_consumer_and_says_what_to_do(
+    bus: Bus, settings: Settings
+) -> None:
+    queue = STAGES["status"].queue  # no runner of this stage in this test
+    await _purge(settings, queue)
+    await _publish_to_queue(settings, queue, [b"{}"] * 3)
+    try:
+        rows = {r.stage: r for r in await collect(settings, interval=0.2)}
+        row = rows["status"]
+        assert row.ready == 3 and row.consumers == 0 and row.drain_per_s == 0
+        assert any("omniroute consume status" in h for h in row.hints())
+        assert "no consumer" in render(list(rows.values()))
+    finally:
+        await _purge(settings, queue)
+
+
+def test_a_growing_backlog_suggests_replicas_and_dead_letters_suggest_a_look() -> None:
+    growing = StageStatus("classify", "omniroute.classify", 500, 2, 4, drain_per_s=-120.0)
+    hints = growing.hints()
+    assert any("--scale classify=N" in h for h in hints)
+    assert any("dead-letters list classify" in h for h in hints)
+    draining = StageStatus("classify", "omniroute.classify", 500, 2, 0, drain_per_s=300.0)
+    assert draining.hints() == []
+
+
+@pytest.fixture
+async def management_api() -> AsyncIterator[tuple[str, list[dict[str, Any]]]]:
+    """A stand-in for RabbitMQ's management API, answering GET /api/queues/{vhost} the way
+    the real one does (only the fields status reads)."""
+    queues: list[dict[str, Any]] = []
+    seen_auth: list[str] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        seen_auth.append(request.headers.get("Authorization", ""))
+        return web.json_response(queues)
+
+    app = web.Application()
+    app.router.add_get("/api/queues/{vhost}", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    yield f"http://127.0.0.1:{port}", queues
+    await runner.cleanup()
+    assert all(a.startswith("Basic ") for a in seen_auth)
+
+
+async def test_status_adds_rates_and_in_flight_from_the_management_api(
+    bus: Bus, settings: Settings, management_api: tuple[str, list[dict[str, Any]]]
+) -> None:
+    url, queues = management_api
+    queues.append(
+        {
+            "name": STAGES["conversations"].queue,
+            "messages_unacknowledged": 32,
+            "message_stats": {
+                "publish_details": {"rate": 250.0},
+                "deliver_get_details": {"rate": 240.5},
+            },
+        }
+    )
+    with_api = Settings.model_validate({**settings.model_dump(), "rabbitmq_api_url": url})
+    rows = {r.stage: r for r in await collect(with_api, interval=0)}
+    row = rows["conversations"]
+    assert (row.in_per_s, row.out_per_s, row.in_flight) == (250.0, 240.5, 32)
+    assert rows["classify"].in_per_s is None  # not in the API's answer
+
+
+def test_the_management_api_defaults_to_the_brokers_host_and_credentials() -> None:
+    settings = Settings.model_validate({"amqp_url": "amqp://ops:s%40cret@mq.internal:5672/prod"})
+    assert management_url(settings) == ("http://mq.internal:15672", "prod", "ops", "s@cret")
+
+
+async def test_dead_letters_show_prints_the_reason_headers_and_body(
+    bus: Bus, settings: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    dead = STAGES["outbound"].dead_queue
+    await _purge(settings, dead)
+    message_id = str(uuid.uuid4())
+    await _publish_to_queue(
+        settings,
+        dead,
+        [b'{"type": "message.send-requested", "data": {"message_id": "nope"}}'],
+        message_id=message_id,
+        headers={
+            "x-omniroute-reason": "invalid message.send-requested payload: message_id: bad",
+            "x-omniroute-routing-key": "message.send-requested",
+            "x-omniroute-dead-at": "2026-11-25T12:00:00+00:00",
+        },
+    )
+    try:
+        assert await run_dead_letters(settings, "show", "outbound", 100, message_id) == 0
+        out = capsys.readouterr().out
+        assert message_id in out and "message_id: bad" in out
+        assert '"message_id": "nope"' in out  # the body, pretty-printed
+        assert await run_dead_letters(settings, "show", "outbound", 100, "no-such-id") == 1
+    finally:
+        await _purge(settings, dead)
