@@ -88,6 +88,13 @@ async def automated(
     )
 
 
+def _configured(tx: StageTx, kinds: tuple[str, ...], workstream: str | None = None) -> bool:
+    """Whether a workstream (this one, or any) has an automated message of these kinds."""
+    config = tx.config.current
+    candidates = [config.workstream(workstream)] if workstream else config.workstreams
+    return any(ws is not None and set(kinds) & set(ws.automated_messages) for ws in candidates)
+
+
 async def _queue_position(conn: Connection, row: Any) -> str:
     position = await conn.fetchval(
         "SELECT count(*) FROM conversations WHERE state = 'queued' AND queue = $1"
@@ -146,16 +153,22 @@ async def handle(event: Envelope, payload: BaseModel, tx: StageTx) -> list[Envel
     if isinstance(payload, MessageReceived):
         return await _customer_activity(payload, event.account, tx)
     assert event.conversation_id is not None
-    row = await _conversation(tx.conn, event.conversation_id)
-    key = event.id
     if isinstance(payload, ConversationClassified):
         return []  # greeted with the queue message, in order, once the language is known
+    if isinstance(payload, ConversationQueued) and not _configured(
+        tx, ("greeting", "queued", "out_of_hours"), payload.workstream
+    ):
+        return []  # nothing to say: no need to read the conversation
+    if isinstance(payload, ConversationAssigned) and not _configured(tx, ("agent_joined",)):
+        return []
+    row = await _conversation(tx.conn, event.conversation_id)
+    key = event.id
     if isinstance(payload, ConversationQueued):
         # Once per conversation (a reopen queues it again), and before the queue message.
         events = await automated(tx, row, "greeting", f"greeting:{row['id']}")
         if payload.out_of_hours:
             return events + await automated(tx, row, "out_of_hours", key, later=bool(events))
-        position = await _queue_position(tx.conn, row)
+        position = await _queue_position(tx.conn, row) if _configured(tx, ("queued",)) else "1"
         return events + await automated(
             tx, row, "queued", key, {"queue_position": position}, later=bool(events)
         )
