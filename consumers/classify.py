@@ -143,23 +143,30 @@ WHERE id = $1
 """
 
 
+# The conversation, locked, and its first customer message, in one round trip.
+_STATE_AND_FIRST_MESSAGE = """
+SELECT c.state, m.found, m.body, m.media
+FROM conversations c
+LEFT JOIN LATERAL (
+    SELECT true AS found, body, media FROM messages
+    WHERE conversation_id = c.id AND direction = 'inbound'
+    ORDER BY received_at, id LIMIT 1
+) m ON true
+WHERE c.id = $1
+FOR UPDATE OF c
+"""
+
+
 async def handle(event: Envelope, payload: BaseModel, tx: StageTx) -> list[Envelope]:
     assert isinstance(payload, ConversationOpened)
-    state = await tx.conn.fetchval(
-        "SELECT state FROM conversations WHERE id = $1 FOR UPDATE", payload.conversation_id
-    )
-    if state is None:
-        raise TransientError(f"conversation {payload.conversation_id} is not stored (yet)")
-    if state != "open":
-        return []  # classified already: this is a redelivery
     # The earliest message by receipt time is the first one, whichever replica committed
     # first (two messages sent a moment apart can be stored in either order).
-    first = await tx.conn.fetchrow(
-        "SELECT body, media FROM messages WHERE conversation_id = $1 AND direction = 'inbound'"
-        " ORDER BY received_at, id LIMIT 1",
-        payload.conversation_id,
-    )
-    if first is not None:
+    first = await tx.conn.fetchrow(_STATE_AND_FIRST_MESSAGE, payload.conversation_id)
+    if first is None:
+        raise TransientError(f"conversation {payload.conversation_id} is not stored (yet)")
+    if first["state"] != "open":
+        return []  # classified already: this is a redelivery
+    if first["found"]:
         payload = payload.model_copy(
             update={
                 "first_message_body": first["body"],
