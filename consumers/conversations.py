@@ -28,13 +28,15 @@ from schemas.events import (
     SurveyAnswered,
 )
 
-# One statement, one round trip: upsert the contact, find or open the conversation (or move
-# the window anchor of the open one), insert the message. Replicas may commit a customer's
+# One statement, one round trip: unless the message is stored already (then nothing at all),
+# upsert the contact, find or open the conversation (or move the window anchor of the open
+# one), insert the message. Replicas may commit a customer's
 # messages out of order: the earliest receipt opens, the latest anchors the window.
 _STORE_INBOUND = """
 WITH contact AS (
     INSERT INTO contacts (id, account, address, wa_id, external_user_id, profile_name)
-    VALUES ($1, $2, $3, $4, $5, $6)
+    SELECT $1, $2, $3, $4, $5, $6
+    WHERE NOT EXISTS (SELECT 1 FROM messages WHERE twilio_sid = $12)  -- stored before: no-op
     ON CONFLICT (account, address) DO UPDATE SET
         wa_id = COALESCE(EXCLUDED.wa_id, contacts.wa_id),
         external_user_id = COALESCE(EXCLUDED.external_user_id, contacts.external_user_id),
@@ -76,9 +78,15 @@ class Stored:
 
 async def store_inbound(conn: Connection, account: str, message: MessageReceived) -> Stored | None:
     """Store a customer's message in its conversation; None if it was already stored."""
-    if await _seen(conn, message.message_sid):
-        return None
     return await _store_new(conn, account, message)
+
+
+def _may_answer_or_reopen(payload: MessageReceived, tx: StageTx) -> bool:
+    """Whether the message could be a survey answer or reopen a conversation: only then is
+    the duplicate check needed up front (storing checks it in the same statement)."""
+    workstream = tx.config.current.workstream(payload.workstream)
+    reopens = bool(workstream and workstream.lifecycle.reopen_within)
+    return reopens or any(ws.survey for ws in tx.config.current.workstreams)
 
 
 async def _seen(conn: Connection, message_sid: str) -> bool:
@@ -104,9 +112,8 @@ async def _store_new(conn: Connection, account: str, message: MessageReceived) -
         [m.model_dump(mode="json") for m in message.media],
         _attributes(message),
     )
-    assert row is not None  # INSERT … ON CONFLICT DO UPDATE always returns the row
-    if row["message_id"] is None:  # the same sid committed by a concurrent replica meanwhile
-        return None
+    if row is None or row["message_id"] is None:
+        return None  # stored before, or by a concurrent replica just now
     return Stored(
         str(row["id"]),
         str(row["contact_id"]),
@@ -129,7 +136,7 @@ async def handle(event: Envelope, payload: BaseModel, tx: StageTx) -> list[Envel
     assert isinstance(payload, MessageReceived)
     if payload.sandbox and SANDBOX_JOIN.match(payload.body):
         return await _sandbox_join(event, payload, tx)
-    if await _seen(tx.conn, payload.message_sid):
+    if _may_answer_or_reopen(payload, tx) and await _seen(tx.conn, payload.message_sid):
         return []  # Twilio resent it or the broker redelivered it: already done
     answered = await _survey_answer(event, payload, tx)
     if answered is not None:
