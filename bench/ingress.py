@@ -19,24 +19,14 @@ from typing import Any
 import aio_pika
 import orjson
 
+from bench.deployment import CONFIG, INBOUND, SID, TOKEN
 from bench.infra import BenchInfra
 from bench.processes import free_port, python_process, rss_mib, run_python, wait_port
 from omniroute.settings import Settings
 from omniroute.topology import STAGES
 from router.app import make_bus
 
-SID = "AC0000000000000000000000000000000b"
-TOKEN = "bench-ingress-token"
-CONFIG = f"""
-accounts:
-  - name: bench
-    account_sid: {SID}
-    auth_token_env: BENCH_TOKEN
-    numbers: [{{name: Main, number: "+5511999990000", workstream: main}}]
-workstreams: [{{name: main, fallback_queue: general}}]
-queues: [{{name: general}}]
-"""
-PATH = "/twilio/bench/inbound"
+PATH = INBOUND
 CANDIDATES = ("omniroute", "bare", "minimal", "fast")
 LABELS = {
     "omniroute": "omniroute router",

@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
+from bench.deployment import CONFIG, SID, TOKEN
 from bench.infra import BenchInfra
 from consumers import outbound
 from consumers.runtime import StageRunner
@@ -21,18 +22,6 @@ from omniroute.twilio_emulator import EmulatorState, start_emulator
 from omniroute.window import Verdict
 from router.app import make_bus
 from schemas.events import EventType, MessageSendRequested, new_event
-
-SID = "AC00000000000000000000000000000009"
-TOKEN = "bench-token"
-CONFIG = f"""
-accounts:
-  - name: bench
-    account_sid: {SID}
-    auth_token_env: BENCH_TOKEN
-    numbers: [{{name: Main, number: "+5511999990000", workstream: main}}]
-workstreams: [{{name: main, fallback_queue: general}}]
-queues: [{{name: general}}]
-"""
 
 
 @contextmanager
