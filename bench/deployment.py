@@ -16,7 +16,7 @@ from pathlib import Path
 import aiohttp
 
 from bench.infra import BenchInfra
-from bench.processes import cpu_seconds, free_port, python_process, rss_mib, wait_port
+from bench.processes import cpu_seconds, free_port, python_process, rss_mib, tail, wait_port
 from omniroute.store import Store
 
 SID = "AC0000000000000000000000000000000e"
@@ -33,6 +33,13 @@ workstreams:
     distribution: {{mode: push, auto_accept: true, units: 1}}
 queues: [{{name: general}}]
 """
+# The same, with a greeting: each new conversation also makes lifecycle queue a send for
+# outbound, whose status callbacks feed the status stage.
+CONFIG_WITH_GREETING = CONFIG.replace(
+    "    fallback_queue: general\n",
+    "    fallback_queue: general\n"
+    "    automated_messages: {greeting: {text: {pt-BR: 'Olá! Já vamos atender.'}}}\n",
+)
 INBOUND = "/twilio/bench/inbound"
 
 
@@ -86,13 +93,19 @@ async def _ready(http: aiohttp.ClientSession, url: str, within: float = 20.0) ->
 
 @asynccontextmanager
 async def deployment(
-    infra: BenchInfra, stages: Sequence[str], router: bool = True, **settings: str
+    infra: BenchInfra,
+    stages: Sequence[str],
+    router: bool = True,
+    config_text: str = CONFIG,
+    public_url: str | None = None,
+    **settings: str,
 ) -> AsyncIterator[Deployment]:
     """Start the router (if asked) and one process per stage named (a stage named twice gets
-    two replicas, ``distribute#0`` and ``distribute#1``); SIGTERM them on the way out."""
+    two replicas, ``distribute#0`` and ``distribute#1``); SIGTERM them on the way out.
+    ``public_url`` points the stages at a router started elsewhere (status callbacks)."""
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "omniroute.yaml"
-        config.write_text(CONFIG)
+        config.write_text(config_text)
         base = {
             "BENCH_TOKEN": TOKEN,
             "OMNIROUTE_AMQP_URL": infra.amqp_url,
@@ -103,26 +116,42 @@ async def deployment(
         }
         async with AsyncExitStack() as stack, aiohttp.ClientSession() as http:
             port = free_port()
-            public = f"http://127.0.0.1:{port}"
+            public = public_url or f"http://127.0.0.1:{port}"
             env = {**base, "OMNIROUTE_PUBLIC_URL": public, "OMNIROUTE_HTTP_PORT": str(port)}
             deployed = Deployment(router_url=public, router_pid=0)
             if router:
+                log = Path(tmp) / "router.log"
                 proc = await stack.enter_async_context(
-                    python_process(["-m", "omniroute.cli", "serve"], env)
+                    python_process(["-m", "omniroute.cli", "serve"], env, log=log)
                 )
                 deployed.router_pid = proc.pid
                 deployed.pids["router"] = proc.pid
-                await wait_port(port)
-                await _ready(http, public)
+                try:
+                    await wait_port(port)
+                    await _ready(http, public)
+                except TimeoutError as exc:
+                    raise RuntimeError(f"the router did not start:\n{tail(log)}") from exc
             for n, stage in enumerate(stages):
                 name = stage if stages.count(stage) == 1 else f"{stage}#{n}"
                 stage_port = free_port()
-                stage_env = {**base, "OMNIROUTE_HTTP_PORT": str(stage_port)}
+                stage_env = {
+                    **base,
+                    "OMNIROUTE_PUBLIC_URL": public,
+                    "OMNIROUTE_HTTP_PORT": str(stage_port),
+                }
                 proc = await stack.enter_async_context(
-                    python_process(["-m", "omniroute.cli", "consume", stage], stage_env)
+                    python_process(
+                        ["-m", "omniroute.cli", "consume", stage],
+                        stage_env,
+                        log=Path(tmp) / f"{name}.log",
+                    )
                 )
                 deployed.pids[name] = proc.pid
                 deployed.stage_urls[name] = f"http://127.0.0.1:{stage_port}"
-            for url in deployed.stage_urls.values():
-                await _ready(http, url)
+            for name, url in deployed.stage_urls.items():
+                try:
+                    await _ready(http, url)
+                except TimeoutError as exc:
+                    log_tail = tail(Path(tmp) / f"{name}.log")
+                    raise RuntimeError(f"{name} did not start:\n{log_tail}") from exc
             yield deployed

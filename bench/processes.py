@@ -53,17 +53,22 @@ async def wait_port(port: int, within: float = 20.0) -> None:
 
 @asynccontextmanager
 async def python_process(
-    args: Sequence[str], env: Mapping[str, str] | None = None, grace: float = 10.0
+    args: Sequence[str],
+    env: Mapping[str, str] | None = None,
+    grace: float = 10.0,
+    log: Path | None = None,
 ) -> AsyncIterator[asyncio.subprocess.Process]:
-    """``python ARGS`` from the project root; SIGTERM (then SIGKILL) on the way out."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        *args,
-        cwd=ROOT,
-        env={**os.environ, **(env or {})},
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
+    """``python ARGS`` from the project root, its standard error to ``log``; SIGTERM (then
+    SIGKILL) on the way out."""
+    with Path(log or os.devnull).open("ab") as stderr:  # noqa: ASYNC230 - opening is instant
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            *args,
+            cwd=ROOT,
+            env={**os.environ, **(env or {})},
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=stderr,
+        )
     try:
         yield proc
     finally:
@@ -74,6 +79,10 @@ async def python_process(
             except TimeoutError:
                 proc.kill()
                 await proc.wait()
+
+
+def tail(log: Path, lines: int = 15) -> str:
+    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:]) if log.exists() else ""
 
 
 async def run_python(args: Sequence[str]) -> bytes:

@@ -3,8 +3,11 @@ aio-pika consumer that only acks (same prefetch, same broker, same message sizes
 
 The pipeline is driven stage by stage: ``count`` new customers' ``message.received`` events
 are published, then ``conversations`` drains its queue alone; what it published fills the
-next stages' queues, which drain in turn (``classify``, ``lifecycle``, ``distribute``).
-A stage's rate is the messages it finished (its ``/metrics``) over the time it took.
+next stages' queues, which drain in turn (``classify``, ``lifecycle``, ``distribute``,
+``outbound``, ``status``).
+A stage's rate is the messages it finished (its ``/metrics``) over the time it took. With a
+greeting configured, lifecycle queues a send per conversation for ``outbound`` (to the
+Twilio emulator, unpaced), whose status callbacks go through a router to ``status``.
 """
 
 from __future__ import annotations
@@ -19,15 +22,16 @@ import aio_pika
 import aiohttp
 import orjson
 
-from bench.deployment import SID, deployment, seed_agents
+from bench.deployment import CONFIG_WITH_GREETING, SID, TOKEN, deployment, seed_agents
 from bench.infra import BenchInfra
 from bench.processes import run_python
 from omniroute.settings import Settings
 from omniroute.topology import STAGES
+from omniroute.twilio_emulator import EmulatorState, start_emulator
 from router.app import make_bus
 from schemas.events import Envelope, EventType, MessageReceived, event_id
 
-ORDER = ("conversations", "classify", "lifecycle", "distribute")
+ORDER = ("conversations", "classify", "lifecycle", "distribute", "outbound", "status")
 
 
 def received(n: int) -> Envelope:
@@ -105,26 +109,54 @@ async def measure(infra: BenchInfra, count: int) -> dict[str, dict[str, float]]:
     await bus.close()
     baseline = await raw_baseline(infra, count, prefetch, sample)
     results: dict[str, dict[str, float]] = {}
+    # Outbound sends to the emulator (no pacing: the per-sender 80/s limit is Twilio's,
+    # not the stage's); its status callbacks reach a router, which feeds the status stage.
+    emulator = await start_emulator(EmulatorState(accounts={SID: TOKEN}, callback_delay=0.01))
     connection = await aio_pika.connect(infra.amqp_url)
-    async with connection, aiohttp.ClientSession() as http:
-        channel = await connection.channel()
-        for stage in ORDER:
-            backlog = await _depth(channel, STAGES[stage].queue)
-            async with deployment(infra, [stage], router=False) as deployed:
-                started = time.perf_counter()
-                first = done = await deployed.processed(http, stage)  # began before ready
-                while done < backlog:
-                    await asyncio.sleep(0.05)
-                    done = await deployed.processed(http, stage)
-                    if time.perf_counter() - started > 300:
-                        raise TimeoutError(f"{stage}: {done} of {backlog} after 300 s")
-                elapsed = time.perf_counter() - started
-            results[stage] = {
-                "messages": backlog,
-                "rate": round((backlog - first) / elapsed, 1),
-                "baseline": baseline,
-            }
+    try:
+        async with (
+            connection,
+            aiohttp.ClientSession() as http,
+            deployment(infra, [], config_text=CONFIG_WITH_GREETING) as edge,
+        ):
+            channel = await connection.channel()
+            for stage in ORDER:
+                if stage == "status":
+                    await _settled(channel, STAGES[stage].queue)  # callbacks still arriving
+                backlog = await _depth(channel, STAGES[stage].queue)
+                async with deployment(
+                    infra,
+                    [stage],
+                    router=False,
+                    config_text=CONFIG_WITH_GREETING,
+                    public_url=edge.router_url,
+                    twilio_api_url=emulator.url,
+                    send_interval="0",
+                ) as deployed:
+                    started = time.perf_counter()
+                    first = done = await deployed.processed(http, stage)  # began before ready
+                    while done < backlog:
+                        await asyncio.sleep(0.05)
+                        done = await deployed.processed(http, stage)
+                        if time.perf_counter() - started > 300:
+                            raise TimeoutError(f"{stage}: {done} of {backlog} after 300 s")
+                    elapsed = time.perf_counter() - started
+                results[stage] = {
+                    "messages": backlog,
+                    "rate": round((backlog - first) / elapsed, 1),
+                    "baseline": baseline,
+                }
+    finally:
+        await emulator.close()
     return results
+
+
+async def _settled(channel: aio_pika.abc.AbstractChannel, queue: str) -> None:
+    """Wait until a queue stops growing (for a second)."""
+    last = -1
+    while (depth := await _depth(channel, queue)) != last:
+        last = depth
+        await asyncio.sleep(1.0)
 
 
 async def run(infra: BenchInfra, count: int = 3000) -> list[dict[str, Any]]:
