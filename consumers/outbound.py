@@ -219,11 +219,17 @@ async def _send(tx: StageTx, row: Any, params: dict[str, Any]) -> list[Envelope]
         TWILIO_CALLS.labels(outcome.kind).observe(time.perf_counter() - started)
         if outcome.code is not None:
             TWILIO_ERRORS.labels(str(outcome.code)).inc()
-    assert tx.store is not None
+    store = tx.store
+    assert store is not None
     now = datetime.now(tx.now.tzinfo)
-    async with tx.store.transaction() as conn:
-        events = await _record(conn, tx, row, outcome, now)
-        return await add_to_outbox(conn, events)
+
+    async def record() -> list[Envelope]:
+        async with store.transaction() as conn:
+            events = await _record(conn, tx, row, outcome, now)
+            return await add_to_outbox(conn, events)
+
+    # The send happened: its record (the sid) waits for the database rather than being lost.
+    return await tx.until_stored(record)
 
 
 async def _record(

@@ -82,6 +82,11 @@ class StageTx:
     store: Store | None = None
     resources: Any = None
     after_commit: list[Callable[[], Awaitable[list[Envelope]]]] = field(default_factory=list)
+    # Runs a unit of database work again until the database is back (after-commit work
+    # whose outside effect already happened, e.g. a Twilio send, must not lose its record).
+    until_stored: Callable[[Callable[[], Awaitable[list[Envelope]]]], Awaitable[list[Envelope]]] = (
+        field(default=lambda work: work())
+    )
 
 
 Handler = Callable[[Envelope, BaseModel, StageTx], Awaitable[list[Envelope]]]
@@ -333,14 +338,41 @@ class StageRunner:
         published = await self._publish(added)
         # Effects outside the transaction (a Twilio call) run before the ack: if the
         # process dies in between, the redelivery finds the state the first phase stored.
-        published += await self._run_after_commit(tx)
+        try:
+            published += await self._run_after_commit(tx)
+        except Exception as exc:  # never leave a delivery unacknowledged (it holds a slot)
+            reason = f"after commit: {type(exc).__name__}: {str(exc)[:300]}"
+            log.warning("stage.retry", error=reason)
+            await message.nack(requeue=True)
+            return Outcome("redelivered", reason)
         await message.ack()
         return Outcome("handled", published=published)
 
     def _tx(self, conn: Connection) -> StageTx:
         return StageTx(
-            conn, self._config, self._clock(), self._settings, self._store, self._resources
+            conn,
+            self._config,
+            self._clock(),
+            self._settings,
+            self._store,
+            self._resources,
+            until_stored=self._retry_until_stored,
         )
+
+    async def _retry_until_stored(
+        self, work: Callable[[], Awaitable[list[Envelope]]]
+    ) -> list[Envelope]:
+        """``work`` again and again while the database is unavailable. Not given up on
+        shutdown: the grace period bounds it, and what it records already happened."""
+        attempt = 0
+        while True:
+            try:
+                return await work()
+            except StoreUnavailable as exc:
+                attempt += 1
+                delay = self._backoff(attempt)
+                log.warning("stage.record_waits_for_database", error=str(exc), retry_in=delay)
+                await asyncio.sleep(delay)
 
     async def _run_after_commit(self, tx: StageTx) -> list[str]:
         published: list[str] = []
