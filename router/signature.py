@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hmac
 from collections.abc import Mapping
+from urllib.parse import parse_qs, urlsplit
 
 from multidict import MultiDict
 from pydantic import SecretStr
@@ -70,4 +71,6 @@ def valid_signature(
             expected = validator.compute_signature(url, params, algorithm)
             if hmac.compare_digest(expected.encode(), signature.encode()):
                 return True
+    if isinstance(params, str) and "bodySHA256" not in parse_qs(urlsplit(url).query):
+        return False  # a raw body is only signed through bodySHA256 (the validator would crash)
     return bool(validator.validate(url, params, signature, algorithm))

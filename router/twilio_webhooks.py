@@ -103,6 +103,19 @@ def _flat(form: MultiDict[str]) -> dict[str, str | list[str]]:
     return out
 
 
+def _forbidden() -> web.Response:
+    return error(403, "invalid_signature", "X-Twilio-Signature does not match this request")
+
+
+def _signed(request: web.Request, account: Account, url: str, params: MultiDict[str] | str) -> bool:
+    return account.auth_token is not None and valid_signature(
+        url,
+        params,
+        request.headers.get(SIGNATURE_HEADER),
+        *signing_key(request.headers, account.auth_token, account.webhook_keys),
+    )
+
+
 async def _authenticated_form(request: web.Request, account: Account) -> MultiDict[str]:
     """Read the body and check Twilio's signature over the public URL; the form if valid."""
     settings = request.app[SETTINGS]
@@ -110,22 +123,21 @@ async def _authenticated_form(request: web.Request, account: Account) -> MultiDi
     url = settings.public_base() + request.path_qs
     is_form = request.content_type == FORM_TYPE
     if is_form:
-        params: MultiDict[str] | str = _parse_form(body)
+        try:
+            params: MultiDict[str] | str = _parse_form(body)
+        except Rejected:
+            # Twilio never sends a malformed form: unless the request is signed (over the URL
+            # alone, all that can be checked), it is refused as unsigned, not as malformed.
+            if _signed(request, account, url, MultiDict()):
+                raise
+            raise Rejected(_forbidden(), "forbidden") from None
     else:
         try:
             params = body.decode("utf-8")
         except UnicodeDecodeError:
             params = ""
-    if account.auth_token is None or not valid_signature(
-        url,
-        params,
-        request.headers.get(SIGNATURE_HEADER),
-        *signing_key(request.headers, account.auth_token, account.webhook_keys),
-    ):
-        raise Rejected(
-            error(403, "invalid_signature", "X-Twilio-Signature does not match this request"),
-            "forbidden",
-        )
+    if not _signed(request, account, url, params):
+        raise Rejected(_forbidden(), "forbidden")
     if not isinstance(params, MultiDict):
         raise Rejected(error(415, "unsupported_media_type", f"expected {FORM_TYPE}"), "unsupported")
     return params

@@ -52,6 +52,10 @@ def _request(case: dict[str, Any]) -> tuple[str, bytes, dict[str, str]]:
     if "raw_body_hex" in case:
         body = bytes.fromhex(case["raw_body_hex"])
         headers["Content-Type"] = "application/x-www-form-urlencoded"
+        if signing == "url-only":  # all a sender of an unparseable body could sign
+            headers["X-Twilio-Signature"] = RequestValidator(AUTH_TOKEN).compute_signature(
+                PUBLIC_URL + path, {}
+            )
         return path, body, headers
     if "json_body" in case:
         text = json.dumps(case["json_body"])
