@@ -66,7 +66,7 @@ def _not_found(what: str) -> web.Response:
 
 async def _body(request: web.Request, model: type[BaseModel]) -> BaseModel | web.Response:
     try:
-        raw = await request.json() if request.can_read_body else {}
+        raw = await request.json() if request.body_exists else {}
     except ValueError:
         return error(400, "invalid_json", "the body is not JSON")
     try:

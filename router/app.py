@@ -16,6 +16,7 @@ from router import (
     agent_events,
     health,
     messages_api,
+    nul_guard,
     openapi,
     twilio_webhooks,
     variables_api,
@@ -48,7 +49,9 @@ def create_app(
     """Build the router. Resources given by the caller (``omniroute run`` shares one bus and
     store with the stages) are used as they are and not closed here."""
     # The body limit is enforced by the webhook handlers themselves (413 with a JSON error).
-    app = web.Application(client_max_size=settings.max_body_bytes + 1)
+    app = web.Application(
+        client_max_size=settings.max_body_bytes + 1, middlewares=[nul_guard.refuse_nul]
+    )
     app[SETTINGS] = settings
     app[CONFIG] = config
 

@@ -214,12 +214,18 @@ async def media(request: web.Request) -> web.StreamResponse:
         return error(502, "account_unavailable", "the account's credentials are not configured")
     auth = aiohttp.encode_basic_auth(account.account_sid, account.auth_token.get_secret_value())
     session = request.app[HTTP]
-    async with session.get(url, headers={"Authorization": auth}, allow_redirects=False) as upstream:
-        if upstream.status in (301, 302, 303, 307, 308) and "Location" in upstream.headers:
-            # Twilio redirects to its storage with a signed URL: follow without credentials.
-            async with session.get(upstream.headers["Location"]) as stored:
-                return await _relay(request, stored)
-        return await _relay(request, upstream)
+    try:
+        async with session.get(
+            url, headers={"Authorization": auth}, allow_redirects=False
+        ) as upstream:
+            if upstream.status in (301, 302, 303, 307, 308) and "Location" in upstream.headers:
+                # Twilio redirects to its storage with a signed URL: follow without credentials.
+                async with session.get(upstream.headers["Location"]) as stored:
+                    return await _relay(request, stored)
+            return await _relay(request, upstream)
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        # Before the answer started: say so. (Once streaming, the connection just ends.)
+        return error(502, "media_unavailable", f"Twilio unreachable: {type(exc).__name__}")
 
 
 async def _relay(request: web.Request, upstream: aiohttp.ClientResponse) -> web.StreamResponse:

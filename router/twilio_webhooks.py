@@ -140,6 +140,12 @@ async def _authenticated_form(request: web.Request, account: Account) -> MultiDi
         raise Rejected(_forbidden(), "forbidden")
     if not isinstance(params, MultiDict):
         raise Rejected(error(415, "unsupported_media_type", f"expected {FORM_TYPE}"), "unsupported")
+    if b"%00" in body:
+        # Signed as sent; but no database stores U+0000 in text, so the event carries U+FFFD
+        # (WhatsApp never sends NUL: only a caller holding the auth token could).
+        params = MultiDict(
+            (k.replace("\x00", "\ufffd"), v.replace("\x00", "\ufffd")) for k, v in params.items()
+        )
     return params
 
 

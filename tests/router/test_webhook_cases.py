@@ -15,13 +15,24 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
+import orjson
 import pytest
 from aiohttp.test_utils import TestClient
 from multidict import MultiDict
 from twilio.request_validator import RequestValidator
 
 from omniroute.settings import Settings
-from tests.support import AUTH_TOKEN, ENVIRON, PUBLIC_URL, EventTap, tap
+from tests.support import (
+    AUTH_TOKEN,
+    ENVIRON,
+    PUBLIC_URL,
+    EventTap,
+    about,
+    inbound_form,
+    new_sid,
+    signed_post,
+    tap,
+)
 
 CASES_DIR = Path(__file__).resolve().parents[1] / "data" / "webhooks"
 CASES = [
@@ -137,3 +148,19 @@ async def test_webhook_case(
         assert_subset(expect["event"], event)
     else:
         await spy.expect_none(within=0.2, where=ours)
+
+
+async def test_a_nul_in_a_signed_form_reaches_the_event_as_a_replacement_character(
+    router: TestClient[Any, Any], settings: Settings
+) -> None:
+    """PostgreSQL stores no U+0000 in text: the event carries U+FFFD, so the conversations
+    stage stores the message instead of dead-lettering an accepted webhook."""
+    sid = new_sid()
+    form = inbound_form(sid=sid, body="olá\x00mundo")
+    body, headers = signed_post("/twilio/contoso/inbound", form)
+    async with tap(settings.amqp_url.get_secret_value(), "message.received") as spy:
+        response = await router.post("/twilio/contoso/inbound", data=body, headers=headers)
+        assert response.status == 200
+        event = await spy.next(where=about(sid=sid))
+    assert event["data"]["body"] == "olá\ufffdmundo"
+    assert "\x00" not in orjson.dumps(event).decode()
