@@ -135,7 +135,8 @@ async def _authenticated_form(request: web.Request, account: Account) -> MultiDi
         try:
             params = body.decode("utf-8")
         except UnicodeDecodeError:
-            params = ""
+            # Not text: nothing a bodySHA256 signature could be checked against honestly.
+            raise Rejected(_forbidden(), "forbidden") from None
     if not _signed(request, account, url, params):
         raise Rejected(_forbidden(), "forbidden")
     if not isinstance(params, MultiDict):
