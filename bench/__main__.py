@@ -32,7 +32,9 @@ def benchmarks(args: argparse.Namespace) -> dict[str, Bench]:
             i, count=2000 if quick else 5000, rounds=1 if quick else 3
         ),
         "stages": lambda i: stages.run(i, count=1000 if quick else 3000),
-        "end-to-end": lambda i: end_to_end.run(i, rate=args.rate, seconds=5 if quick else 60),
+        "end-to-end": lambda i: end_to_end.run(
+            i, rate=args.rate, seconds=5 if quick else 60, also_at=args.calm_rate
+        ),
         "classify": lambda i: classify_stage.run(i, count=1000 if quick else 3000),
         "distribution": lambda i: distribution.run(i, seconds=3 if quick else 10),
         "outbound": lambda i: outbound_stage.run(i, count=300 if quick else 1000),
@@ -72,6 +74,9 @@ if __name__ == "__main__":
     parser.add_argument("--only", nargs="*", choices=ALL, default=list(ALL))
     parser.add_argument("--quick", action="store_true", help="short smoke run")
     parser.add_argument("--rate", type=float, default=300.0, help="end-to-end arrivals/s")
+    parser.add_argument(
+        "--calm-rate", type=float, default=100.0, help="a second end-to-end run (0: none)"
+    )
     parser.add_argument("--soak", type=float, default=0.0, help="soak run length, seconds")
     parser.add_argument("--soak-rate", type=float, default=100.0)
     arguments = parser.parse_args()

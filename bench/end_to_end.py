@@ -168,8 +168,41 @@ def _figure(name: str, value: float, baseline: str, base: float, goal: str) -> d
 
 
 async def run(
-    infra: BenchInfra, rate: float = 300.0, seconds: float = 60.0
+    infra: BenchInfra, rate: float = 300.0, seconds: float = 60.0, also_at: float = 100.0
 ) -> list[dict[str, Any]]:
+    """The figures at ``rate``, and the latency at ``also_at`` (a rate this machine can
+    sustain, to show the pipeline's own latency when it is not saturated)."""
+    figures = await _at_rate(infra, rate, seconds)
+    if also_at and also_at != rate:
+        calm = await measure(infra, also_at, seconds)
+        at = f"at {also_at:.0f}/s for {seconds:.0f} s"
+        figures += [
+            _figure(
+                f"webhook→assigned p99 ms {at}",
+                calm["p99_ms"],
+                "webhook answer p99 ms, same run",
+                calm["answer_p99_ms"],
+                "value < 50 ms",
+            ),
+            _figure(
+                f"webhook→assigned p50 ms {at}",
+                calm["p50_ms"],
+                "webhook answer p50 ms, same run",
+                calm["answer_p50_ms"],
+                "information",
+            ),
+            _figure(
+                f"conversations lost {at}",
+                calm["lost"],
+                "webhooks answered 200",
+                calm["accepted"],
+                "value 0",
+            ),
+        ]
+    return figures
+
+
+async def _at_rate(infra: BenchInfra, rate: float, seconds: float) -> list[dict[str, Any]]:
     m = await measure(infra, rate, seconds)
     at = f"at {rate:.0f}/s for {seconds:.0f} s"
     figures = [
