@@ -94,15 +94,21 @@ async def run(*args: str, env: dict[str, str] | None = None, timeout: float = 60
 # --------------------------------------------------------------------------- RabbitMQ
 
 
-def _rabbit_bin(name: str) -> str:
-    """The real script, not /usr/sbin's wrapper (which switches to the rabbitmq user)."""
-    direct = Path("/usr/lib/rabbitmq/bin") / name
-    if direct.exists():
-        return str(direct)
+def _binary(name: str, *folders: str) -> str:
+    """``name`` from the first of ``folders`` that has it, else from the PATH."""
+    for folder in folders:
+        candidate = Path(folder) / name
+        if candidate.exists():
+            return str(candidate)
     found = shutil.which(name)
     if found is None:
         raise RuntimeError(f"{name} not found")
     return found
+
+
+def _rabbit_bin(name: str) -> str:
+    """The real script, not /usr/sbin's wrapper (which switches to the rabbitmq user)."""
+    return _binary(name, "/usr/lib/rabbitmq/bin")
 
 
 @dataclass
@@ -214,14 +220,7 @@ class PrivateRabbit:
 
 
 def _pg_bin(name: str) -> str:
-    for version in ("17", "16", "15", "14"):
-        candidate = Path(f"/usr/lib/postgresql/{version}/bin/{name}")
-        if candidate.exists():
-            return str(candidate)
-    found = shutil.which(name)
-    if found is None:
-        raise RuntimeError(f"{name} not found")
-    return found
+    return _binary(name, *(f"/usr/lib/postgresql/{v}/bin" for v in ("17", "16", "15", "14")))
 
 
 @dataclass
