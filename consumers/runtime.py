@@ -27,7 +27,7 @@ from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 import structlog
@@ -59,6 +59,7 @@ log = structlog.get_logger("omniroute.consumer")
 ROUTINE = frozenset({"handled", "skipped", "coalesced"})
 
 Clock = Callable[[], datetime]
+T = TypeVar("T")
 
 
 def system_clock() -> datetime:
@@ -364,6 +365,12 @@ class StageRunner:
     ) -> list[Envelope]:
         """``work`` again and again while the database is unavailable. Not given up on
         shutdown: the grace period bounds it, and what it records already happened."""
+        return await self._through_outages(work, give_up_on_shutdown=False)
+
+    async def _through_outages(
+        self, work: Callable[[], Awaitable[T]], *, give_up_on_shutdown: bool
+    ) -> T:
+        """``work``, run again after a backoff each time the database is unavailable."""
         attempt = 0
         while True:
             try:
@@ -371,8 +378,14 @@ class StageRunner:
             except StoreUnavailable as exc:
                 attempt += 1
                 delay = self._backoff(attempt)
-                log.warning("stage.record_waits_for_database", error=str(exc), retry_in=delay)
-                await asyncio.sleep(delay)
+                log.warning("stage.store_unavailable", error=str(exc), retry_in=round(delay, 2))
+                if not give_up_on_shutdown:
+                    await asyncio.sleep(delay)
+                    continue
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), delay)
+                if self._stopping.is_set():
+                    raise _Stopping from exc
 
     async def _run_after_commit(self, tx: StageTx) -> list[str]:
         published: list[str] = []
@@ -393,18 +406,9 @@ class StageRunner:
 
     async def _until_stored(self, items: list[tuple[Envelope, BaseModel]]) -> list[Handled]:
         """One transaction for ``items``; waits out database outages (until shutdown)."""
-        attempt = 0
-        while True:
-            try:
-                return await self._handle_in_one_transaction(items)
-            except StoreUnavailable as exc:
-                attempt += 1
-                delay = self._backoff(attempt)
-                log.warning("stage.store_unavailable", error=str(exc), retry_in=round(delay, 2))
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), delay)
-                if self._stopping.is_set():
-                    raise _Stopping from exc
+        return await self._through_outages(
+            lambda: self._handle_in_one_transaction(items), give_up_on_shutdown=True
+        )
 
     async def _handle_in_one_transaction(
         self, items: list[tuple[Envelope, BaseModel]]
