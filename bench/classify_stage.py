@@ -9,7 +9,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from bench.infra import BenchInfra
+from bench.infra import CONVERSATION_COLUMNS, BenchInfra
 from consumers import classify
 from consumers.rules import classify as run_rules
 from consumers.runtime import StageRunner
@@ -106,17 +106,7 @@ async def _seed(store: Store, count: int) -> list[Envelope]:
         await conn.copy_records_to_table(
             "conversations",
             records=rows,
-            columns=[
-                "id",
-                "account",
-                "business_number",
-                "customer",
-                "contact_id",
-                "workstream",
-                "state",
-                "opened_at",
-                "last_customer_message_at",
-            ],
+            columns=CONVERSATION_COLUMNS,
         )
     return events
 

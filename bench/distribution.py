@@ -15,7 +15,7 @@ import aio_pika
 import orjson
 
 from bench.deployment import deployment
-from bench.infra import BenchInfra
+from bench.infra import CONVERSATION_COLUMNS, BenchInfra
 from omniroute.settings import Settings
 from omniroute.store import Store
 from router.app import make_bus
@@ -67,17 +67,7 @@ async def _seed(store: Store, agents: int, conversations: int) -> list[str]:
             )
             for cid in ids
         ],
-        columns=[
-            "id",
-            "account",
-            "business_number",
-            "customer",
-            "contact_id",
-            "workstream",
-            "state",
-            "opened_at",
-            "last_customer_message_at",
-        ],
+        columns=CONVERSATION_COLUMNS,
     )
     return [str(i) for i in ids]
 

@@ -48,3 +48,17 @@ async def bench_infra() -> AsyncIterator[BenchInfra]:
     finally:
         await _ctl("delete_vhost", vhost)
         await drop_database(database_url)
+
+
+# The columns the benchmarks fill when they seed open conversations with COPY.
+CONVERSATION_COLUMNS = [
+    "id",
+    "account",
+    "business_number",
+    "customer",
+    "contact_id",
+    "workstream",
+    "state",
+    "opened_at",
+    "last_customer_message_at",
+]
