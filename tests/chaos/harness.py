@@ -449,23 +449,7 @@ class Sender:
 
     async def send(self, hooks: Sequence[Webhook], rate: float, concurrency: int = 32) -> None:
         """Send at about ``rate`` per second with at most ``concurrency`` in flight."""
-        gate = asyncio.Semaphore(concurrency)
-        started = time.monotonic()
-        tasks: list[asyncio.Task[int]] = []
-
-        async def one(hook: Webhook) -> int:
-            try:
-                return await self.post(hook)
-            finally:
-                gate.release()
-
-        for n, hook in enumerate(hooks):
-            delay = started + n / rate - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            await gate.acquire()
-            tasks.append(asyncio.create_task(one(hook)))
-        await asyncio.gather(*tasks)
+        await paced(hooks, rate, concurrency, self.post)
 
     def accepted(self) -> set[str]:
         return {sid for sid, code in self.status.items() if code == 200}
@@ -536,6 +520,32 @@ class Db:
 
 async def _nothing() -> str:
     return ""
+
+
+async def paced(
+    hooks: Sequence[Webhook],
+    rate: float,
+    concurrency: int,
+    post: Callable[[Webhook], Awaitable[object]],
+) -> None:
+    """Open loop: hook ``n`` is posted at ``n / rate`` seconds, at most ``concurrency`` at once."""
+    gate = asyncio.Semaphore(concurrency)
+    started = time.monotonic()
+    tasks: list[asyncio.Task[None]] = []
+
+    async def one(hook: Webhook) -> None:
+        try:
+            await post(hook)
+        finally:
+            gate.release()
+
+    for n, hook in enumerate(hooks):
+        delay = started + n / rate - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        await gate.acquire()
+        tasks.append(asyncio.create_task(one(hook)))
+    await asyncio.gather(*tasks)
 
 
 async def wait_until(
@@ -612,23 +622,10 @@ class Customers:
     async def send(
         self, hooks: Sequence[Webhook], rate: float, replay: set[str], concurrency: int = 16
     ) -> None:
-        gate = asyncio.Semaphore(concurrency)
-        started = time.monotonic()
-        tasks: list[asyncio.Task[None]] = []
+        async def post(hook: Webhook) -> None:
+            await self.post(hook, 2 if hook.sid in replay else 1)
 
-        async def one(hook: Webhook) -> None:
-            try:
-                await self.post(hook, 2 if hook.sid in replay else 1)
-            finally:
-                gate.release()
-
-        for n, hook in enumerate(hooks):
-            delay = started + n / rate - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            await gate.acquire()
-            tasks.append(asyncio.create_task(one(hook)))
-        await asyncio.gather(*tasks)
+        await paced(hooks, rate, concurrency, post)
 
     async def retry_until_accepted(self, hooks: Sequence[Webhook], within: float) -> None:
         deadline = time.monotonic() + within
