@@ -29,3 +29,15 @@ class InvalidEvent(OmnirouteError):
 
 class TransientError(OmnirouteError):
     """Handling failed for a reason that may pass: redeliver, up to the delivery limit."""
+
+
+class UnknownAccountSid(OmnirouteError):
+    """A webhook's AccountSid is not the account its URL names."""
+
+
+class UnknownNumber(OmnirouteError):
+    """A webhook's business number is not configured for its account."""
+
+
+class IngressUnavailable(OmnirouteError):
+    """Neither the broker nor the database could take a webhook's event: answer 503."""

@@ -2,8 +2,9 @@
 
 Order of checks: unknown account → 404; body over the limit → 413; signature → 403 (before
 the form is interpreted); malformed form → 400; number not configured → 404. The answer is
-200 (empty TwiML) only once the broker confirmed the persistent publish; if it cannot
-confirm within ``publish_timeout`` the answer is 503, so Twilio's retry can succeed later.
+200 (empty TwiML) once the event is durable: confirmed by the broker or, when the broker
+is away or slow, written to the PostgreSQL spool (``router.ingress``). Twilio does not
+retry a 5xx, so 503 is left for when neither can take it.
 """
 
 from __future__ import annotations
@@ -21,31 +22,31 @@ from multidict import MultiDict
 from pydantic import ValidationError
 from yarl import query_to_pairs
 
-from omniroute.errors import BrokerUnavailable
+from omniroute.errors import IngressUnavailable, UnknownAccountSid, UnknownNumber
 from omniroute.metrics import PUBLISH_CONFIRM, WEBHOOK_DURATION, WEBHOOKS
+from omniroute.webhook_events import inbound_event, status_event
 from router.responses import empty_twiml, error, invalid
 from router.signature import SIGNATURE_HEADER, signing_key, valid_signature
-from router.state import BUS, CONFIG, SETTINGS
+from router.state import CONFIG, INGRESS, SETTINGS
 from schemas.config import Account
-from schemas.events import (
-    Envelope,
-    EventType,
-    Media,
-    MessageReceived,
-    MessageStatus,
-    event_id,
-)
-from schemas.twilio import InboundMessageForm, StatusCallbackForm
+from schemas.events import Envelope
 
 log = structlog.get_logger("omniroute.router")
 
 FORM_TYPE = "application/x-www-form-urlencoded"
 Outcome = Literal[
-    "accepted", "not_found", "too_large", "forbidden", "malformed", "unsupported", "unavailable"
+    "accepted",
+    "spooled",
+    "not_found",
+    "too_large",
+    "forbidden",
+    "malformed",
+    "unsupported",
+    "unavailable",
 ]
 OUTCOMES: tuple[Outcome, ...] = get_args(Outcome)
 ACCEPTED_LOG = logging.DEBUG
-REJECTED_LOG: dict[Outcome, int] = {"unavailable": logging.WARNING}
+REJECTED_LOG: dict[Outcome, int] = {"unavailable": logging.ERROR, "spooled": logging.DEBUG}
 
 
 class Rejected(Exception):
@@ -91,16 +92,6 @@ def _parse_form(body: bytes) -> MultiDict[str]:
             error(400, "malformed_form", "body is not a UTF-8 url-encoded form"), "malformed"
         ) from None
     return MultiDict(pairs)
-
-
-def _flat(form: MultiDict[str]) -> dict[str, str | list[str]]:
-    out: dict[str, str | list[str]] = {}
-    for key in form:
-        if key in out:
-            continue
-        values = form.getall(key)
-        out[key] = values[0] if len(values) == 1 else values
-    return out
 
 
 def _forbidden() -> web.Response:
@@ -169,80 +160,20 @@ def _account(request: web.Request) -> Account:
 
 def _inbound_event(account: Account, form: MultiDict[str], received_at: datetime) -> Envelope:
     try:
-        inbound = InboundMessageForm.model_validate(dict(form))
+        return inbound_event(account, form, received_at)
     except ValidationError as exc:
         raise Rejected(_validation_error(exc), "malformed") from None
-    if inbound.account_sid != account.account_sid:
-        raise Rejected(
-            error(404, "unknown_account", "AccountSid does not match this account"), "not_found"
-        )
-    number = account.find_number(inbound.business_number)
-    if number is None:
-        raise Rejected(
-            error(404, "unknown_number", f"{inbound.business_number} is not configured"),
-            "not_found",
-        )
-    payload = MessageReceived(
-        message_sid=inbound.message_sid,
-        account_sid=inbound.account_sid,
-        business_number=number.number,
-        number_name=number.name,
-        workstream=number.workstream,
-        customer=inbound.customer,
-        customer_wa_id=inbound.wa_id,
-        external_user_id=inbound.external_user_id,
-        profile_name=inbound.profile_name,
-        body=inbound.body,
-        media=[Media.model_validate(m) for m in inbound.media()],
-        message_type=inbound.message_type,
-        button_text=inbound.button_text,
-        button_payload=inbound.button_payload,
-        location=inbound.location(),
-        replied_to_sid=inbound.original_replied_message_sid,
-        sandbox=number.sandbox,
-        received_at=received_at,
-        form=_flat(form),
-    )
-    eid = event_id(EventType.MESSAGE_RECEIVED, account.name, inbound.message_sid)
-    return Envelope(
-        id=eid,
-        type=EventType.MESSAGE_RECEIVED,
-        occurred_at=received_at,
-        account=account.name,
-        correlation_id=eid,
-        data=payload.model_dump(mode="json"),
-    )
+    except UnknownAccountSid as exc:
+        raise Rejected(error(404, "unknown_account", str(exc)), "not_found") from None
+    except UnknownNumber as exc:
+        raise Rejected(error(404, "unknown_number", str(exc)), "not_found") from None
 
 
 def _status_event(account: Account, form: MultiDict[str], received_at: datetime) -> Envelope:
     try:
-        callback = StatusCallbackForm.model_validate(dict(form))
+        return status_event(account, form, received_at)
     except ValidationError as exc:
         raise Rejected(_validation_error(exc), "malformed") from None
-    payload = MessageStatus(
-        message_sid=callback.message_sid,
-        account_sid=callback.account_sid,
-        status=callback.message_status,
-        error_code=callback.error_code,
-        error_message=callback.error_message,
-        received_at=received_at,
-        form=_flat(form),
-    )
-    eid = event_id(
-        EventType.MESSAGE_STATUS,
-        account.name,
-        callback.message_sid,
-        callback.message_status,
-        callback.error_code or "",
-    )
-    return Envelope(
-        id=eid,
-        type=EventType.MESSAGE_STATUS,
-        occurred_at=received_at,
-        account=account.name,
-        correlation_id=event_id(account.name, callback.message_sid),
-        data=payload.model_dump(mode="json"),
-    )
 
 
 EventBuilder = Callable[[Account, MultiDict[str], datetime], Envelope]
@@ -265,14 +196,15 @@ def _webhook(kind: str, build: EventBuilder) -> Callable[[web.Request], Awaitabl
             event = build(account, form, received_at)
             confirm_started = time.perf_counter()
             try:
-                await request.app[BUS].publish(event)
-            except BrokerUnavailable as exc:
+                kept = await request.app[INGRESS].keep(event, kind)
+            except IngressUnavailable as exc:
                 raise Rejected(
-                    error(503, "broker_unavailable", "event not confirmed; retry later"),
+                    error(503, "unavailable", "neither the broker nor the database took it"),
                     "unavailable",
                 ) from exc
-            PUBLISH_CONFIRM.observe(time.perf_counter() - confirm_started)
-            response, outcome = empty_twiml(), "accepted"
+            if kept == "published":
+                PUBLISH_CONFIRM.observe(time.perf_counter() - confirm_started)
+            response, outcome = empty_twiml(), "accepted" if kept == "published" else "spooled"
         except Rejected as rejected:
             response, outcome = rejected.response, rejected.outcome
         elapsed = time.perf_counter() - started
