@@ -194,15 +194,22 @@ class Bus:
         await channel.set_qos(prefetch_count=prefetch)
         return channel
 
-    async def publish(self, event: Envelope, routing_key: str | None = None) -> None:
+    async def publish(
+        self,
+        event: Envelope,
+        routing_key: str | None = None,
+        *,
+        confirm_within: float | None = None,
+    ) -> None:
         """Publish persistently (routed by the event's type unless told otherwise) and wait
         for the broker's confirm.
 
         Raises BrokerUnavailable when not connected, on a nack, or when no confirm arrives
-        within ``publish_timeout``; the caller must then not report success.
+        within ``confirm_within`` (default ``publish_timeout``); the caller must then not report
+        success.
         """
         key = routing_key or event.type
-        await self._publish(EXCHANGE, key, encode(event), event_properties(event))
+        await self._publish(EXCHANGE, key, encode(event), event_properties(event), confirm_within)
 
     async def publish_dead(self, stage: str, message: aio_pika.Message) -> None:
         """Put a message on a stage's dead-letter queue, confirmed."""
@@ -212,7 +219,12 @@ class Bus:
         await self._publish(EXCHANGE, routing_key, message.body, message.properties)
 
     async def _publish(
-        self, exchange: str, routing_key: str, body: bytes, properties: Basic.Properties
+        self,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        properties: Basic.Properties,
+        confirm_within: float | None = None,
     ) -> None:
         # Straight to the aiormq channel under aio-pika's robust one: the same frames and
         # confirm, without building an aio_pika.Message per event (a tenth of the router's
@@ -221,7 +233,8 @@ class Bus:
         if channel is None or not self.ready:
             raise BrokerUnavailable("not connected to the broker")
         try:
-            async with asyncio.timeout(self._publish_timeout):  # no extra task per publish
+            # No extra task per publish.
+            async with asyncio.timeout(confirm_within or self._publish_timeout):
                 underlay = await channel.get_underlay_channel()
                 await underlay.basic_publish(
                     body,

@@ -37,3 +37,15 @@ GATE_REJECTIONS = Counter(
 ASSIGNMENTS = Counter(
     "omniroute_assignments_total", "Offers and assignments made by distribution", ["kind"]
 )
+SPOOLED = Counter(
+    "omniroute_webhooks_spooled_total",
+    "Webhooks kept in the PostgreSQL spool because the broker was away or slow, by reason",
+    ["webhook", "reason"],
+)
+SPOOL_RELAYED = Counter(
+    "omniroute_spool_relayed_total", "Spooled webhooks published to the broker by the relay"
+)
+SPOOL_CONFIRMED_LATE = Counter(
+    "omniroute_spool_confirmed_late_total",
+    "Spooled webhooks whose own publish was confirmed after all (removed from the spool)",
+)

@@ -34,7 +34,19 @@ class Settings(BaseSettings):
 
     # Ingress
     max_body_bytes: int = Field(default=64 * 1024, gt=0)
-    publish_timeout: float = Field(default=1.0, gt=0, description="seconds, then 503")
+    publish_timeout: float = Field(
+        default=1.0, gt=0, description="stages: confirm wait, s, then the outbox relay retries"
+    )
+    # Twilio waits 15 s for an answer and does not retry a 5xx: a webhook waits for the
+    # broker's confirm at most this long, and is spooled in PostgreSQL after the short wait.
+    ingress_confirm_timeout: float = Field(
+        default=8.0, gt=0, lt=15, description="webhooks: longest confirm wait, s"
+    )
+    ingress_spool_after: float = Field(
+        default=0.5, gt=0, description="webhooks: a confirm slower than this spools it, s"
+    )
+    spool_relay_interval: float = Field(default=0.2, gt=0, description="spool relay poll, s")
+    spool_relay_batch: int = Field(default=500, ge=1, description="spooled webhooks per publish")
     broker_connect_timeout: float = Field(default=2.0, gt=0)
     broker_reconnect_interval: float = Field(default=1.0, gt=0, description="after a drop, s")
     broker_retry_max: float = Field(default=5.0, gt=0, description="max reconnect backoff, s")

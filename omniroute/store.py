@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Any, TypeAlias
@@ -193,15 +193,24 @@ async def mark_published(store: Store, ids: Sequence[str]) -> None:
 
 class PublishedMarks:
     """Outbox rows marked published in batches: one UPDATE per ``interval`` for every event a
-    stage published meanwhile, instead of a transaction per message.
+    stage published meanwhile, instead of a transaction per message. With another ``mark``
+    the same batching serves other "this one is done" writes (the ingress spool's).
 
     A mark that never lands (the process died, the database was away) only means the outbox
     relay publishes that event again later; consumers already take events at least once and
     recognise them by id, so the guarantee is unchanged.
     """
 
-    def __init__(self, store: Store, interval: float = 0.1, batch: int = 500) -> None:
+    def __init__(
+        self,
+        store: Store,
+        interval: float = 0.1,
+        batch: int = 500,
+        *,
+        mark: Callable[[Store, Sequence[str]], Awaitable[None]] | None = None,
+    ) -> None:
         self._store = store
+        self._mark = mark or mark_published
         self._interval = interval
         self._batch = batch
         self._pending: list[str] = []
@@ -228,7 +237,7 @@ class PublishedMarks:
         ids, self._pending = self._pending, []
         self._full.clear()
         try:
-            await mark_published(self._store, ids)
+            await self._mark(self._store, ids)
         except StoreUnavailable:
             self._pending[:0] = ids[-10 * self._batch :]  # try again; the relay covers the rest
             raise

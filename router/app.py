@@ -21,7 +21,8 @@ from router import (
     twilio_webhooks,
     variables_api,
 )
-from router.state import BUS, CONFIG, SETTINGS, STORE
+from router.ingress import running_ingress
+from router.state import BUS, CONFIG, INGRESS, SETTINGS, STORE
 
 
 def make_bus(settings: Settings) -> Bus:
@@ -61,7 +62,9 @@ def create_app(
         app[BUS] = bus if bus is not None else make_bus(settings)
         app[STORE] = store if store is not None else make_store(settings)
         await app[BUS].start()
-        yield
+        async with running_ingress(app[BUS], app[STORE], settings) as ingress:
+            app[INGRESS] = ingress
+            yield
         if own_bus:
             await app[BUS].close()
         if own_store:

@@ -8,8 +8,10 @@ from omniroute.bus import Bus
 from omniroute.config_loader import LiveConfig
 from omniroute.settings import Settings
 from omniroute.store import Store
+from router.ingress import Ingress
 
 SETTINGS = web.AppKey("settings", Settings)
 CONFIG = web.AppKey("config", LiveConfig)
 BUS = web.AppKey("bus", Bus)
 STORE = web.AppKey("store", Store)
+INGRESS = web.AppKey("ingress", Ingress)
