@@ -49,13 +49,22 @@ def cmd_service(args: argparse.Namespace, settings: Settings) -> int:
     from consumers.registry import STAGES
     from omniroute.service import Service, run_service
 
+    stages: list[str] = []
+    children: list[str] = []
     if args.command == "run":
-        stages, http = list(STAGES), True
+        # The router here, every stage in a supervised child (omniroute/stage_process.py).
+        stages, http, children = [], True, list(STAGES)
     elif args.command == "serve":
         stages, http = [], True
     else:
         stages, http = args.stages, False
-    service = Service(settings=settings, config=_config(settings), stages=stages, serve_http=http)
+    service = Service(
+        settings=settings,
+        config=_config(settings),
+        stages=stages,
+        serve_http=http,
+        child_stages=children,
+    )
     return _run(run_service(service))
 
 
@@ -171,7 +180,7 @@ def cmd_dead_letters(args: argparse.Namespace, settings: Settings) -> int:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="omniroute", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("run", help="router and every stage in one process")
+    sub.add_parser("run", help="the router, and every stage in a supervised child process")
     sub.add_parser("serve", help="the router (HTTP) alone")
     consume = sub.add_parser("consume", help="run the given consumer stages")
     consume.add_argument("stages", nargs="+", metavar="STAGE")

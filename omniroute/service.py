@@ -22,6 +22,8 @@ from omniroute.bus import Bus
 from omniroute.config_loader import LiveConfig
 from omniroute.errors import ConfigError
 from omniroute.settings import Settings
+from omniroute.spool import SpoolRelay
+from omniroute.stage_process import StageProcess
 from schemas.events import EXCHANGE, Envelope, EventType, event_id, utcnow
 
 log = structlog.get_logger("omniroute.service")
@@ -37,6 +39,8 @@ class Service:
     serve_http: bool
     stop_event: asyncio.Event = field(default_factory=asyncio.Event)
     http_port: int | None = None
+    # Stages run by a supervised child process (``omniroute run``) instead of this one.
+    child_stages: list[str] = field(default_factory=list)
     _cleanups: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
     async def start(self) -> None:
@@ -44,7 +48,7 @@ class Service:
         from consumers.runtime import OutboxRelay, StageRunner
         from router.app import create_app, create_ops_app, make_bus, make_store
 
-        unknown = [s for s in self.stages if s not in STAGES]
+        unknown = [s for s in [*self.stages, *self.child_stages] if s not in STAGES]
         if unknown:
             raise ValueError(f"unknown stage(s): {', '.join(unknown)}; known: {', '.join(STAGES)}")
         bus = make_bus(self.settings)
@@ -73,6 +77,12 @@ class Service:
             )
         listener = asyncio.create_task(self._listen_for_reload(bus), name="config-reload")
         self._cleanups.append(lambda: _cancel(listener))
+        if self.child_stages:
+            child = StageProcess(
+                self.child_stages, env=os.environ, shutdown_grace=self.settings.shutdown_grace
+            )
+            await child.start()
+            self._cleanups.append(child.stop)
         if self.stages:
             # Consumers need the broker; wait for it, but let SIGTERM end the wait.
             ready = asyncio.ensure_future(bus.wait_ready())
@@ -86,6 +96,12 @@ class Service:
             relay = OutboxRelay(bus=bus, store=store, settings=self.settings)
             await relay.start()
             self._cleanups.append(relay.stop)
+            if not self.serve_http:
+                # The router's app runs one; a deployment whose routers are all down still
+                # drains what they spooled.
+                spool_relay = SpoolRelay(bus=bus, store=store, settings=self.settings)
+                await spool_relay.start()
+                self._cleanups.append(spool_relay.stop)
             for name in self.stages:
                 stage_runner = StageRunner(
                     STAGES[name], bus=bus, store=store, config=self.config, settings=self.settings
