@@ -16,6 +16,7 @@ import orjson
 import structlog
 
 _SECRET_KEY = re.compile(r"(token|secret|password|authorization|signature)", re.IGNORECASE)
+_OURS = "_omniroute_handler"  # marks the root handler this module installed
 _URL_CREDENTIALS = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/@\s:]+:[^/@\s]+@")
 
 
@@ -53,9 +54,7 @@ def configure_logging(
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            _mask_secrets,
+            *_shared_processors(),
             structlog.processors.format_exc_info,
             renderer,
         ],
@@ -63,4 +62,38 @@ def configure_logging(
         logger_factory=factory,
         cache_logger_on_first_use=cache,
     )
-    logging.basicConfig(level=max(log_level, logging.WARNING), stream=sys.stderr)
+    _route_stdlib(json_output, max(log_level, logging.WARNING))
+
+
+def _shared_processors() -> list[Any]:
+    return [
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _mask_secrets,
+    ]
+
+
+def _route_stdlib(json_output: bool, level: int) -> None:
+    """What libraries log through the standard library (aiormq, aio-pika, asyncpg, aiohttp)
+    goes through structlog's processors too: with JSON output every line on stderr is one
+    JSON object, a traceback included as its ``exception`` field."""
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if getattr(h, _OURS, False)]:
+        root.removeHandler(handler)
+    if not json_output:
+        logging.basicConfig(level=level, stream=sys.stderr)
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[structlog.stdlib.add_logger_name, *_shared_processors()],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.format_exc_info,
+                structlog.processors.JSONRenderer(),
+            ],
+        )
+    )
+    setattr(handler, _OURS, True)
+    root.addHandler(handler)
+    root.setLevel(level)

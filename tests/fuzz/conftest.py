@@ -233,4 +233,5 @@ def rendered_logs() -> Iterator[io.BytesIO]:
     try:
         yield buffer
     finally:
+        configure_logging("console", "warning")  # takes the JSON root handler off again
         structlog.configure(**previous)
