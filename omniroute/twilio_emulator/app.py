@@ -21,7 +21,9 @@ def create_emulator_app(state: EmulatorState) -> web.Application:
     app[STATE_KEY] = state
     app.cleanup_ctx.append(runtime_ctx)
     app.router.add_post(f"{ACCOUNT}/Messages.json", messages_api.create_message)
+    app.router.add_get(f"{ACCOUNT}/Messages.json", messages_api.list_messages)
     app.router.add_get(f"{ACCOUNT}/Messages/{{sid}}.json", messages_api.fetch_message)
+    app.router.add_get(f"{ACCOUNT}/Messages/{{message_sid}}/Media.json", messages_api.list_media)
     app.router.add_get(
         f"{ACCOUNT}/Messages/{{message_sid}}/Media/{{media_sid}}", messages_api.fetch_media
     )
@@ -31,6 +33,8 @@ def create_emulator_app(state: EmulatorState) -> web.Application:
     app.router.add_get("/_emulator/rejected", control.list_rejected)
     app.router.add_post("/_emulator/reset", control.reset)
     app.router.add_get("/_emulator/health", control.health)
+    app.router.add_get("/_emulator/webhooks", control.webhook_summary)
+    app.router.add_get("/_emulator/webhook-failures", control.list_webhook_failures)
     app.router.add_post("/_emulator/customers/send", customers.send_customer_message)
     return app
 

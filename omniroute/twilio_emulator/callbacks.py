@@ -6,13 +6,11 @@ import asyncio
 import uuid
 from dataclasses import dataclass
 
-import aiohttp
 from aiohttp import web
 
-from omniroute.twilio_emulator.runtime import SESSION_KEY, STATE_KEY, log, post_signed_form
+from omniroute.twilio_emulator.runtime import SESSION_KEY, STATE_KEY, log
 from omniroute.twilio_emulator.state import API_VERSION, OutboundMessage
-
-CALLBACK_ATTEMPTS = 3
+from omniroute.twilio_emulator.webhooks import Webhook, deliver
 
 ERROR_MESSAGES = {
     63016: "Failed to send freeform message because you are outside the allowed window. "
@@ -62,49 +60,24 @@ def callback_form(message: OutboundMessage, step: StatusStep) -> dict[str, str]:
 async def deliver_callback(
     app: web.Application, message: OutboundMessage, step: StatusStep
 ) -> None:
-    """POST one signed status callback, retrying a few times; failures are logged, not raised."""
-    state = app[STATE_KEY]
+    """POST one signed status callback under Twilio's webhook rules (see ``webhooks``).
+
+    As on Twilio, a callback answered 5xx is not retried unless the StatusCallback URL's
+    overrides fragment asks for it; failures are recorded (11200), never raised.
+    """
     url = message.status_callback
     if url is None:
         return
-    form = callback_form(message, step)
-    token = state.accounts[message.account_sid]
-    idempotency = str(uuid.uuid4())
-    for attempt in range(1, CALLBACK_ATTEMPTS + 1):
-        try:
-            status, _ = await post_signed_form(app[SESSION_KEY], url, form, token, idempotency)
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            log.warning(
-                "emulator.callback_failed",
-                url=url,
-                message_sid=message.sid,
-                message_status=step.status,
-                attempt=attempt,
-                error=type(exc).__name__,
-            )
-        else:
-            if status < 500:
-                if status >= 400:
-                    log.warning(
-                        "emulator.callback_rejected",
-                        url=url,
-                        message_sid=message.sid,
-                        message_status=step.status,
-                        http_status=status,
-                    )
-                return
-            log.warning(
-                "emulator.callback_failed",
-                url=url,
-                message_sid=message.sid,
-                message_status=step.status,
-                attempt=attempt,
-                http_status=status,
-            )
-        await asyncio.sleep(max(state.callback_delay, 0.01) * attempt)
-    log.error(
-        "emulator.callback_given_up", url=url, message_sid=message.sid, message_status=step.status
+    state = app[STATE_KEY]
+    webhook = Webhook(
+        kind="status",
+        url=url,
+        form=callback_form(message, step),
+        auth_token=state.accounts[message.account_sid],
+        message_sid=message.sid,
+        idempotency_token=str(uuid.uuid4()),
     )
+    await deliver(app[SESSION_KEY], state, webhook)
 
 
 async def run_status_progression(

@@ -1,4 +1,4 @@
-"""The emulator's own control endpoints under ``/_emulator``: faults, listing, reset, health."""
+"""The emulator's own control endpoints under ``/_emulator``: faults, listings, reset, health."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import Literal
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from omniroute.twilio_emulator.debugger import WEBHOOK_KINDS
 from omniroute.twilio_emulator.runtime import STATE_KEY, bad_request, cancel_background_tasks
 from omniroute.twilio_emulator.state import Fault
 
@@ -53,8 +54,26 @@ async def list_rejected(request: web.Request) -> web.Response:
     return web.json_response(request.app[STATE_KEY].rejected)
 
 
+async def list_webhook_failures(request: web.Request) -> web.Response:
+    """``GET /_emulator/webhook-failures``: failed webhook attempts (11200), oldest first.
+
+    Optional filters ``?kind=inbound|status`` and ``?message_sid=…``; an unknown kind is 400.
+    """
+    kind = request.query.get("kind")
+    if kind is not None and kind not in WEBHOOK_KINDS:
+        raise bad_request(f"kind must be one of {', '.join(WEBHOOK_KINDS)}")
+    failures = request.app[STATE_KEY].webhooks.matching(kind, request.query.get("message_sid"))
+    return web.json_response([failure.to_json() for failure in failures])
+
+
+async def webhook_summary(request: web.Request) -> web.Response:
+    """``GET /_emulator/webhooks``: per kind, webhooks delivered, failed attempts, given up."""
+    return web.json_response(request.app[STATE_KEY].webhooks.summary())
+
+
 async def reset(request: web.Request) -> web.Response:
-    """``POST /_emulator/reset``: cancel pending callbacks, forget messages, faults, windows."""
+    """``POST /_emulator/reset``: cancel pending callbacks; forget messages, faults, windows
+    and webhook records."""
     await cancel_background_tasks(request.app)
     request.app[STATE_KEY].reset()
     return web.json_response({"status": "reset"})

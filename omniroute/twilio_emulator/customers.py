@@ -8,17 +8,10 @@ import re
 import uuid
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from omniroute.twilio_emulator.runtime import (
-    SESSION_KEY,
-    STATE_KEY,
-    bad_request,
-    log,
-    post_signed_form,
-)
+from omniroute.twilio_emulator.runtime import SESSION_KEY, STATE_KEY, bad_request, log
 from omniroute.twilio_emulator.state import (
     API_VERSION,
     EmulatorState,
@@ -26,6 +19,7 @@ from omniroute.twilio_emulator.state import (
     StoredMedia,
     new_sid,
 )
+from omniroute.twilio_emulator.webhooks import Webhook, deliver
 
 PHONE_SENDER = re.compile(r"^whatsapp:\+(\d+)$")
 MEDIA_TYPES = {"image": "image", "video": "video", "audio": "audio"}
@@ -107,7 +101,7 @@ def build_form(
     for index, (content_type, data) in enumerate(_decode_media(spec)):
         media_sid = new_sid("ME")
         state.media[media_sid] = StoredMedia(
-            spec.account_sid, message_sid, media_sid, content_type, data
+            spec.account_sid, message_sid, media_sid, content_type, data, state.now()
         )
         form[f"MediaContentType{index}"] = content_type
         form[f"MediaUrl{index}"] = (
@@ -125,8 +119,31 @@ async def _parse(request: web.Request) -> CustomerMessage:
         raise bad_request(str(exc)) from None
 
 
+def _log_message(state: EmulatorState, spec: CustomerMessage, message_sid: str) -> None:
+    # Twilio logs the message when it arrives, before (and whatever comes of) the webhook:
+    # a message whose webhook never reached the router is still in the Messages list.
+    state.record_customer_message(spec.account_sid, spec.to, spec.from_)
+    state.log_inbound(
+        InboundMessage(
+            message_sid,
+            spec.account_sid,
+            spec.to,
+            spec.from_,
+            spec.body,
+            len(spec.media),
+            state.now(),
+        )
+    )
+
+
 async def send_customer_message(request: web.Request) -> web.Response:
-    """``POST /_emulator/customers/send``: post a signed inbound webhook to the router."""
+    """``POST /_emulator/customers/send``: post a signed inbound webhook to the router.
+
+    The message is logged first (it stays in the Messages list whatever the delivery gives).
+    ``repeat`` N delivers the same webhook (same form, signature and idempotency token) N
+    times, as a Twilio resend would, each delivery following Twilio's retry rules. Answers
+    200 with the router's statuses, or 502 as soon as a delivery got no HTTP answer at all.
+    """
     spec = await _parse(request)
     state = request.app[STATE_KEY]
     token = state.accounts.get(spec.account_sid)
@@ -135,44 +152,47 @@ async def send_customer_message(request: web.Request) -> web.Response:
     message_sid = spec.message_sid or new_sid("MM" if spec.media else "SM")
     base_url = f"{request.scheme}://{request.host}"
     form = build_form(state, spec, message_sid, base_url)
-    state.record_customer_message(spec.account_sid, spec.to, spec.from_)
-    state.inbound[message_sid] = InboundMessage(
-        message_sid, spec.account_sid, spec.to, spec.from_, spec.body, len(spec.media), state.now()
+    _log_message(state, spec, message_sid)
+    webhook = Webhook(
+        kind="inbound",
+        url=spec.url,
+        form=form,
+        auth_token=token,
+        message_sid=message_sid,
+        idempotency_token=f"{spec.account_sid}-{uuid.uuid4()}",
     )
-    idempotency = f"{spec.account_sid}-{uuid.uuid4()}"
     statuses: list[int] = []
     bodies: list[str] = []
+    attempts: list[int] = []
     for _ in range(spec.repeat):
-        try:
-            status, text = await post_signed_form(
-                request.app[SESSION_KEY], spec.url, form, token, idempotency
-            )
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            log.warning(
-                "emulator.customer_post_failed",
-                url=spec.url,
-                message_sid=message_sid,
-                error=type(exc).__name__,
-            )
+        delivery = await deliver(request.app[SESSION_KEY], state, webhook)
+        attempts.append(delivery.attempts)
+        if delivery.last.http_status is None:
             return web.json_response(
                 {
                     "message_sid": message_sid,
-                    "error": type(exc).__name__,
+                    "error": delivery.last.error,
                     "form": form,
                     "statuses": statuses,
+                    "attempts": attempts,
                 },
                 status=502,
             )
-        statuses.append(status)
-        bodies.append(text)
+        statuses.append(delivery.last.http_status)
+        bodies.append(delivery.last.body)
     log.info(
-        "emulator.customer_message_sent", url=spec.url, message_sid=message_sid, statuses=statuses
+        "emulator.customer_message_sent",
+        url=webhook.url,
+        message_sid=message_sid,
+        statuses=statuses,
+        attempts=attempts,
     )
     answer: dict[str, Any] = {
         "message_sid": message_sid,
         "status": statuses[0] if spec.repeat == 1 else statuses,
         "body": bodies[0] if spec.repeat == 1 else bodies,
         "statuses": statuses,
+        "attempts": attempts,
         "form": form,
     }
     return web.json_response(answer)

@@ -1,4 +1,4 @@
-"""The emulated Messages REST API: create, fetch, and customer media."""
+"""The emulated Messages REST API: create, fetch, list, and customer media."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ from omniroute.twilio_emulator.callbacks import (
     failure,
     run_status_progression,
 )
+from omniroute.twilio_emulator.message_log import MessageFilter, find_message, newest_first
+from omniroute.twilio_emulator.paging import PageRequest, page_body
 from omniroute.twilio_emulator.runtime import STATE_KEY, log, spawn
 from omniroute.twilio_emulator.state import EmulatorState, OutboundMessage, new_sid
 from omniroute.twilio_emulator.twilio_errors import TwilioApiError, not_found_error
@@ -23,6 +25,7 @@ from omniroute.twilio_emulator.twilio_errors import TwilioApiError, not_found_er
 #: ``whatsapp:+E164`` or a business-scoped user id such as ``whatsapp:US.13491208655302741918``.
 WHATSAPP_ADDRESS = re.compile(r"^whatsapp:(\+[1-9]\d{5,14}|[A-Z]{2}(\.[A-Za-z0-9]+){1,3})$")
 OUTSIDE_WINDOW = 63016
+JSON_SUFFIX = ".json"
 
 
 def is_whatsapp_address(value: str) -> bool:
@@ -122,7 +125,7 @@ async def create_message(request: web.Request) -> web.Response:
     message = _new_message(state, account_sid, form)
     steps = _planned_steps(state, message)
     message.advance("queued", message.created_at)
-    state.messages[message.sid] = message
+    state.log_outbound(message)
     log.info(
         "emulator.message_created",
         message_sid=message.sid,
@@ -135,27 +138,69 @@ async def create_message(request: web.Request) -> web.Response:
 
 
 async def fetch_message(request: web.Request) -> web.Response:
-    """``GET /2010-04-01/Accounts/{AccountSid}/Messages/{Sid}.json``."""
+    """``GET /2010-04-01/Accounts/{AccountSid}/Messages/{Sid}.json``: its current status."""
     account_sid = authenticate(request)
-    state = request.app[STATE_KEY]
-    sid = request.match_info["sid"]
-    outbound = state.messages.get(sid)
-    if outbound is not None and outbound.account_sid == account_sid:
-        return web.json_response(outbound.to_resource())
-    inbound = state.inbound.get(sid)
-    if inbound is not None and inbound.account_sid == account_sid:
-        return web.json_response(inbound.to_resource())
-    raise not_found_error(request.path)
+    message = find_message(request.app[STATE_KEY], account_sid, request.match_info["sid"])
+    if message is None:
+        raise not_found_error(request.path)
+    return web.json_response(message.to_resource())
+
+
+async def list_messages(request: web.Request) -> web.Response:
+    """``GET /2010-04-01/Accounts/{AccountSid}/Messages.json``: the message log, newest first.
+
+    Filters ``To``, ``From``, ``DateSent``, ``DateSent<``, ``DateSent>`` (see
+    :mod:`message_log`); paging ``PageSize``, ``Page``, ``PageToken`` (see :mod:`paging`).
+    """
+    account_sid = authenticate(request)
+    selection = MessageFilter.from_query(request.query)
+    paging = PageRequest.from_query(request.query)
+    messages = [
+        message
+        for message in newest_first(request.app[STATE_KEY], account_sid)
+        if selection.matches(message)
+    ]
+    body = page_body(
+        "messages",
+        messages,
+        lambda message: message.to_resource(),
+        request.path,
+        selection.params,
+        paging,
+    )
+    return web.json_response(body)
+
+
+async def list_media(request: web.Request) -> web.Response:
+    """``GET …/Messages/{MessageSid}/Media.json``: a message's media, in attachment order.
+
+    Only customer attachments are stored (the emulator never fetches a created message's
+    ``MediaUrl``), so a created message lists none. An unknown message lists none either.
+    """
+    account_sid = authenticate(request)
+    message_sid = request.match_info["message_sid"]
+    media = [
+        item
+        for item in request.app[STATE_KEY].media.values()
+        if item.account_sid == account_sid and item.message_sid == message_sid
+    ]
+    paging = PageRequest.from_query(request.query)
+    body = page_body("media_list", media, lambda item: item.to_resource(), request.path, (), paging)
+    return web.json_response(body)
 
 
 async def fetch_media(request: web.Request) -> web.Response:
-    """``GET /2010-04-01/Accounts/{AccountSid}/Messages/{MessageSid}/Media/{MediaSid}``."""
+    """``GET …/Messages/{MessageSid}/Media/{MediaSid}``: the bytes; with ``.json``, the resource."""
     account_sid = authenticate(request)
-    media = request.app[STATE_KEY].media.get(request.match_info["media_sid"])
+    media_sid = request.match_info["media_sid"]
+    as_resource = media_sid.endswith(JSON_SUFFIX)
+    media = request.app[STATE_KEY].media.get(media_sid.removesuffix(JSON_SUFFIX))
     if (
         media is None
         or media.account_sid != account_sid
         or media.message_sid != request.match_info["message_sid"]
     ):
         raise not_found_error(request.path)
+    if as_resource:
+        return web.json_response(media.to_resource())
     return web.Response(body=media.data, headers={"Content-Type": media.content_type})

@@ -13,14 +13,16 @@ import structlog
 from aiohttp import web
 from twilio.request_validator import RequestValidator
 
+from omniroute.twilio_emulator.connection_overrides import DEFAULT_OVERRIDES
 from omniroute.twilio_emulator.state import EmulatorState
 
 STATE_KEY = web.AppKey("emulator_state", EmulatorState)
 SESSION_KEY = web.AppKey("emulator_http_session", aiohttp.ClientSession)
 TASKS_KEY: web.AppKey[set[asyncio.Task[None]]] = web.AppKey("emulator_background_tasks")
 
-#: Twilio waits about 15 s for a webhook answer.
-WEBHOOK_TIMEOUT = aiohttp.ClientTimeout(total=15)
+#: The session's default: Twilio's default connect, read and total times. Each webhook
+#: attempt passes its own (see ``webhooks.deliver``), so a URL's overrides win.
+WEBHOOK_TIMEOUT = DEFAULT_OVERRIDES.client_timeout(DEFAULT_OVERRIDES.total_time)
 
 log = structlog.get_logger("omniroute.twilio_emulator")
 
@@ -63,24 +65,6 @@ def sign(token: str, url: str, params: dict[str, str]) -> str:
 def token_matches(expected: str, given: str) -> bool:
     """Compare two secrets in constant time."""
     return hmac.compare_digest(expected.encode(), given.encode())
-
-
-async def post_signed_form(
-    session: aiohttp.ClientSession,
-    url: str,
-    params: dict[str, str],
-    token: str,
-    idempotency_token: str,
-) -> tuple[int, str]:
-    """POST ``params`` as a form to ``url``, signed like Twilio; return (status, text)."""
-    headers = {
-        "X-Twilio-Signature": sign(token, url, params),
-        "I-Twilio-Idempotency-Token": idempotency_token,
-        "User-Agent": "TwilioProxy/1.1",
-        "Accept": "*/*",
-    }
-    async with session.post(url, data=params, headers=headers) as response:
-        return response.status, await response.text()
 
 
 def bad_request(message: str) -> web.HTTPBadRequest:

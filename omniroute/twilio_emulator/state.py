@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import itertools
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from typing import Any, Literal
+
+from omniroute.twilio_emulator.debugger import WebhookLog
 
 API_VERSION = "2010-04-01"
 WINDOW = timedelta(hours=24)
@@ -64,6 +67,8 @@ class OutboundMessage:
     error_code: int | None = None
     error_message: str | None = None
     history: list[StatusChange] = field(default_factory=list)
+    #: Position in the emulator's message log (set by ``EmulatorState.log_outbound``).
+    sequence: int = 0
 
     def advance(
         self,
@@ -80,6 +85,10 @@ class OutboundMessage:
             self.error_message = error_message
         self.history.append(StatusChange(status, at, error_code))
 
+    def date_sent(self) -> datetime | None:
+        """When Twilio sent the message (its ``sent`` step), or None before that."""
+        return next((c.at for c in self.history if c.status == "sent"), None)
+
     def uri(self) -> str:
         """Return the resource's path, as Twilio reports it in ``uri``."""
         return f"/{API_VERSION}/Accounts/{self.account_sid}/Messages/{self.sid}.json"
@@ -88,7 +97,7 @@ class OutboundMessage:
         """Return the message shaped like Twilio's Message resource JSON."""
         base = f"/{API_VERSION}/Accounts/{self.account_sid}/Messages/{self.sid}"
         updated = self.updated_at or self.created_at
-        sent = next((c.at for c in self.history if c.status == "sent"), None)
+        sent = self.date_sent()
         return {
             "account_sid": self.account_sid,
             "api_version": API_VERSION,
@@ -138,6 +147,12 @@ class InboundMessage:
     body: str
     num_media: int
     created_at: datetime
+    #: Position in the emulator's message log (set by ``EmulatorState.log_inbound``).
+    sequence: int = 0
+
+    def date_sent(self) -> datetime:
+        """When Twilio posted the inbound webhook: when the message was received."""
+        return self.created_at
 
     def to_resource(self) -> dict[str, Any]:
         """Return the message shaped like Twilio's Message resource JSON."""
@@ -176,6 +191,27 @@ class StoredMedia:
     sid: str
     content_type: str
     data: bytes
+    created_at: datetime = field(default_factory=utc_now)
+
+    def uri(self) -> str:
+        """Return the Media resource's path, as Twilio reports it in ``uri``."""
+        return (
+            f"/{API_VERSION}/Accounts/{self.account_sid}"
+            f"/Messages/{self.message_sid}/Media/{self.sid}.json"
+        )
+
+    def to_resource(self) -> dict[str, Any]:
+        """Return the media shaped like Twilio's Media resource JSON."""
+        stamp = rfc2822(self.created_at)
+        return {
+            "sid": self.sid,
+            "account_sid": self.account_sid,
+            "parent_sid": self.message_sid,
+            "content_type": self.content_type,
+            "date_created": stamp,
+            "date_updated": stamp,
+            "uri": self.uri(),
+        }
 
 
 @dataclass
@@ -213,19 +249,42 @@ class EmulatorState:
     windows: dict[tuple[str, str, str], datetime] = field(default_factory=dict)
     rejected: list[dict[str, Any]] = field(default_factory=list)
     templates: dict[str, str] = field(default_factory=dict)
+    webhooks: WebhookLog = field(default_factory=WebhookLog)
+    _sequence: itertools.count[int] = field(
+        default_factory=lambda: itertools.count(1), init=False, repr=False
+    )
 
     def now(self) -> datetime:
         """Return the emulator clock's current time."""
         return self.clock()
 
+    def log_outbound(self, message: OutboundMessage) -> None:
+        """Store a created message in the message log (after any it already holds)."""
+        message.sequence = next(self._sequence)
+        self.messages[message.sid] = message
+
+    def log_inbound(self, message: InboundMessage) -> None:
+        """Store a customer message in the message log (after any it already holds).
+
+        Idempotent on the sid: a message already logged (a resend of the same webhook) is
+        kept as first received.
+        """
+        if message.sid not in self.inbound:
+            message.sequence = next(self._sequence)
+            self.inbound[message.sid] = message
+
     def reset(self) -> None:
-        """Forget messages, media, faults, rejections and window memory (accounts stay)."""
+        """Forget messages, media, faults, rejections, window memory and webhook records.
+
+        Accounts and templates stay.
+        """
         self.messages.clear()
         self.inbound.clear()
         self.media.clear()
         self.faults.clear()
         self.windows.clear()
         self.rejected.clear()
+        self.webhooks.clear()
 
     def take_fault(self, to: str) -> Fault | None:
         """Consume one use of the first pending fault that applies to ``to``."""

@@ -2,171 +2,47 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import re
-import socket
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from email.utils import parsedate_to_datetime
 from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestServer
 from twilio.base.exceptions import TwilioRestException
 from twilio.request_validator import RequestValidator
 from twilio.rest import Client
 
-from omniroute.twilio_emulator import EmulatorState, create_emulator_app, start_emulator
+from omniroute.twilio_emulator import EmulatorState, start_emulator
 from omniroute.twilio_gateway import close_client, make_client
+from tests.emulator.conftest import (
+    BUSINESS,
+    CUSTOMER,
+    OTHER_SID,
+    OTHER_TOKEN,
+    SID,
+    TOKEN,
+    USERNAME_CUSTOMER,
+    Captured,
+    FakeClock,
+    Receiver,
+    auth,
+    customer_sends,
+    post_json,
+)
 
 pytestmark = pytest.mark.timeout(30)
-
-SID = "AC00000000000000000000000000000001"
-TOKEN = "emulator-test-token-1"
-OTHER_SID = "AC00000000000000000000000000000002"
-OTHER_TOKEN = "emulator-test-token-2"
-BUSINESS = "whatsapp:+5511999990000"
-CUSTOMER = "whatsapp:+5511988887777"
-USERNAME_CUSTOMER = "whatsapp:US.13491208655302741918"
-WAIT = 5.0
-
-
-class FakeClock:
-    """A clock tests move by hand."""
-
-    def __init__(self) -> None:
-        self.now = datetime(2025, 1, 6, 12, 0, tzinfo=UTC)
-
-    def __call__(self) -> datetime:
-        return self.now
-
-
-@dataclass
-class Captured:
-    """One request the receiver got."""
-
-    url: str
-    form: dict[str, str]
-    headers: dict[str, str]
-    signature_valid: bool
-
-
-@dataclass
-class Receiver:
-    """A stand-in for the router: validates Twilio signatures, queues what it got."""
-
-    server: TestServer
-    token: str
-    requests: asyncio.Queue[Captured] = field(default_factory=asyncio.Queue)
-
-    def url(self, path: str) -> str:
-        return str(self.server.make_url(path))
-
-    async def next(self) -> Captured:
-        return await asyncio.wait_for(self.requests.get(), timeout=WAIT)
-
-
-def _receiver_app(holder: dict[str, Receiver]) -> web.Application:
-    async def handle(request: web.Request) -> web.Response:
-        receiver = holder["receiver"]
-        posted = await request.post()
-        form = {key: str(value) for key, value in posted.items()}
-        signature = request.headers.get("X-Twilio-Signature", "")
-        valid = RequestValidator(receiver.token).validate(str(request.url), posted, signature)
-        await receiver.requests.put(Captured(str(request.url), form, dict(request.headers), valid))
-        if not valid:
-            return web.Response(status=403, text="bad signature")
-        return web.Response(text="<Response/>", content_type="text/xml")
-
-    app = web.Application()
-    app.router.add_post("/{tail:.*}", handle)
-    return app
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-def state(clock: FakeClock) -> EmulatorState:
-    return EmulatorState(
-        accounts={SID: TOKEN, OTHER_SID: OTHER_TOKEN}, callback_delay=0.01, clock=clock
-    )
-
-
-@pytest.fixture
-async def emulator(state: EmulatorState) -> AsyncIterator[TestServer]:
-    server = TestServer(create_emulator_app(state))
-    await server.start_server()
-    try:
-        yield server
-    finally:
-        await server.close()
-
-
-@pytest.fixture
-def api_url(emulator: TestServer) -> str:
-    return str(emulator.make_url("/"))
-
-
-@pytest.fixture
-async def client(api_url: str) -> AsyncIterator[Client]:
-    twilio = make_client(SID, TOKEN, api_url)
-    try:
-        yield twilio
-    finally:
-        await close_client(twilio)
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
-
-
-@pytest.fixture
-async def receiver() -> AsyncIterator[Receiver]:
-    holder: dict[str, Receiver] = {}
-    server = TestServer(_receiver_app(holder))
-    await server.start_server()
-    holder["receiver"] = Receiver(server, TOKEN)
-    try:
-        yield holder["receiver"]
-    finally:
-        await server.close()
-
-
-def _auth(login: str, password: str) -> dict[str, str]:
-    return {"Authorization": aiohttp.encode_basic_auth(login, password)}
-
-
-async def _post_json(
-    http: aiohttp.ClientSession, url: str, payload: dict[str, Any]
-) -> tuple[int, Any]:
-    async with http.post(url, json=payload) as response:
-        return response.status, await response.json()
 
 
 async def _customer_writes(
     http: aiohttp.ClientSession, api_url: str, receiver: Receiver, **fields: Any
 ) -> dict[str, Any]:
-    payload: dict[str, Any] = {
-        "account_sid": SID,
-        "url": receiver.url("/twilio/contoso/inbound"),
-        "from": CUSTOMER,
-        "to": BUSINESS,
-        "body": "Olá",
-        **fields,
-    }
-    status, answer = await _post_json(http, f"{api_url}_emulator/customers/send", payload)
+    status, answer = await customer_sends(
+        http, api_url, receiver.url("/twilio/contoso/inbound"), **fields
+    )
     assert status == 200, answer
-    result: dict[str, Any] = answer
-    return result
+    return answer
 
 
 async def _statuses(receiver: Receiver, count: int) -> list[Captured]:
@@ -191,10 +67,12 @@ async def test_create_message_answers_twilio_message_resource(
     assert isinstance(message.date_created, datetime)
     assert "media" in message.subresource_uris
 
-    auth = _auth(SID, TOKEN)
+    credentials = auth(SID, TOKEN)
+    # Listing is a real route now (Twilio's Messages list): it wants credentials too.
     async with http.get(f"{api_url}2010-04-01/Accounts/{SID}/Messages.json") as response:
-        assert response.status == 405
-    async with http.get(f"{api_url.rstrip('/')}{message.uri}", headers=auth) as response:
+        assert response.status == 401
+        assert (await response.json())["code"] == 20003
+    async with http.get(f"{api_url.rstrip('/')}{message.uri}", headers=credentials) as response:
         raw = await response.json()
     assert parsedate_to_datetime(raw["date_created"]).tzinfo is not None
     assert raw["date_created"].endswith("+0000")
@@ -273,7 +151,7 @@ async def test_injected_429_then_success(
     client: Client, http: aiohttp.ClientSession, api_url: str
 ) -> None:
     fault = {"status": 429, "code": 20429, "message": "Too Many Requests", "count": 1}
-    status, _ = await _post_json(http, f"{api_url}_emulator/faults", fault)
+    status, _ = await post_json(http, f"{api_url}_emulator/faults", fault)
     assert status == 201
 
     with pytest.raises(TwilioRestException) as caught:
@@ -298,7 +176,7 @@ async def test_injected_500_and_to_filter(
         "count": 2,
         "to": other,
     }
-    await _post_json(http, f"{api_url}_emulator/faults", fault)
+    await post_json(http, f"{api_url}_emulator/faults", fault)
 
     assert (await client.messages.create_async(to=CUSTOMER, from_=BUSINESS, body="a")).sid
     for _ in range(2):
@@ -348,9 +226,9 @@ async def test_callback_mode_fault_answers_201_then_fails(
     await _customer_writes(http, api_url, receiver)
     await receiver.next()
     fault = {"status": 400, "code": 63016, "mode": "callback", "message": "Outside window"}
-    await _post_json(http, f"{api_url}_emulator/faults", fault)
+    await post_json(http, f"{api_url}_emulator/faults", fault)
     fault = {"code": 21610, "mode": "callback", "callback_status": "undelivered"}
-    await _post_json(http, f"{api_url}_emulator/faults", fault)
+    await post_json(http, f"{api_url}_emulator/faults", fault)
     callback = receiver.url("/status")
 
     first = await client.messages.create_async(
@@ -491,7 +369,7 @@ async def test_customer_with_wrong_router_token_gets_router_403(
     assert answer["status"] == 403
 
 
-async def test_customer_media_is_served_with_basic_auth(
+async def test_customer_media_is_served_with_basicauth(
     http: aiohttp.ClientSession, api_url: str, receiver: Receiver
 ) -> None:
     image = b"\xff\xd8\xff\xe0 fake jpeg"
@@ -515,16 +393,16 @@ async def test_customer_media_is_served_with_basic_auth(
     async with http.get(media_url) as response:
         assert response.status == 401
         assert (await response.json())["code"] == 20003
-    async with http.get(media_url, headers=_auth(SID, "wrong")) as response:
+    async with http.get(media_url, headers=auth(SID, "wrong")) as response:
         assert response.status == 401
-    async with http.get(media_url, headers=_auth(OTHER_SID, OTHER_TOKEN)) as response:
+    async with http.get(media_url, headers=auth(OTHER_SID, OTHER_TOKEN)) as response:
         assert response.status == 404
         assert (await response.json())["code"] == 20404
-    async with http.get(media_url, headers=_auth(SID, TOKEN)) as response:
+    async with http.get(media_url, headers=auth(SID, TOKEN)) as response:
         assert response.status == 200
         assert response.headers["Content-Type"] == "image/jpeg"
         assert await response.read() == image
-    async with http.get(got.form["MediaUrl1"], headers=_auth(SID, TOKEN)) as response:
+    async with http.get(got.form["MediaUrl1"], headers=auth(SID, TOKEN)) as response:
         assert await response.read() == b"%PDF"
 
 
@@ -533,19 +411,21 @@ async def test_customer_simulation_rejects_bad_requests(
 ) -> None:
     url = f"{api_url}_emulator/customers/send"
     base = {"account_sid": SID, "url": receiver.url("/in"), "from": CUSTOMER, "to": BUSINESS}
-    assert (await _post_json(http, url, {**base, "account_sid": "ACnope"}))[0] == 404
-    assert (await _post_json(http, url, {**base, "repeat": 0}))[0] == 400
+    assert (await post_json(http, url, {**base, "account_sid": "ACnope"}))[0] == 404
+    assert (await post_json(http, url, {**base, "repeat": 0}))[0] == 400
     bad_media = {**base, "media": [{"content_type": "image/png", "data_base64": "!!"}]}
-    assert (await _post_json(http, url, bad_media))[0] == 400
+    assert (await post_json(http, url, bad_media))[0] == 400
     assert receiver.requests.empty()
 
 
 async def test_unreachable_callback_url_is_logged_not_fatal(
-    client: Client, http: aiohttp.ClientSession, api_url: str, receiver: Receiver
+    client: Client,
+    http: aiohttp.ClientSession,
+    api_url: str,
+    receiver: Receiver,
+    closed_port: int,
 ) -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        dead_port = sock.getsockname()[1]
+    dead_port = closed_port
     await _customer_writes(http, api_url, receiver)
     await receiver.next()
 
@@ -570,7 +450,7 @@ async def test_reset_forgets_messages_faults_and_windows(
     await _customer_writes(http, api_url, receiver)
     await receiver.next()
     await client.messages.create_async(to=CUSTOMER, from_=BUSINESS, body="before reset")
-    await _post_json(http, f"{api_url}_emulator/faults", {"status": 503, "code": 20503})
+    await post_json(http, f"{api_url}_emulator/faults", {"status": 503, "code": 20503})
 
     async with http.post(f"{api_url}_emulator/reset") as response:
         assert response.status == 200
@@ -585,7 +465,7 @@ async def test_reset_forgets_messages_faults_and_windows(
 
 
 async def test_bad_fault_spec_is_400(http: aiohttp.ClientSession, api_url: str) -> None:
-    status, body = await _post_json(http, f"{api_url}_emulator/faults", {"mode": "sometimes"})
+    status, body = await post_json(http, f"{api_url}_emulator/faults", {"mode": "sometimes"})
     assert status == 400 and "error" in body
 
 
