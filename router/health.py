@@ -1,12 +1,17 @@
-"""``/healthz`` (the process is alive), ``/readyz`` (broker and database reachable) and
-``/metrics`` (Prometheus)."""
+"""``/healthz`` (the process is alive), ``/readyz`` (can do its work) and ``/metrics``.
+
+A router is ready while it can keep a webhook: the broker *or* the database (its spool)
+takes it. Reporting "not ready" when only the broker is away would make a load balancer
+refuse the webhooks the spool would keep, and Twilio does not retry what was refused. Such a
+router answers 200 with status "degraded". A stage process needs both.
+"""
 
 from __future__ import annotations
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from router.state import BUS, STORE
+from router.state import BUS, INGRESS, STORE
 
 
 async def healthz(_request: web.Request) -> web.Response:
@@ -16,9 +21,10 @@ async def healthz(_request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     broker = request.app[BUS].ready
     database = await request.app[STORE].ping()
-    ready = broker and database
+    ready = (broker or database) if INGRESS in request.app else (broker and database)
+    status = "ready" if broker and database else "degraded" if ready else "unavailable"
     return web.json_response(
-        {"status": "ready" if ready else "unavailable", "broker": broker, "database": database},
+        {"status": status, "broker": broker, "database": database},
         status=200 if ready else 503,
     )
 

@@ -185,7 +185,7 @@ class Health(BaseModel):
 
 
 class Readiness(BaseModel):
-    status: Literal["ready", "unavailable"]
+    status: Literal["ready", "degraded", "unavailable"]
     broker: bool
     database: bool
 
@@ -236,7 +236,12 @@ OPERATIONS: tuple[Operation, ...] = (
     # Operations.
     Operation("GET", "/healthz", "The process is alive", None, Health),
     Operation(
-        "GET", "/readyz", "Broker and database are reachable", None, Readiness, status=(200, 503)
+        "GET",
+        "/readyz",
+        "Can keep webhooks (broker or database reachable)",
+        None,
+        Readiness,
+        status=(200, 503),
     ),
     Operation("GET", "/metrics", "Prometheus metrics", None, media_type="text/plain"),
     Operation("GET", PATH, "This document", None, media_type="application/json"),
