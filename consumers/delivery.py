@@ -15,6 +15,9 @@ RANK: dict[str, int] = {
     "read": 5,
 }
 TERMINAL = frozenset({"failed", "undelivered", "canceled"})
+# A failure reported after these is late news about an earlier attempt (WhatsApp sends a
+# stray failed/undelivered after the receipt): the customer has the message, it stays so.
+REACHED = frozenset({"delivered", "read"})
 # The events a step publishes; skipped steps are published too, in order, so downstream
 # services always see sent → delivered → read even when callbacks come shuffled.
 STEP_EVENTS: dict[str, str] = {
@@ -27,9 +30,12 @@ STEP_EVENTS: dict[str, str] = {
 def advance(current: str, incoming: str) -> tuple[str, list[str]]:
     """The new status and the step events to publish, given the stored and the received one.
 
-    Unknown statuses never change the stored status (they are recorded by the caller).
+    Unknown statuses never change the stored status, nor does a failure after ``delivered``
+    or ``read`` (they are recorded in the history by the caller).
     """
     if current in TERMINAL:
+        return current, []
+    if incoming in TERMINAL and current in REACHED:
         return current, []
     if incoming in TERMINAL:
         return incoming, [EventType.MESSAGE_FAILED]

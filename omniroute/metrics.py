@@ -49,3 +49,12 @@ SPOOL_CONFIRMED_LATE = Counter(
     "omniroute_spool_confirmed_late_total",
     "Spooled webhooks whose own publish was confirmed after all (removed from the spool)",
 )
+STATUS_CALLBACKS_FOREIGN = Counter(
+    "omniroute_status_callbacks_foreign_total",
+    "Parked status callbacks whose message never became known within the grace (dropped)",
+)
+RECONCILE_INJECTED = Counter(
+    "omniroute_reconcile_injected_total",
+    "Events rebuilt from Twilio's Messages API and published by reconciliation, by kind",
+    ["kind"],
+)

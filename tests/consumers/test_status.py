@@ -1,5 +1,7 @@
 """Delivery receipts: shuffled and duplicated callbacks through the real router end in the
-right final state with one event per step; unknown sids are retried, not dropped."""
+right final state with one event per step; a callback for a sid not stored yet is parked and
+applied once the message is stored, or dropped and counted after the grace (never a dead
+letter)."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from typing import Any
 import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient
+from prometheus_client import REGISTRY
 
 from consumers import status
 from consumers.delivery import advance
@@ -35,7 +38,9 @@ STATUS = "/twilio/contoso/status"
         ("read", "delivered", "read", []),
         ("read", "read", "read", []),
         ("sent", "failed", "failed", ["message.failed"]),
-        ("delivered", "undelivered", "undelivered", ["message.failed"]),
+        ("delivered", "undelivered", "delivered", []),
+        ("read", "failed", "read", []),
+        ("queued", "undelivered", "undelivered", ["message.failed"]),
         ("failed", "delivered", "failed", []),
         ("failed", "failed", "failed", []),
         ("sent", "played", "sent", []),
@@ -60,8 +65,8 @@ async def receipts(settings: Settings) -> AsyncIterator[EventTap]:
         yield spy
 
 
-async def _outbound(db: asyncpg.Pool) -> str:
-    contact, conversation, sid = uuid.uuid4(), uuid.uuid4(), new_sid()
+async def _outbound(db: asyncpg.Pool, sid: str | None = None) -> str:
+    contact, conversation, sid = uuid.uuid4(), uuid.uuid4(), sid or new_sid()
     now = datetime.now(UTC)
     await db.execute(
         "INSERT INTO contacts (id, account, address) VALUES ($1, 'contoso', $2)",
@@ -163,19 +168,100 @@ async def test_failure_is_terminal_with_its_code(
     assert row is not None and (row["status"], row["error_code"]) == ("failed", "63016")
 
 
-async def test_callback_before_the_sid_is_stored_is_retried_not_dropped(
+async def test_late_failure_after_read_keeps_read(
+    router: TestClient[Any, Any],
+    start_runner: RunnerFactory,
+    receipts: EventTap,
+    db: asyncpg.Pool,
+) -> None:
+    await start_runner(status.STAGE)
+    sid = await _outbound(db)
+    await _callback(router, sid, "read")
+    assert await _events_for(receipts, sid, 3) == [
+        "message.sent",
+        "message.delivered",
+        "message.read",
+    ]
+    await _callback(router, sid, "failed", "63016")
+    await _none_for(receipts, sid)
+    query = "SELECT status, error_code, status_history FROM messages WHERE twilio_sid = $1"
+
+    async def recorded() -> Any:
+        row = await db.fetchrow(query, sid)
+        return row if row is not None and len(row["status_history"]) == 2 else None
+
+    row = await wait_for(recorded)
+    assert (row["status"], row["error_code"]) == ("read", None)
+    assert [h["status"] for h in row["status_history"]] == ["read", "failed"]
+    window = await db.fetchval(
+        "SELECT c.window_closed_at FROM conversations c JOIN messages m"
+        " ON m.conversation_id = c.id WHERE m.twilio_sid = $1",
+        sid,
+    )
+    assert window is None  # the message was read: the window was not closed for it
+
+
+async def _parked(db: asyncpg.Pool, sid: str) -> int:
+    count: int = await db.fetchval("SELECT count(*) FROM parked_status WHERE message_sid = $1", sid)
+    return count
+
+
+async def test_callback_before_the_sid_is_stored_is_parked_then_applied(
+    router: TestClient[Any, Any],
+    start_runner: RunnerFactory,
+    receipts: EventTap,
+    db: asyncpg.Pool,
+) -> None:
+    await start_runner(status.STAGE, status_park_backoff_base=0.05, status_park_backoff_max=0.2)
+    sid = new_sid()
+    await _callback(router, sid, "delivered")
+    await _callback(router, sid, "delivered")  # Twilio resending: parked once
+    await wait_for(lambda: _parked(db, sid))
+    await asyncio.sleep(0.3)  # a few retries find nothing yet
+    assert await _parked(db, sid) == 1
+    attempts = await db.fetchval("SELECT attempts FROM parked_status WHERE message_sid = $1", sid)
+    assert attempts >= 1
+
+    await _outbound(db, sid)  # the send's answer is stored at last
+    assert await _events_for(receipts, sid, 2) == ["message.sent", "message.delivered"]
+    await _none_for(receipts, sid)
+    assert await _parked(db, sid) == 0
+    row = await db.fetchrow(
+        "SELECT status, status_history FROM messages WHERE twilio_sid = $1", sid
+    )
+    assert row is not None and row["status"] == "delivered"
+    assert [h["status"] for h in row["status_history"]] == ["delivered"]
+
+
+async def test_parked_callback_past_the_grace_is_dropped_and_counted_never_dead_lettered(
     router: TestClient[Any, Any],
     start_runner: RunnerFactory,
     settings: Settings,
     db: asyncpg.Pool,
 ) -> None:
-    await start_runner(status.STAGE)
+    def dropped() -> float:
+        value = REGISTRY.get_sample_value("omniroute_status_callbacks_foreign_total")
+        return value or 0.0
+
+    before = dropped()
+    await start_runner(
+        status.STAGE,
+        status_park_grace=0.5,
+        status_park_backoff_base=0.05,
+        status_park_backoff_max=0.1,
+    )
     sid = new_sid()
     await _callback(router, sid, "delivered")
+    await wait_for(lambda: _parked(db, sid))
 
-    async def dead() -> Any:
-        letters = await list_dead(settings, "status", 1000)
-        return next((d for d in letters if sid.encode() in d.body), None)
+    async def gone() -> bool:
+        return await _parked(db, sid) == 0
 
-    letter = await wait_for(dead, timeout=20, interval=0.3)
-    assert "is not stored yet" in letter.reason
+    await wait_for(gone, timeout=10)
+    await wait_for(lambda: _true(dropped() == before + 1))
+    letters = await list_dead(settings, "status", 1000)
+    assert not any(sid.encode() in d.body for d in letters)
+
+
+async def _true(value: bool) -> bool:
+    return value
