@@ -112,6 +112,10 @@ async def deployment(
             "OMNIROUTE_DATABASE_URL": infra.database_url,
             "OMNIROUTE_CONFIG": str(config),
             "OMNIROUTE_HTTP_HOST": "127.0.0.1",
+            # Loopback only: no reconciliation pass unless a benchmark asks for one, and
+            # never Twilio's real API.
+            "OMNIROUTE_RECONCILE_INTERVAL": "0",
+            "OMNIROUTE_TWILIO_API_URL": "http://127.0.0.1:9",
             **{f"OMNIROUTE_{k.upper()}": v for k, v in settings.items()},
         }
         async with AsyncExitStack() as stack, aiohttp.ClientSession() as http:

@@ -32,6 +32,7 @@ from omniroute.metrics import GATE_REJECTIONS, TWILIO_CALLS, TWILIO_ERRORS
 from omniroute.settings import Settings
 from omniroute.store import Connection, add_to_outbox
 from omniroute.twilio_gateway import SendOutcome, TwilioClients, classify_error
+from omniroute.webhook_urls import status_url
 from omniroute.window import gate, window
 from schemas.events import (
     Envelope,
@@ -190,7 +191,7 @@ def _twilio_params(tx: StageTx, row: Any, rendered: Any) -> dict[str, Any]:
     params: dict[str, Any] = {
         "to": f"whatsapp:{row['customer']}",
         "from_": f"whatsapp:{row['business_number']}",
-        "status_callback": f"{tx.settings.public_base()}/twilio/{row['account']}/status",
+        "status_callback": status_url(tx.settings.public_base(), row["account"]),
     }
     if rendered is not None:
         params["content_sid"] = rendered.content_sid

@@ -8,6 +8,7 @@ import gc
 import os
 import sys
 from collections.abc import Callable, Coroutine
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from omniroute.config_loader import LiveConfig, load_config
 from omniroute.errors import ConfigError
 from omniroute.logging import configure_logging
 from omniroute.settings import Settings
+from omniroute.webhook_urls import inbound_url, status_url
 
 
 def _tune_gc() -> None:
@@ -93,12 +95,104 @@ def cmd_accounts(args: argparse.Namespace, settings: Settings) -> int:
     for account in config.accounts:
         print(f"account {account.name} ({account.account_sid})")
         print(f"  auth token from ${account.auth_token_env}")
+        inbound, status = inbound_url(base, account.name), status_url(base, account.name)
         for number in account.numbers:
             sandbox = " [sandbox]" if number.sandbox else ""
             print(f"  {number.name}: whatsapp:{number.number}{sandbox} → {number.workstream}")
-            print(f"    when a message comes in (POST): {base}/twilio/{account.name}/inbound")
-            print(f"    status callback URL (POST):     {base}/twilio/{account.name}/status")
+            print(f"    when a message comes in (POST): {inbound}")
+            print(f"    status callback URL (POST):     {status}")
+            print(
+                "    fallback URL: leave empty, or the same path on a second omniroute ingress"
+                " (Twilio signs for the URL it calls, so that ingress needs its own"
+                " OMNIROUTE_PUBLIC_URL); what neither takes, `omniroute reconcile` recovers"
+            )
     return 0
+
+
+def _parse_since(text: str) -> datetime:
+    """``--since``: an ISO 8601 time; without a UTC offset it is read as UTC."""
+    moment = datetime.fromisoformat(text.strip())
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
+    """One reconciliation pass; exit 2 on bad arguments, 1 when something was unreachable
+    or a number could not be reconciled, 0 otherwise."""
+    if "log_level" not in settings.model_fields_set:
+        # The report printed says what happened; the drivers' own connection errors (aiormq
+        # logs each refused attempt) would bury it. OMNIROUTE_LOG_LEVEL brings them back.
+        configure_logging(settings.log_format, "critical")
+    since = None
+    if args.since is not None:
+        try:
+            since = _parse_since(args.since)
+        except ValueError:
+            print(
+                f"omniroute reconcile: --since {args.since!r} is not an ISO time"
+                " (e.g. 2025-01-31T09:00:00Z)",
+                file=sys.stderr,
+            )
+            return 2
+    config = _config(settings)
+    names = [a.name for a in config.current.accounts]
+    if args.account is not None and args.account not in names:
+        print(
+            f"omniroute reconcile: unknown account {args.account!r}"
+            f" (configured: {', '.join(names)})",
+            file=sys.stderr,
+        )
+        return 2
+    return _run(_reconcile(settings, config, since, args.account))
+
+
+async def _reconcile(
+    settings: Settings, config: LiveConfig, since: datetime | None, account: str | None
+) -> int:
+    from omniroute.errors import StoreUnavailable
+    from omniroute.reconcile import Reconciler
+    from router.app import make_bus, make_store
+
+    bus, store = make_bus(settings), make_store(settings)
+    await bus.start()
+    try:
+        try:
+            # One connection attempt, then declaring the topology (so nothing published is
+            # unroutable on a fresh broker).
+            async with asyncio.timeout(2 * settings.broker_connect_timeout):
+                await bus.wait_ready()
+        except TimeoutError:
+            print("omniroute reconcile: the broker is unreachable", file=sys.stderr)
+            return 1
+        reconciler = Reconciler(settings, config, bus, store)
+        try:
+            report = await reconciler.run_once(since, account)
+        except StoreUnavailable:
+            print("omniroute reconcile: the database is unreachable", file=sys.stderr)
+            return 1
+        finally:
+            await reconciler.close()
+    finally:
+        await bus.close()
+        await store.close()
+    for number in report.numbers:
+        outcome = (
+            f"{number.found} in Twilio's log, {number.stored} stored, {number.injected} injected"
+        )
+        if number.unusable:
+            outcome += f", {number.unusable} unusable (see the log)"
+        if number.error:
+            outcome += f"; gave up: {number.error}"
+        print(f"{number.account} {number.number}: {outcome}")
+    for name in report.skipped_locked:
+        print(f"{name}: skipped, another process is reconciling it")
+    print(
+        f"statuses: {report.statuses_checked} checked with Twilio,"
+        f" {report.statuses_applied} recovered"
+    )
+    for status in report.statuses:
+        if status.error:
+            print(f"{status.account} statuses: gave up: {status.error}")
+    return 1 if report.errors else 0
 
 
 def cmd_config(args: argparse.Namespace, settings: Settings) -> int:
@@ -230,6 +324,13 @@ def parser() -> argparse.ArgumentParser:
     dead.add_argument("stage")
     dead.add_argument("--limit", type=int, default=100)
     dead.add_argument("--id", help="show: the message id (default: the oldest dead letter)")
+    reconcile = sub.add_parser(
+        "reconcile", help="recover from Twilio's message log what its webhooks never delivered"
+    )
+    reconcile.add_argument(
+        "--since", help="read Twilio's log from this ISO time (default: each checkpoint)"
+    )
+    reconcile.add_argument("--account", help="only this account (default: every account)")
     add_agents_parser(sub)
     return p
 
@@ -246,6 +347,7 @@ COMMANDS = {
     "agents": cmd_agents,
     "demo": cmd_demo,
     "dead-letters": cmd_dead_letters,
+    "reconcile": cmd_reconcile,
     "status": cmd_status,
     "contract": cmd_contract,
 }

@@ -21,6 +21,7 @@ from aiohttp import web
 from omniroute.bus import Bus
 from omniroute.config_loader import LiveConfig
 from omniroute.errors import ConfigError
+from omniroute.reconcile import running_reconciler
 from omniroute.settings import Settings
 from omniroute.spool import SpoolRelay
 from omniroute.stage_process import StageProcess
@@ -75,6 +76,15 @@ class Service:
                 host=self.settings.http_host,
                 port=self.http_port,
             )
+        # Every process reconciles with Twilio's message log at start and periodically; a
+        # per-account advisory lock keeps replicas from doing the same pass twice.
+        reconciler = running_reconciler(self.settings, self.config, bus, store)
+        await reconciler.__aenter__()
+
+        async def stop_reconciler() -> None:
+            await reconciler.__aexit__(None, None, None)
+
+        self._cleanups.append(stop_reconciler)
         listener = asyncio.create_task(self._listen_for_reload(bus), name="config-reload")
         self._cleanups.append(lambda: _cancel(listener))
         if self.child_stages:

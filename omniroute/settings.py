@@ -73,6 +73,43 @@ class Settings(BaseSettings):
         default=0.0125, ge=0, description="per sender number: 80 messages/s"
     )
 
+    # Reconciliation: Twilio does not retry a webhook or status callback answered 5xx, so what
+    # never reached us is recovered from its Messages API (omniroute/reconcile.py).
+    reconcile_interval: float = Field(
+        default=60.0, ge=0, description="between passes, s; 0: no periodic passes"
+    )
+    reconcile_overlap: float = Field(
+        default=300.0, ge=0, description="re-read the log this far before the checkpoint, s"
+    )
+    reconcile_lookback: float = Field(
+        default=3600.0, gt=0, description="first pass (no checkpoint yet) reads this far back, s"
+    )
+    reconcile_status_age: float = Field(
+        default=120.0, ge=0, description="outbound without status news this long is checked, s"
+    )
+    reconcile_status_max_age: float = Field(
+        default=86400.0, gt=0, description="outbound older than this is no longer checked, s"
+    )
+    reconcile_status_batch: int = Field(
+        default=500, ge=1, description="outbound statuses fetched per account and pass"
+    )
+    reconcile_page_size: int = Field(
+        default=100, ge=1, le=1000, description="messages per page of Twilio's list"
+    )
+    reconcile_backoff_attempts: int = Field(
+        default=5, ge=1, description="tries of one Twilio call rate-limited (429) per pass"
+    )
+    reconcile_backoff_base: float = Field(default=1.0, gt=0, description="first 429 wait, s")
+    reconcile_backoff_max: float = Field(default=30.0, gt=0, description="longest 429 wait, s")
+
+    # Status callbacks for a sid not stored yet: parked, retried, dropped after the grace.
+    status_park_grace: float = Field(
+        default=600.0, ge=0, description="retry a parked callback this long, then drop it, s"
+    )
+    status_park_backoff_base: float = Field(default=0.5, gt=0, description="first retry, s")
+    status_park_backoff_max: float = Field(default=30.0, gt=0, description="longest wait, s")
+    status_park_batch: int = Field(default=100, ge=1, description="parked callbacks per tick")
+
     # Database
     db_pool_min: int = Field(default=1, ge=0)
     db_pool_max: int = Field(default=10, ge=1)

@@ -4,6 +4,7 @@ emulator, `accounts`, `config check` and `migrate`."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -54,6 +55,8 @@ def _env(infra: Infra, config: Path, **extra: str) -> dict[str, str]:
         "OMNIROUTE_AMQP_URL": infra.amqp_url,
         "OMNIROUTE_DATABASE_URL": infra.database_url,
         "OMNIROUTE_CONFIG": str(config),
+        # Loopback only: never Twilio's real API (a test that needs it passes the emulator's).
+        "OMNIROUTE_TWILIO_API_URL": "http://127.0.0.1:9",
         **extra,
     }
 
@@ -66,6 +69,7 @@ async def test_run_process_end_to_end_and_no_secret_in_logs(
     port = _free_port()
     public = f"http://127.0.0.1:{port}"
     log = tmp_path / "run.log"
+    emulator = await start_emulator(EmulatorState(accounts={ACCOUNT_SID: AUTH_TOKEN}))
     env = _env(
         infra,
         config,
@@ -73,8 +77,8 @@ async def test_run_process_end_to_end_and_no_secret_in_logs(
         OMNIROUTE_PUBLIC_URL=public,
         OMNIROUTE_LOG_LEVEL="debug",
         OMNIROUTE_LOG_FORMAT="json",
+        OMNIROUTE_TWILIO_API_URL=emulator.url,
     )
-    emulator = await start_emulator(EmulatorState(accounts={ACCOUNT_SID: AUTH_TOKEN}))
     with log.open("wb") as stderr:
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -129,6 +133,9 @@ async def test_run_process_end_to_end_and_no_secret_in_logs(
     assert proc.returncode == 0
     logs = log.read_text()
     assert "webhook.handled" in logs and "stage.handled" in logs
+    # The router and its stage child both write JSON lines only, libraries' logs included.
+    lines = [json.loads(line) for line in logs.splitlines() if line.strip()]
+    assert {line["event"] for line in lines} >= {"stages.child_started", "reconcile.pass"}
     for secret in (AUTH_TOKEN, *ENVIRON.values()):
         assert secret not in logs
 
@@ -143,10 +150,12 @@ async def test_accounts_prints_the_urls_for_the_twilio_console(
         env.pop(name)  # printing URLs needs no secret
     code, out, _ = await _cli("accounts", env=env)
     assert code == 0
-    assert "https://chat.example.com/twilio/contoso/inbound" in out
-    assert "https://chat.example.com/twilio/contoso/status" in out
-    assert "https://chat.example.com/twilio/fabrikam/inbound" in out
+    overrides = "#ct=3000&rt=10000&tt=15000&rc=2&rp=ct,rt,5xx"
+    assert f"https://chat.example.com/twilio/contoso/inbound{overrides}" in out
+    assert f"https://chat.example.com/twilio/contoso/status{overrides}" in out
+    assert f"https://chat.example.com/twilio/fabrikam/inbound{overrides}" in out
     assert f"whatsapp:{BUSINESS}" in out
+    assert out.count("fallback URL:") == 3  # one per number
 
 
 async def test_config_check_names_file_line_and_field(infra: Infra, tmp_path: Path) -> None:
@@ -202,3 +211,75 @@ async def test_status_reports_every_stage(infra: Infra, tmp_path: Path) -> None:
     assert all(
         row["ready"] is not None and row["dead_letters"] is not None for row in rows.values()
     )
+
+
+async def test_reconcile_refuses_bad_arguments_with_one_line(infra: Infra, tmp_path: Path) -> None:
+    config = tmp_path / "omniroute.yaml"
+    config.write_text(CONFIG_YAML)
+    env = _env(infra, config)
+    code, out, err = await _cli("reconcile", "--since", "yesterday-ish", env=env)
+    assert (code, out) == (2, "")
+    assert err.strip().splitlines() == [
+        "omniroute reconcile: --since 'yesterday-ish' is not an ISO time"
+        " (e.g. 2025-01-31T09:00:00Z)"
+    ]
+    code, out, err = await _cli("reconcile", "--account", "northwind", env=env)
+    assert (code, out) == (2, "")
+    assert err.strip().splitlines() == [
+        "omniroute reconcile: unknown account 'northwind' (configured: contoso, fabrikam)"
+    ]
+
+
+async def test_reconcile_says_in_one_line_what_is_unreachable(infra: Infra, tmp_path: Path) -> None:
+    config = tmp_path / "omniroute.yaml"
+    config.write_text(CONFIG_YAML)
+    no_broker = _env(
+        infra,
+        config,
+        OMNIROUTE_AMQP_URL=f"amqp://guest:guest@127.0.0.1:{_free_port()}/",
+        OMNIROUTE_BROKER_CONNECT_TIMEOUT="0.5",
+    )
+    code, out, err = await _cli("reconcile", env=no_broker)
+    assert (code, out) == (1, "")
+    assert err.strip().splitlines() == ["omniroute reconcile: the broker is unreachable"]
+    no_database = _env(
+        infra,
+        config,
+        OMNIROUTE_DATABASE_URL=f"postgresql://127.0.0.1:{_free_port()}/omniroute",
+        OMNIROUTE_DB_CONNECT_TIMEOUT="0.5",
+    )
+    code, out, err = await _cli("reconcile", env=no_database)
+    assert (code, out) == (1, "")
+    assert err.strip().splitlines() == ["omniroute reconcile: the database is unreachable"]
+
+
+async def test_reconcile_prints_a_line_per_number_and_the_statuses(
+    infra: Infra, tmp_path: Path
+) -> None:
+    config = tmp_path / "omniroute.yaml"
+    config.write_text(CONFIG_YAML)
+    emulator = await start_emulator(EmulatorState(accounts={ACCOUNT_SID: AUTH_TOKEN}))
+    try:
+        customer = new_customer()
+        send = {
+            "account_sid": ACCOUNT_SID,
+            "url": f"http://127.0.0.1:{_free_port()}/twilio/contoso/inbound",  # nobody there
+            "from": f"whatsapp:{customer}",
+            "to": f"whatsapp:{BUSINESS}",
+            "body": "oi?",
+        }
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(f"{emulator.url}/_emulator/customers/send", json=send) as r,
+        ):
+            assert r.status == 502
+        env = _env(infra, config, OMNIROUTE_TWILIO_API_URL=emulator.url)
+        since = "2020-01-01T00:00:00+00:00"
+        code, out, err = await _cli("reconcile", "--account", "contoso", "--since", since, env=env)
+    finally:
+        await emulator.close()
+    assert code == 0, err
+    lines = out.splitlines()
+    assert f"contoso {BUSINESS}: 1 in Twilio's log, 0 stored, 1 injected" in lines
+    assert "contoso +14155238886: 0 in Twilio's log, 0 stored, 0 injected" in lines
+    assert lines[-1].startswith("statuses: ") and "checked with Twilio" in lines[-1]

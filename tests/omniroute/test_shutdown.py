@@ -28,6 +28,8 @@ def _env(infra: Infra, config: Path) -> dict[str, str]:
         "OMNIROUTE_AMQP_URL": infra.amqp_url,
         "OMNIROUTE_DATABASE_URL": infra.database_url,
         "OMNIROUTE_CONFIG": str(config),
+        "OMNIROUTE_TWILIO_API_URL": "http://127.0.0.1:9",  # loopback only
+        "OMNIROUTE_RECONCILE_INTERVAL": "0",
         "OMNIROUTE_LOG_LEVEL": "warning",
         "OMNIROUTE_PREFETCH": "64",
         "OMNIROUTE_SHUTDOWN_GRACE": "10",
