@@ -12,7 +12,7 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import AsyncIterator, Generator, Iterable
+from collections.abc import AsyncIterator, Generator, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +27,7 @@ from omniroute.store import migrate
 from omniroute.twilio_emulator import EmulatorState, RunningEmulator, create_emulator_app
 from tests.chaos.harness import (
     CONFIG,
+    FINAL,
     PIPELINE,
     SCALE,
     TOKEN_ENV,
@@ -36,6 +37,7 @@ from tests.chaos.harness import (
     PrivateRabbit,
     Webhook,
     free_port,
+    settle_accepted,
     tail,
 )
 from tests.support import ACCOUNT_SID, AUTH_TOKEN, BUSINESS
@@ -139,6 +141,27 @@ class Chaos:
             self.emulator.state.record_customer_message(
                 ACCOUNT_SID, f"whatsapp:{BUSINESS}", f"whatsapp:{hook.customer}"
             )
+
+    async def settle(
+        self,
+        accepted: set[str],
+        hooks: Sequence[Webhook],
+        within: float,
+        refused: set[str] | frozenset[str] = frozenset(),
+        final: Sequence[str] = FINAL,
+        allow_unknown: bool = False,
+    ) -> dict[str, int]:
+        """``settle_accepted`` on this test's database and emulator."""
+        return await settle_accepted(
+            self.db,
+            self.emulator.state,
+            accepted,
+            hooks,
+            within,
+            refused=refused,
+            final=final,
+            allow_unknown=allow_unknown,
+        )
 
     async def start_pipeline(self, customers: int, agents: int = 10) -> None:
         """Agents with room for every conversation, then the router and every stage."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import Counter
 
 import pytest
 
@@ -60,8 +59,9 @@ async def test_postgres_restart_under_load(chaos: Chaos) -> None:
         await wait_until(moved, 60, 0.1, "progress after the restart")
         recovery = time.monotonic() - up_at
         await sending
-        during = Counter(sender.status.values())
-        await sender.retry_until_accepted(hooks, 60)  # the router needs no database: none
+        # The broker stayed up: every webhook was confirmed and answered 200 (a 5xx would be
+        # final: Twilio does not retry it).
+        assert sender.finals() == {200: WEBHOOKS}, f"answers: {dict(sender.answers)}"
         await wait_settled(chaos.db, WEBHOOKS, CUSTOMERS, 90 + 400 * SCALE)
         crashed = [n for n, p in chaos.deployment.procs.items() if not p.alive]
         assert not crashed, f"processes died instead of pausing: {crashed}"
@@ -73,7 +73,6 @@ async def test_postgres_restart_under_load(chaos: Chaos) -> None:
         assert not dead, f"dead-lettered while the database was away: {dead}"
         print(
             f"\npostgres restart: {figures} answers={dict(sender.answers)}"
-            f" first pass {dict(during)}"
             f" down {up_at - down_at:.1f} s (at {before}), progress {recovery:.2f} s after it"
             f" returned, settled after {time.monotonic() - started:.1f} s"
         )
