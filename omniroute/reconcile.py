@@ -55,6 +55,7 @@ Clock = Callable[[], datetime]
 Sleep = Callable[[float], Awaitable[None]]
 
 API_VERSION = "2010-04-01"
+INJECT_BATCH = 500  # injections whose confirms are awaited together
 RATE_LIMITED_STATUS = 429
 RATE_LIMITED_CODE = 20429
 WHATSAPP_PHONE = re.compile(r"^whatsapp:\+(\d+)$")
@@ -370,26 +371,19 @@ class Reconciler:
             after = since or await self._read_from(account.name, number, started)
             messages = await self._inbound_messages(client, number, after)
             result.found = len(messages)
-            stored = await self._stored_sids([m.sid for m in messages])
+            stored, injected = await self._known_sids([m.sid for m in messages])
             result.stored = sum(1 for m in messages if m.sid in stored)
+            events: list[Envelope] = []
             # Oldest first: a conversation's messages arrive in the order they were sent.
             for message in sorted(messages, key=_sent_at):
-                if message.sid in stored:
+                if message.sid in stored or message.sid in injected:
                     continue
                 event = await self._rebuild(client, account, message)
                 if event is None:
                     result.unusable += 1
                     continue
-                await self._bus.publish(event)
-                result.injected += 1
-                RECONCILE_INJECTED.labels("inbound").inc()
-                log.info(
-                    "reconcile.injected",
-                    account=account.name,
-                    number=number,
-                    message_sid=message.sid,
-                    event_id=event.id,
-                )
+                events.append(event)
+            result.injected = await self._inject(account.name, number, events)
             newest = max((_sent_at(m) for m in messages), default=None)
             await self._save_checkpoint(account.name, number, newest or started)
         except StoreUnavailable:
@@ -448,14 +442,54 @@ class Reconciler:
             page = await self._twilio(page.next_page_async)
         return found
 
-    async def _stored_sids(self, sids: list[str]) -> set[str]:
+    async def _known_sids(self, sids: list[str]) -> tuple[set[str], set[str]]:
+        """Of ``sids``: those stored in ``messages``, and those a pass injected recently
+        (still on their way through the stages: publishing them again only adds work)."""
         if not sids:
-            return set()
+            return set(), set()
         async with self._store.transaction() as conn:
-            rows = await conn.fetch(
+            stored = await conn.fetch(
                 "SELECT twilio_sid FROM messages WHERE twilio_sid = ANY($1::text[])", sids
             )
-        return {r["twilio_sid"] for r in rows}
+            injected = await conn.fetch(
+                "SELECT message_sid FROM reconcile_injections WHERE message_sid = ANY($1::text[])"
+                " AND injected_at > now() - make_interval(secs => $2)",
+                sids,
+                self._settings.reconcile_reinject_after,
+            )
+        return {r["twilio_sid"] for r in stored}, {r["message_sid"] for r in injected}
+
+    async def _inject(self, account: str, number: str, events: list[Envelope]) -> int:
+        """Publish ``events`` (frames in order, confirms awaited together), remember them as
+        injected, and return how many; raises BrokerUnavailable when any was not confirmed
+        (the checkpoint then stays, and the next pass tries those again)."""
+        for start in range(0, len(events), INJECT_BATCH):
+            batch = events[start : start + INJECT_BATCH]
+            results = await asyncio.gather(
+                *(self._bus.publish(e) for e in batch), return_exceptions=True
+            )
+            confirmed = [e for e, r in zip(batch, results, strict=True) if r is None]
+            if confirmed:
+                sids = [e.data["message_sid"] for e in confirmed]
+                async with self._store.transaction() as conn:
+                    await conn.execute(
+                        "INSERT INTO reconcile_injections (message_sid)"
+                        " SELECT unnest($1::text[]) ON CONFLICT (message_sid)"
+                        " DO UPDATE SET injected_at = now()",
+                        sids,
+                    )
+                RECONCILE_INJECTED.labels("inbound").inc(len(confirmed))
+                log.info("reconcile.injected", account=account, number=number, count=len(confirmed))
+            failed = [r for r in results if r is not None]
+            if failed:
+                raise failed[0]
+        async with self._store.transaction() as conn:
+            await conn.execute(
+                "DELETE FROM reconcile_injections"
+                " WHERE injected_at < now() - make_interval(secs => $1)",
+                self._settings.reconcile_reinject_after,
+            )
+        return len(events)
 
     async def _rebuild(self, client: Any, account: Account, message: Any) -> Envelope | None:
         """The ``message.received`` event of a listed message, or None (logged) if it cannot

@@ -93,6 +93,11 @@ class Settings(BaseSettings):
     reconcile_status_batch: int = Field(
         default=500, ge=1, description="outbound statuses fetched per account and pass"
     )
+    reconcile_reinject_after: float = Field(
+        default=600,
+        gt=0,
+        description="s: an injected message not stored by then is injected again",
+    )
     reconcile_page_size: int = Field(
         default=100, ge=1, le=1000, description="messages per page of Twilio's list"
     )

@@ -89,6 +89,7 @@ async def reconciler(
 ) -> AsyncIterator[Reconciler]:
     # Checkpoints outlive a test (one database per run): each test starts from none.
     await db.execute("DELETE FROM reconcile_checkpoints")
+    await db.execute("DELETE FROM reconcile_injections")
     reconciler = Reconciler(twilio_settings, config, bus, store)
     try:
         yield reconciler
@@ -167,6 +168,40 @@ async def test_lost_messages_are_injected_once_with_media(
     again = await reconciler.run_once(account="contoso")
     assert (_number(again).found, _number(again).stored, _number(again).injected) == (2, 2, 0)
     assert await db.fetchval(stored, [photo, text]) == 2
+
+
+async def test_a_message_on_its_way_through_the_stages_is_not_injected_twice(
+    emulator: RunningEmulator,
+    reconciler: Reconciler,
+    twilio_settings: Settings,
+    config: LiveConfig,
+    bus: Bus,
+    store: Store,
+) -> None:
+    # No conversations stage runs: what a pass injects waits on the broker, unstored.
+    sid = await _lost_customer_message(emulator, new_customer(), "tem alguém?")
+    first = _number(await reconciler.run_once(account="contoso"))
+    assert (first.found, first.stored, first.injected) == (1, 0, 1)
+
+    replica = Reconciler(twilio_settings, config, bus, store)
+    try:
+        second = _number(await replica.run_once(account="contoso"))
+    finally:
+        await replica.close()
+    assert (second.found, second.stored, second.injected) == (1, 0, 0)
+
+    # Not stored long after it was injected: injected again.
+    impatient = Settings.model_validate(
+        {**twilio_settings.model_dump(), "reconcile_reinject_after": 0.001}
+    )
+    await asyncio.sleep(0.01)
+    late = Reconciler(impatient, config, bus, store)
+    try:
+        third = _number(await late.run_once(account="contoso"))
+    finally:
+        await late.close()
+    assert third.injected == 1
+    assert sid in emulator.state.inbound
 
 
 async def test_checkpoint_persists_and_moves_forward(
@@ -381,6 +416,7 @@ async def test_a_pass_rate_limited_to_the_end_gives_up_without_moving_the_checkp
     settings: Settings, config: LiveConfig, bus: Bus, store: Store, db: asyncpg.Pool
 ) -> None:
     await db.execute("DELETE FROM reconcile_checkpoints")
+    await db.execute("DELETE FROM reconcile_injections")
     limited = Settings.model_validate(
         {**settings.model_dump(), "reconcile_backoff_attempts": 3, "reconcile_backoff_base": 0.01}
     )
@@ -402,6 +438,7 @@ async def test_running_reconciler_runs_a_pass_at_start(
     db: asyncpg.Pool,
 ) -> None:
     await db.execute("DELETE FROM reconcile_checkpoints")
+    await db.execute("DELETE FROM reconcile_injections")
     settings = Settings.model_validate({**twilio_settings.model_dump(), "reconcile_interval": 30})
     async with running_reconciler(settings, config, bus, store):
         await wait_for(
@@ -410,6 +447,7 @@ async def test_running_reconciler_runs_a_pass_at_start(
 
     disabled = Settings.model_validate({**twilio_settings.model_dump(), "reconcile_interval": 0})
     await db.execute("DELETE FROM reconcile_checkpoints")
+    await db.execute("DELETE FROM reconcile_injections")
     async with running_reconciler(disabled, config, bus, store):
         await asyncio.sleep(0.3)
     assert await db.fetchval("SELECT count(*) FROM reconcile_checkpoints") == 0
