@@ -497,6 +497,10 @@ class Sender:
         """Send at about ``rate`` per second with at most ``concurrency`` in flight."""
         await paced(hooks, rate, concurrency, self.post)
 
+    async def sent_at_least(self, count: float) -> bool:
+        """Whether ``count`` posts were made (a condition for ``wait_until``)."""
+        return len(self.log) >= count
+
     def accepted(self) -> set[str]:
         return {sid for sid, code in self.status.items() if code == 200}
 
