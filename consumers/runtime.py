@@ -433,12 +433,9 @@ class StageRunner:
     async def _publish(self, events: list[Envelope]) -> list[str]:
         """Publish committed outbox events, confirms awaited together (frames go out in
         order); what fails is left to the outbox relay."""
-        results = await asyncio.gather(
-            *(self._bus.publish(event) for event in events), return_exceptions=True
-        )
         published = []
-        for event, result in zip(events, results, strict=True):
-            if isinstance(result, BaseException):
+        for event, confirmed in zip(events, await self._bus.publish_all(events), strict=True):
+            if not confirmed:
                 log.warning("stage.publish_deferred", event_id=event.id, event_type=event.type)
                 continue
             published.append(event.id)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Sequence
 from typing import Any
 
 import aio_pika
@@ -210,6 +211,18 @@ class Bus:
         """
         key = routing_key or event.type
         await self._publish(EXCHANGE, key, encode(event), event_properties(event), confirm_within)
+
+    async def publish_all(self, events: Sequence[Envelope]) -> list[bool]:
+        """Publish ``events`` (frames leave in order on one channel) and await their confirms
+        together; for each, whether the broker confirmed it. Never raises BrokerUnavailable:
+        the caller keeps what was not confirmed for a later try."""
+        results = await asyncio.gather(
+            *(self.publish(event) for event in events), return_exceptions=True
+        )
+        for result in results:
+            if isinstance(result, BaseException) and not isinstance(result, BrokerUnavailable):
+                raise result
+        return [result is None for result in results]
 
     async def publish_dead(self, stage: str, message: aio_pika.Message) -> None:
         """Put a message on a stage's dead-letter queue, confirmed."""

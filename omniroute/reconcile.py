@@ -39,7 +39,7 @@ from twilio.base.exceptions import TwilioException, TwilioRestException
 
 from omniroute.bus import Bus
 from omniroute.config_loader import LiveConfig
-from omniroute.errors import StoreUnavailable, UnknownAccountSid, UnknownNumber
+from omniroute.errors import BrokerUnavailable, StoreUnavailable, UnknownAccountSid, UnknownNumber
 from omniroute.metrics import RECONCILE_INJECTED
 from omniroute.settings import Settings
 from omniroute.store import UNAVAILABLE, Connection, Store
@@ -465,10 +465,8 @@ class Reconciler:
         (the checkpoint then stays, and the next pass tries those again)."""
         for start in range(0, len(events), INJECT_BATCH):
             batch = events[start : start + INJECT_BATCH]
-            results = await asyncio.gather(
-                *(self._bus.publish(e) for e in batch), return_exceptions=True
-            )
-            confirmed = [e for e, r in zip(batch, results, strict=True) if r is None]
+            results = await self._bus.publish_all(batch)
+            confirmed = [e for e, ok in zip(batch, results, strict=True) if ok]
             if confirmed:
                 sids = [e.data["message_sid"] for e in confirmed]
                 async with self._store.transaction() as conn:
@@ -480,9 +478,8 @@ class Reconciler:
                     )
                 RECONCILE_INJECTED.labels("inbound").inc(len(confirmed))
                 log.info("reconcile.injected", account=account, number=number, count=len(confirmed))
-            failed = [r for r in results if r is not None]
-            if failed:
-                raise failed[0]
+            if len(confirmed) < len(batch):
+                raise BrokerUnavailable("the broker did not confirm every injected message")
         async with self._store.transaction() as conn:
             await conn.execute(
                 "DELETE FROM reconcile_injections"

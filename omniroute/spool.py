@@ -108,23 +108,16 @@ class SpoolRelay:
             if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", SPOOL_LOCK):
                 return 0
             rows = await conn.fetch(
-                "SELECT seq, routing_key, body FROM ingress_spool"
+                "SELECT seq, body FROM ingress_spool"
                 " WHERE relay_after <= clock_timestamp() ORDER BY seq LIMIT $1",
                 self._batch,
             )
             if not rows:
                 return 0
-            # Frames leave in seq order on one channel; the confirms are awaited together.
-            results = await asyncio.gather(
-                *(
-                    self._bus.publish(Envelope.model_validate(r["body"]), r["routing_key"])
-                    for r in rows
-                ),
-                return_exceptions=True,
-            )
-            confirmed = [
-                r["seq"] for r, result in zip(rows, results, strict=True) if result is None
-            ]
+            # In seq order; spooled rows are routed by their event's type.
+            events = [Envelope.model_validate(r["body"]) for r in rows]
+            results = await self._bus.publish_all(events)
+            confirmed = [r["seq"] for r, ok in zip(rows, results, strict=True) if ok]
             if confirmed:
                 await conn.execute(
                     "DELETE FROM ingress_spool WHERE seq = ANY($1::bigint[])", confirmed
