@@ -36,27 +36,44 @@ from schemas.events import (
     OfferEnded,
 )
 
-_ITEMS = """
-SELECT c.id, c.account, c.queue, c.priority, c.queued_at, c.skills, c.declined_by,
-       c.workstream,
-       (SELECT s.agent_id FROM assignments s JOIN conversations p ON p.id = s.conversation_id
-         WHERE p.contact_id = c.contact_id
-         ORDER BY s.assigned_at DESC LIMIT 1) AS previous_agent
-FROM conversations c
-WHERE c.state = 'queued' AND NOT (c.workstream = ANY($1::text[]))
-  AND ($2::text[] IS NULL OR c.queue = ANY($2::text[]))
-ORDER BY c.priority DESC, c.queued_at
-LIMIT $3
-FOR UPDATE OF c SKIP LOCKED
-"""
-
+# The agents who could take work now (a small table: every available agent with room).
 _AGENTS = """
 SELECT id, queues, skills, capacity_units, used_units, last_assigned_at,
        capacity_released_at, created_at
 FROM agents
 WHERE presence = 'available' AND deleted_at IS NULL AND used_units < capacity_units
-  AND queues && $1::text[]
+  AND ($1::text[] IS NULL OR queues && $1::text[])
 """
+
+# The head of each queue that has an agent with room, walked on ``conversations_queue``
+# (queue, priority DESC, queued_at WHERE state = 'queued'): a cycle's cost follows the
+# agents' free room, never the backlog or the stored history. Affinity is the contact's
+# ``last_agent_id``, read by primary key.
+_ITEMS = """
+SELECT c.id, c.account, c.queue, c.priority, c.queued_at, c.skills, c.declined_by,
+       c.workstream, ct.last_agent_id AS previous_agent
+FROM unnest($1::text[], $2::int[]) AS q(name, take)
+CROSS JOIN LATERAL (
+    SELECT * FROM conversations c
+    WHERE c.state = 'queued' AND c.queue = q.name AND NOT (c.workstream = ANY($3::text[]))
+    ORDER BY c.priority DESC, c.queued_at
+    LIMIT q.take
+    FOR UPDATE SKIP LOCKED
+) c
+JOIN contacts ct ON ct.id = c.contact_id
+"""
+
+
+def _takes(agents: list[AgentView], queues: list[str] | None, block: int) -> dict[str, int]:
+    """How many queued conversations to read per queue: enough to fill the free room of
+    its agents with some to spare (skills or declines may pass over the first ones), never
+    more than ``block``."""
+    free: dict[str, int] = {}
+    for agent in agents:
+        for queue in agent.queues:
+            if queues is None or queue in queues:
+                free[queue] = free.get(queue, 0) + agent.capacity - agent.used
+    return {queue: min(block, 2 * room + 10) for queue, room in sorted(free.items())}
 
 
 def _policies(config: Config) -> dict[str, QueuePolicy]:
@@ -74,13 +91,16 @@ async def cycle(tx: StageTx, queues: list[str] | None) -> list[Envelope]:
     """One assignment cycle over ``queues`` (None: all); the events it causes."""
     config = tx.config.current
     pick_mode = [w.name for w in config.workstreams if w.distribution.mode == "pick"]
-    rows = await tx.conn.fetch(_ITEMS, pick_mode, queues, tx.settings.distribution_block)
+    agent_rows = await tx.conn.fetch(_AGENTS, queues)
+    if not agent_rows:
+        return []  # nobody has room: the queues are not even read
+    agents = [_agent(row) for row in agent_rows]
+    takes = _takes(agents, queues, tx.settings.distribution_block)
+    rows = await tx.conn.fetch(_ITEMS, list(takes), list(takes.values()), pick_mode)
     if not rows:
         return []
     queue_priority = _queue_priorities(config)
     items = [_item(row, config, queue_priority) for row in rows]
-    agent_rows = await tx.conn.fetch(_AGENTS, sorted({i.queue for i in items}))
-    agents = [_agent(row) for row in agent_rows]
     result = plan(items, agents, _policies(config), tx.now)
     by_id = {str(r["id"]): r for r in rows}
     events = []

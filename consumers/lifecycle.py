@@ -41,7 +41,7 @@ IDLE_TIMERS = ("idle_reminder", "auto_close")
 OPEN_STATES = ("open", "queued", "offered", "active", "waiting")
 
 _CONVERSATION = """
-SELECT c.id, c.account, c.workstream, c.state, c.language, c.queue, c.queued_at,
+SELECT c.id, c.account, c.workstream, c.state, c.language, c.queue, c.queued_at, c.priority,
        c.last_customer_message_at, c.window_closed_at, c.business_number, c.customer,
        c.variables,
        ct.profile_name, a.name AS agent_name
@@ -95,14 +95,26 @@ def _configured(tx: StageTx, kinds: tuple[str, ...], workstream: str | None = No
     return any(ws is not None and set(kinds) & set(ws.automated_messages) for ws in candidates)
 
 
+# Conversations ahead in the order distribution serves (priority, then time queued), each
+# part a range of ``conversations_queue`` counted up to a cap: the cost follows the position
+# (at most the cap), never the length of the backlog.
+_AHEAD = """
+SELECT (SELECT count(*) FROM (SELECT 1 FROM conversations
+            WHERE state = 'queued' AND queue = $1 AND priority > $3 LIMIT $4) higher)
+     + (SELECT count(*) FROM (SELECT 1 FROM conversations
+            WHERE state = 'queued' AND queue = $1 AND priority = $3 AND queued_at <= $2
+            LIMIT $4) same)
+"""
+POSITION_CAP = 500
+
+
 async def _queue_position(conn: Connection, row: Any) -> str:
-    position = await conn.fetchval(
-        "SELECT count(*) FROM conversations WHERE state = 'queued' AND queue = $1"
-        " AND queued_at <= $2",
-        row["queue"],
-        row["queued_at"],
+    """The customer's place in the queue, counting themselves; ``500+`` beyond the cap."""
+    ahead = await conn.fetchval(
+        _AHEAD, row["queue"], row["queued_at"], row["priority"], POSITION_CAP
     )
-    return str(position or 1)
+    position = max(int(ahead or 0), 1)
+    return f"{POSITION_CAP}+" if position > POSITION_CAP else str(position)
 
 
 async def _survey(tx: StageTx, row: Any, workstream: Workstream) -> list[Envelope]:

@@ -29,8 +29,9 @@ from consumers.runtime import Stage, StageTx
 from omniroute.config_loader import LiveConfig
 from omniroute.errors import TransientError
 from omniroute.metrics import GATE_REJECTIONS, TWILIO_CALLS, TWILIO_ERRORS
+from omniroute.outbox import add_to_outbox
 from omniroute.settings import Settings
-from omniroute.store import Connection, add_to_outbox
+from omniroute.store import Connection
 from omniroute.twilio_gateway import SendOutcome, TwilioClients, classify_error
 from omniroute.webhook_urls import status_url
 from omniroute.window import gate, window

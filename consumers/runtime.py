@@ -1,17 +1,17 @@
-"""The consumer runtime every stage shares: decode → handle → commit → publish → ack.
+"""The consumer runtime every stage shares: decode → handle → commit → ack.
 
 Read top to bottom:
 
 - ``Stage`` names a stage, the payload model it expects and its ``handle`` coroutine. A
   handler runs inside one database transaction and returns the events it causes; the
   runner writes them to the outbox in that same transaction, so effects and events commit
-  together, then publishes them with confirms and only then acks.
+  together, and acks once committed. The deployment's one outbox relay publishes them
+  (``omniroute.outbox``): a stage never waits for a broker confirm.
 - An undecodable or invalid payload (or ``InvalidEvent``) is dead-lettered at once, with
   the reason in its headers. Any other failure is redelivered with backoff, and
   dead-lettered with its reason when the delivery limit is reached.
 - When the database is unreachable the message is held and retried in place: the stage
   pauses instead of burning through the delivery limit, and resumes when it returns.
-- ``OutboxRelay`` publishes events whose process died between commit and publish.
 - SIGTERM (``stop``) cancels the consumer, lets in-flight messages finish within the grace
   period and closes; what was prefetched but not started goes back to the queue.
 """
@@ -44,14 +44,9 @@ from omniroute.errors import (
     TransientError,
 )
 from omniroute.metrics import STAGE_DURATION, STAGE_MESSAGES, STAGE_QUEUE_WAIT
+from omniroute.outbox import OutboxRelay, add_to_outbox
 from omniroute.settings import Settings
-from omniroute.store import (
-    Connection,
-    PublishedMarks,
-    Store,
-    add_to_outbox,
-    claim_unpublished,
-)
+from omniroute.store import Connection, Store
 from omniroute.topology import STAGES
 from schemas.events import Envelope
 
@@ -161,6 +156,7 @@ class StageRunner:
         config: LiveConfig,
         settings: Settings,
         clock: Clock = system_clock,
+        relay: OutboxRelay | None = None,
     ) -> None:
         self.stage = stage
         self._bus = bus
@@ -171,7 +167,9 @@ class StageRunner:
         self._queue: AbstractQueue | None = None
         self._consumer_tag: str | None = None
         self._queue_wait = STAGE_QUEUE_WAIT.labels(stage.name)
-        self._marks = PublishedMarks(store)
+        # The process's candidate for the outbox relay; a runner started alone runs its own.
+        self._own_relay = relay is None
+        self._relay = relay or OutboxRelay(bus=bus, store=store, settings=settings)
         self._commits: GroupCommit[tuple[Envelope, BaseModel], Handled] = GroupCommit(
             self._until_stored,
             self._handle_alone,
@@ -193,7 +191,8 @@ class StageRunner:
             self._resources = await self._exit_stack.enter_async_context(
                 self.stage.resources(self._settings, self._config)
             )
-        await self._marks.start()
+        if self._own_relay:
+            await self._relay.start()
         channel = await self._bus.channel(self._settings.prefetch)
         self._queue = await declare_stage(channel, STAGES[self.stage.name])
         self._consumer_tag = await self._queue.consume(self._on_message)
@@ -212,7 +211,6 @@ class StageRunner:
                     tx = self._tx(conn)
                     added = await add_to_outbox(conn, await tick(tx))
                 progress = bool(added)
-                await self._publish(added)
                 await self._run_after_commit(tx)
             except StoreUnavailable:
                 pass
@@ -248,7 +246,8 @@ class StageRunner:
         if self._queue is not None:
             with contextlib.suppress(Exception):
                 await self._queue.channel.close()
-        await self._marks.stop()
+        if self._own_relay:
+            await self._relay.stop()
         if self._exit_stack is not None:
             await self._exit_stack.aclose()
         log.info("stage.stopped", stage=self.stage.name)
@@ -336,7 +335,7 @@ class StageRunner:
             await asyncio.sleep(self._backoff(deliveries))
             await message.nack(requeue=True)
             return Outcome("redelivered", reason)
-        published = await self._publish(added)
+        published = [e.type for e in added]  # in the outbox: the relay publishes them
         # Effects outside the transaction (a Twilio call) run before the ack: if the
         # process dies in between, the redelivery finds the state the first phase stored.
         try:
@@ -388,9 +387,10 @@ class StageRunner:
                     raise _Stopping from exc
 
     async def _run_after_commit(self, tx: StageTx) -> list[str]:
+        """Run after-commit work; the types of the events it wrote to the outbox."""
         published: list[str] = []
         for work in tx.after_commit:
-            published += await self._publish(await work())
+            published += [e.type for e in await work()]
         return published
 
     async def _handle_until_stored(
@@ -430,18 +430,6 @@ class StageRunner:
             handled.append((mine, tx))
         return handled
 
-    async def _publish(self, events: list[Envelope]) -> list[str]:
-        """Publish committed outbox events, confirms awaited together (frames go out in
-        order); what fails is left to the outbox relay."""
-        published = []
-        for event, confirmed in zip(events, await self._bus.publish_all(events), strict=True):
-            if not confirmed:
-                log.warning("stage.publish_deferred", event_id=event.id, event_type=event.type)
-                continue
-            published.append(event.id)
-        self._marks.add(published)
-        return [e.type for e in events if e.id in published]
-
     async def _dead_letter(self, message: AbstractIncomingMessage, reason: str) -> Outcome:
         headers = dict(message.headers or {})
         headers.update(
@@ -476,57 +464,3 @@ class NotForThisStage(Exception):
 
 class _Stopping(Exception):
     """Raised inside the runner when shutdown interrupts a wait for the database."""
-
-
-class OutboxRelay:
-    """Publishes outbox events left unpublished (a process died between commit and publish)."""
-
-    def __init__(self, *, bus: Bus, store: Store, settings: Settings) -> None:
-        self._bus = bus
-        self._store = store
-        self._settings = settings
-        self._task: asyncio.Task[None] | None = None
-
-    async def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="outbox-relay")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
-    async def relay_once(self) -> int:
-        """Publish one batch of stale outbox rows; return how many were published."""
-        count = 0
-        async with self._store.transaction() as conn:
-            rows = await claim_unpublished(conn, self._settings.outbox_relay_age)
-            published = []
-            for row in rows:
-                event = Envelope.model_validate(row["body"])
-                try:
-                    await self._bus.publish(event, routing_key=row["routing_key"])
-                except BrokerUnavailable:
-                    break
-                published.append(row["id"])
-            if published:
-                await conn.execute(
-                    "UPDATE outbox SET published_at = now() WHERE id = ANY($1::uuid[])",
-                    published,
-                )
-                count = len(published)
-        if count:
-            log.info("outbox.relayed", count=count)
-        return count
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self._settings.outbox_relay_interval)
-            if not self._bus.ready:
-                continue
-            try:
-                await self.relay_once()
-            except StoreUnavailable:
-                continue
-            except Exception as exc:
-                log.error("outbox.relay_failed", error=f"{type(exc).__name__}: {exc}")

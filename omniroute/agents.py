@@ -25,7 +25,8 @@ from typing import Any
 import asyncpg
 
 from omniroute.errors import OmnirouteError
-from omniroute.store import Connection, add_to_outbox
+from omniroute.outbox import add_to_outbox
+from omniroute.store import Connection
 from schemas.api import AgentCreate, AgentOut, AgentUpdate
 from schemas.events import AgentPresenceChanged, Envelope, EventType, new_event, utcnow
 

@@ -216,8 +216,17 @@ class Bus:
         """Publish ``events`` (frames leave in order on one channel) and await their confirms
         together; for each, whether the broker confirmed it. Never raises BrokerUnavailable:
         the caller keeps what was not confirmed for a later try."""
+        return await self.publish_encoded(
+            [(event.type, encode(event), event_properties(event)) for event in events]
+        )
+
+    async def publish_encoded(
+        self, messages: Sequence[tuple[str, bytes, Basic.Properties]]
+    ) -> list[bool]:
+        """``publish_all`` for messages already encoded: (routing key, body, properties)."""
         results = await asyncio.gather(
-            *(self.publish(event) for event in events), return_exceptions=True
+            *(self._publish(EXCHANGE, key, body, props) for key, body, props in messages),
+            return_exceptions=True,
         )
         for result in results:
             if isinstance(result, BaseException) and not isinstance(result, BrokerUnavailable):

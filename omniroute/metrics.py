@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 WEBHOOKS = Counter(
     "omniroute_webhooks_total", "Twilio webhooks by kind and outcome", ["kind", "outcome"]
@@ -57,4 +57,13 @@ RECONCILE_INJECTED = Counter(
     "omniroute_reconcile_injected_total",
     "Events rebuilt from Twilio's Messages API and published by reconciliation, by kind",
     ["kind"],
+)
+OUTBOX_RELAYED = Counter(
+    "omniroute_outbox_relayed_total", "Outbox events published to the broker by the relay"
+)
+OUTBOX_PRUNED = Counter(
+    "omniroute_outbox_pruned_total", "Published outbox rows deleted after the retention"
+)
+OUTBOX_LEADER = Gauge(
+    "omniroute_outbox_relay_leader", "1 while this process is the deployment's outbox relay"
 )

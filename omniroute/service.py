@@ -21,6 +21,7 @@ from aiohttp import web
 from omniroute.bus import Bus
 from omniroute.config_loader import LiveConfig
 from omniroute.errors import ConfigError
+from omniroute.outbox import OutboxRelay
 from omniroute.reconcile import running_reconciler
 from omniroute.settings import Settings
 from omniroute.spool import SpoolRelay
@@ -46,7 +47,7 @@ class Service:
 
     async def start(self) -> None:
         from consumers.registry import STAGES
-        from consumers.runtime import OutboxRelay, StageRunner
+        from consumers.runtime import StageRunner
         from router.app import create_app, create_ops_app, make_bus, make_store
 
         unknown = [s for s in [*self.stages, *self.child_stages] if s not in STAGES]
@@ -57,6 +58,10 @@ class Service:
         await bus.start()
         self._cleanups.append(store.close)
         self._cleanups.append(bus.close)
+        # Every process is a candidate for the deployment's one outbox relay.
+        relay = OutboxRelay(bus=bus, store=store, settings=self.settings)
+        await relay.start()
+        self._cleanups.append(relay.stop)
         if self.serve_http or self.stages:
             # The router's whole API, or for stages alone health and metrics on the same port.
             app = (
@@ -103,9 +108,6 @@ class Service:
             await asyncio.gather(ready, stop, return_exceptions=True)
             if self.stop_event.is_set():
                 return
-            relay = OutboxRelay(bus=bus, store=store, settings=self.settings)
-            await relay.start()
-            self._cleanups.append(relay.stop)
             if not self.serve_http:
                 # The router's app runs one; a deployment whose routers are all down still
                 # drains what they spooled.
@@ -114,7 +116,12 @@ class Service:
                 self._cleanups.append(spool_relay.stop)
             for name in self.stages:
                 stage_runner = StageRunner(
-                    STAGES[name], bus=bus, store=store, config=self.config, settings=self.settings
+                    STAGES[name],
+                    bus=bus,
+                    store=store,
+                    config=self.config,
+                    settings=self.settings,
+                    relay=relay,
                 )
                 await stage_runner.start()
                 self._cleanups.append(stage_runner.stop)

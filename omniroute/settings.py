@@ -61,8 +61,17 @@ class Settings(BaseSettings):
         default=0.25, gt=0, description="timers and sweeps (offer expiry), s"
     )
     distribution_block: int = Field(default=100, ge=1, description="work items per cycle")
-    outbox_relay_interval: float = Field(default=1.0, gt=0)
-    outbox_relay_age: float = Field(default=5.0, ge=0)
+    outbox_relay_interval: float = Field(
+        default=1.0, gt=0, description="outbox relay: look without a NOTIFY this often, s"
+    )
+    outbox_relay_batch: int = Field(default=500, ge=1, description="events per relay publish")
+    outbox_leader_poll: float = Field(
+        default=1.0, gt=0, description="a standby relay tries to become the leader this often, s"
+    )
+    outbox_retention: float = Field(
+        default=3600.0, ge=0, description="published outbox rows kept this long, s"
+    )
+    outbox_prune_interval: float = Field(default=60.0, gt=0)
 
     # Outbound (Twilio sends)
     twilio_timeout: float = Field(default=15.0, gt=0, description="per Twilio API call, s")

@@ -1,4 +1,4 @@
-"""PostgreSQL: the asyncpg pool, plain SQL migrations, and the transactional outbox."""
+"""PostgreSQL: the asyncpg pool and plain SQL migrations (the outbox is ``omniroute.outbox``)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import hashlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from importlib import resources
-from typing import Any, TypeAlias
+from typing import TypeAlias
 
 import asyncpg
 import orjson
@@ -16,7 +16,6 @@ import structlog
 from asyncpg.pool import PoolConnectionProxy
 
 from omniroute.errors import StoreUnavailable
-from schemas.events import Envelope
 
 log = structlog.get_logger("omniroute.store")
 
@@ -99,6 +98,14 @@ class Store:
         except UNAVAILABLE as exc:
             raise StoreUnavailable(f"database unavailable: {type(exc).__name__}") from exc
 
+    async def connect(self) -> asyncpg.Connection[asyncpg.Record]:
+        """A connection of its own, outside the pool (session state: locks, LISTEN)."""
+        conn: asyncpg.Connection[asyncpg.Record] = await asyncpg.connect(
+            self._dsn, timeout=self._connect_timeout
+        )
+        await init_connection(conn)
+        return conn
+
     async def ping(self) -> bool:
         try:
             pool = await self.pool()
@@ -159,46 +166,14 @@ async def migrate(dsn: str) -> list[str]:
     return applied
 
 
-async def add_to_outbox(conn: Connection, events: Sequence[Envelope]) -> list[Envelope]:
-    """Record events in the outbox within the caller's transaction (one statement).
-
-    Returns the events actually added: an event whose id is already there (the same cause
-    handled twice) is not added again.
-    """
-    if not events:
-        return []
-    rows = await conn.fetch(
-        "INSERT INTO outbox (id, routing_key, body)"
-        " SELECT * FROM unnest($1::uuid[], $2::text[], $3::jsonb[])"
-        " ON CONFLICT (id) DO NOTHING RETURNING id",
-        [e.id for e in events],
-        [e.type for e in events],
-        [e.model_dump(mode="json") for e in events],
-    )
-    added = {str(r["id"]) for r in rows}
-    return [e for e in events if e.id in added]
-
-
-async def mark_published(store: Store, ids: Sequence[str]) -> None:
-    if not ids:
-        return
-    pool = await store.pool()
-    try:
-        await pool.execute(
-            "UPDATE outbox SET published_at = now() WHERE id = ANY($1::uuid[])", list(ids)
-        )
-    except UNAVAILABLE as exc:
-        raise StoreUnavailable(f"database unavailable: {type(exc).__name__}") from exc
-
-
 class PublishedMarks:
-    """Outbox rows marked published in batches: one UPDATE per ``interval`` for every event a
-    stage published meanwhile, instead of a transaction per message. With another ``mark``
-    the same batching serves other "this one is done" writes (the ingress spool's).
+    """ "This one is done" writes in batches: one statement per ``interval`` for every id
+    marked meanwhile, instead of a transaction each (the ingress spool forgets webhooks
+    whose own publish was confirmed late this way).
 
-    A mark that never lands (the process died, the database was away) only means the outbox
-    relay publishes that event again later; consumers already take events at least once and
-    recognise them by id, so the guarantee is unchanged.
+    A mark that never lands (the process died, the database was away) only means the work
+    is done again later (the spool relay publishes that webhook again; consumers take events
+    at least once and recognise them by id), so the guarantee is unchanged.
     """
 
     def __init__(
@@ -207,10 +182,10 @@ class PublishedMarks:
         interval: float = 0.1,
         batch: int = 500,
         *,
-        mark: Callable[[Store, Sequence[str]], Awaitable[None]] | None = None,
+        mark: Callable[[Store, Sequence[str]], Awaitable[None]],
     ) -> None:
         self._store = store
-        self._mark = mark or mark_published
+        self._mark = mark
         self._interval = interval
         self._batch = batch
         self._pending: list[str] = []
@@ -249,17 +224,3 @@ class PublishedMarks:
             if self._pending:
                 with contextlib.suppress(StoreUnavailable):
                     await self.flush()
-
-
-async def claim_unpublished(
-    conn: Connection, older_than: float, limit: int = 100
-) -> list[dict[str, Any]]:
-    """Lock a batch of outbox rows nobody published (the relay's work), skipping locked ones."""
-    rows = await conn.fetch(
-        "SELECT id, routing_key, body FROM outbox"
-        " WHERE published_at IS NULL AND created_at < now() - make_interval(secs => $1)"
-        " ORDER BY created_at LIMIT $2 FOR UPDATE SKIP LOCKED",
-        older_than,
-        limit,
-    )
-    return [dict(r) for r in rows]

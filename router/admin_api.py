@@ -40,7 +40,6 @@ from omniroute.errors import StoreUnavailable
 from omniroute.store import Connection
 from router.agent_api import _body
 from router.auth import require_admin
-from router.events_out import publish_committed
 from router.responses import error
 from router.state import CONFIG, STORE
 from schemas.api import (
@@ -248,7 +247,6 @@ async def change(request: web.Request) -> web.Response:
         return _unknown_queues(exc)
     if changed is None:
         return _not_found("agent")
-    await publish_committed(request.app, changed.events)
     log.info("admin.agent_changed", agent_id=str(agent_id), fields=sorted(body.model_fields_set))
     return web.json_response(agent_out(changed.after).model_dump(mode="json"))
 
@@ -259,7 +257,6 @@ async def remove(request: web.Request) -> web.Response:
         removed = await delete_agent(conn, request.match_info["agent_id"])
     if removed is None:
         return _not_found("agent")
-    await publish_committed(request.app, removed.events)
     log.info("admin.agent_removed", agent_id=str(removed.after["id"]))
     return web.Response(status=204)
 

@@ -11,7 +11,7 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
-from omniroute.store import add_to_outbox
+from omniroute.outbox import add_to_outbox
 from omniroute.window import window
 from omniroute.work import (
     ConversationRef,
@@ -26,7 +26,6 @@ from omniroute.work import (
     transfer_to_queue,
 )
 from router.auth import current_agent
-from router.events_out import publish_committed
 from router.responses import error, invalid_body
 from router.state import CONFIG, STORE
 from schemas.api import CloseRequest, PresenceUpdate, TransferRequest
@@ -112,7 +111,6 @@ async def set_presence(request: web.Request) -> web.Response:
             body.presence,
             now,
         )
-        events = []
         if previous != body.presence:
             data = AgentPresenceChanged(
                 agent_id=str(agent["id"]),
@@ -120,7 +118,7 @@ async def set_presence(request: web.Request) -> web.Response:
                 previous=previous,
                 queues=list(agent["queues"]),
             )
-            events = await add_to_outbox(
+            await add_to_outbox(
                 conn,
                 [
                     new_event(
@@ -132,7 +130,6 @@ async def set_presence(request: web.Request) -> web.Response:
                     )
                 ],
             )
-    await publish_committed(request.app, events)
     return web.json_response(_agent_out(row))
 
 
@@ -160,12 +157,11 @@ async def _decide_offer(request: web.Request, outcome: str) -> web.Response:
                 event = await accept_offer(conn, offer_id, str(agent["id"]), now)
             else:
                 event = await end_offer(conn, offer_id, str(agent["id"]), "declined", now)
-            events = await add_to_outbox(conn, [event])
+            await add_to_outbox(conn, [event])
     except WorkConflict as exc:
         if exc.code == "not_found":
             return _not_found("offer")
         return error(409, exc.code, str(exc))
-    await publish_committed(request.app, events)
     return web.json_response(
         {"offer_id": offer_id, "state": outcome, "conversation_id": event.conversation_id}
     )
@@ -223,10 +219,9 @@ async def pick(request: web.Request) -> web.Response:
         if not await claim_capacity(conn, str(agent["id"]), row["units"], now):
             return error(409, "no_capacity", "you have no free capacity for this conversation")
         conv = ConversationRef(conversation_id, row["account"], row["queue"])
-        events = await add_to_outbox(
+        await add_to_outbox(
             conn, [await assign(conn, conv, str(agent["id"]), row["units"], "pick", now)]
         )
-    await publish_committed(request.app, events)
     return web.json_response({"conversation_id": conversation_id, "state": "active"})
 
 
@@ -360,8 +355,7 @@ async def close(request: web.Request) -> web.Response:
         else:
             event = await close_conversation(conn, str(row["id"]), body.reason, now)
             new_state = "closed"
-        events = await add_to_outbox(conn, [event])
-    await publish_committed(request.app, events)
+        await add_to_outbox(conn, [event])
     return web.json_response({"conversation_id": str(row["id"]), "state": new_state})
 
 
@@ -392,8 +386,7 @@ async def wait(request: web.Request) -> web.Response:
             occurred_at=now,
             conversation_id=str(row["id"]),
         )
-        events = await add_to_outbox(conn, [event])
-    await publish_committed(request.app, events)
+        await add_to_outbox(conn, [event])
     return web.json_response({"conversation_id": str(row["id"]), "state": "waiting"})
 
 
@@ -422,11 +415,10 @@ async def transfer(request: web.Request) -> web.Response:
                 changes = await transfer_to_agent(
                     conn, str(row["id"]), str(body.agent_id), str(agent["id"]), timeout, now
                 )
-            events = await add_to_outbox(conn, changes)
+            await add_to_outbox(conn, changes)
     except WorkConflict as exc:
         status = 404 if exc.code == "not_found" else 409
         return error(status, exc.code, str(exc))
-    await publish_committed(request.app, events)
     target = {"queue": body.queue} if body.queue else {"agent_id": str(body.agent_id)}
     state = "queued" if body.queue else "offered"
     return web.json_response({"conversation_id": str(row["id"]), "state": state} | target)

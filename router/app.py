@@ -8,6 +8,7 @@ from aiohttp import web
 
 from omniroute.bus import Bus
 from omniroute.config_loader import LiveConfig
+from omniroute.outbox import OutboxRelay
 from omniroute.settings import Settings
 from omniroute.store import Store
 from router import (
@@ -62,9 +63,15 @@ def create_app(
         app[BUS] = bus if bus is not None else make_bus(settings)
         app[STORE] = store if store is not None else make_store(settings)
         await app[BUS].start()
+        # A router on its own is a candidate for the outbox relay (API calls write events
+        # there); under ``omniroute run``/``serve`` the service runs the process's candidate.
+        relay = OutboxRelay(bus=app[BUS], store=app[STORE], settings=settings)
+        if own_store:
+            await relay.start()
         async with running_ingress(app[BUS], app[STORE], settings) as ingress:
             app[INGRESS] = ingress
             yield
+        await relay.stop()
         if own_bus:
             await app[BUS].close()
         if own_store:

@@ -22,10 +22,10 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from omniroute.metrics import GATE_REJECTIONS
-from omniroute.store import Connection, add_to_outbox
+from omniroute.outbox import add_to_outbox
+from omniroute.store import Connection
 from omniroute.window import gate, window
 from router.agent_api import _own_conversation, _uuid
-from router.events_out import publish_committed
 from router.responses import error, invalid_body
 from router.state import CONFIG, SETTINGS, STORE
 from schemas.events import (
@@ -162,7 +162,7 @@ async def send(request: web.Request) -> web.Response:
                     },
                 }
             }
-        events = await add_to_outbox(
+        await add_to_outbox(
             conn,
             [
                 new_event(
@@ -176,7 +176,6 @@ async def send(request: web.Request) -> web.Response:
             ],
         )
         await _remember(conn, scope, key, status, answer)
-    await publish_committed(request.app, events)
     return web.json_response(answer, status=status)
 
 

@@ -1403,6 +1403,12 @@ async def test_reopen_within_the_period_goes_back_to_the_same_agent(
             cid,
             first_agent,
         )
+        await db.execute(  # what an accepted offer records (omniroute.work.assign)
+            "UPDATE contacts SET last_agent_id = $2"
+            " WHERE id = (SELECT contact_id FROM conversations WHERE id = $1)",
+            cid,
+            first_agent,
+        )
         await db.execute(
             "UPDATE conversations SET state = 'closed', closed_at = now(), close_reason = 'agent'"
             " WHERE id = $1",

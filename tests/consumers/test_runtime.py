@@ -1,5 +1,5 @@
-"""The shared consumer runtime: dead letters with reasons, bounded redelivery, the outbox
-relay, and replay from the CLI's functions."""
+"""The shared consumer runtime: dead letters with reasons, bounded redelivery, and replay
+from the CLI's functions."""
 
 from __future__ import annotations
 
@@ -11,14 +11,13 @@ import asyncpg
 from pydantic import BaseModel
 
 from consumers import conversations
-from consumers.runtime import OutboxRelay, Stage, StageTx
+from consumers.runtime import Stage, StageTx
 from omniroute.bus import Bus
 from omniroute.dead_letters import list_dead, replay_dead
 from omniroute.settings import Settings
-from omniroute.store import Store
-from schemas.events import Envelope, EventType, MessageReceived
+from schemas.events import Envelope, MessageReceived
 from tests.consumers.conftest import RunnerFactory
-from tests.support import EventTap, TcpProxy, new_customer, received_event, tap, wait_for
+from tests.support import EventTap, TcpProxy, new_customer, received_event, wait_for
 
 
 async def _dead_letter(settings: Settings, message_id: str, timeout: float = 10.0) -> Any:
@@ -114,26 +113,6 @@ async def test_dead_letters_replay_to_the_stage_once_it_is_fixed(
     )
     letters = await list_dead(settings, "conversations", 1000)
     assert all(d.message_id != event.id for d in letters)
-
-
-async def test_outbox_relay_publishes_events_a_crashed_process_left_behind(
-    bus: Bus, store: Store, settings: Settings, db: asyncpg.Pool
-) -> None:
-    event = received_event().caused(EventType.CONVERSATION_OPENED, {"left": "behind"})
-    await db.execute(
-        "INSERT INTO outbox (id, routing_key, body, created_at)"
-        " VALUES ($1, $2, $3, now() - interval '1 minute')",
-        event.id,
-        event.type,
-        event.model_dump(mode="json"),
-    )
-    relay = OutboxRelay(bus=bus, store=store, settings=settings)
-    async with tap(settings.amqp_url.get_secret_value(), "conversation.opened") as spy:
-        await wait_for(relay.relay_once, timeout=5)
-        relayed = await _next_with_id(spy, event.id)
-    assert relayed["data"] == {"left": "behind"}
-    published_at = await db.fetchval("SELECT published_at FROM outbox WHERE id = $1", event.id)
-    assert published_at is not None
 
 
 async def _next_with_id(spy: EventTap, event_id: str) -> dict[str, Any]:

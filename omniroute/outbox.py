@@ -1,0 +1,246 @@
+"""The transactional outbox, kept as a log, and the one relay of the deployment.
+
+Whatever changes state (a stage's handler, an API call, the agents CLI) writes the events it
+causes into ``outbox`` in the same transaction (``add_to_outbox``) and does nothing else:
+no publish, no "published" mark. A statement trigger sends ``NOTIFY omniroute_outbox`` on
+commit.
+
+One relay publishes the log. Every process runs a candidate; the one holding the session
+advisory lock ``OUTBOX_LOCK`` on its own connection is the leader, listens for the NOTIFY
+and tails the log in ``(txid, seq)`` order behind the watermark stored in
+``outbox_watermark``. It reads only rows written by transactions older than the oldest
+transaction still running, ``txid < pg_snapshot_xmin(pg_current_snapshot())``: PostgreSQL
+documents xmin as the "earliest transaction ID that is still active; all earlier
+transactions will either be committed and visible, or rolled back", and
+``pg_current_xact_id()`` returns the top-level xid even in a subtransaction (PostgreSQL 15,
+"Transaction ID and Snapshot Information Functions"). So no row can later appear below the
+watermark: nothing is skipped, and the relay publishes each row once. A row's age therefore
+counts from its commit, not from the start of its transaction.
+
+Publishing happens outside any transaction or row lock, in batches with their confirms
+awaited together; the watermark moves over the confirmed prefix. When the leader dies
+between a confirm and its watermark write, the next leader publishes that batch again; the
+stages recognise events by id (at least once, as everywhere on the bus). Rows below the
+watermark are pruned after ``outbox_retention`` seconds (the id stays that long so an event
+written again by a redelivered cause is recognised and not published twice).
+
+A transaction left open for long (an idle ``psql`` session that wrote something) holds the
+relay back, like it holds back vacuum: set ``idle_in_transaction_session_timeout``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+import orjson
+import structlog
+from aio_pika import DeliveryMode
+from pamqp.commands import Basic
+
+from omniroute.bus import Bus
+from omniroute.errors import BrokerUnavailable
+from omniroute.metrics import OUTBOX_LEADER, OUTBOX_PRUNED, OUTBOX_RELAYED
+from omniroute.settings import Settings
+from omniroute.store import UNAVAILABLE, Connection, Store
+from schemas.events import Envelope
+
+log = structlog.get_logger("omniroute.outbox")
+
+OUTBOX_LOCK = 0x6F757462  # "outb": the one outbox relay of the deployment
+CHANNEL = "omniroute_outbox"
+
+_TAIL = """
+SELECT o.id, o.routing_key, o.body, o.txid, o.seq,
+       o.txid < pg_snapshot_xmin(pg_current_snapshot()) AS settled
+FROM outbox o
+WHERE (o.txid, o.seq) > ($1::xid8, $2::bigint)
+ORDER BY o.txid, o.seq
+LIMIT $3
+"""
+
+_PRUNE = """
+DELETE FROM outbox WHERE ctid = ANY(ARRAY(
+    SELECT ctid FROM outbox
+    WHERE created_at < now() - make_interval(secs => $1)
+      AND (txid, seq) <= ($2::xid8, $3::bigint)
+    LIMIT $4))
+"""
+
+
+async def add_to_outbox(conn: Connection, events: Sequence[Envelope]) -> list[Envelope]:
+    """Record events in the outbox within the caller's transaction (one statement).
+
+    Returns the events actually added: an event whose id is already there (the same cause
+    handled twice within the retention) is not added again.
+    """
+    if not events:
+        return []
+    rows = await conn.fetch(
+        "INSERT INTO outbox (id, routing_key, body)"
+        " SELECT * FROM unnest($1::uuid[], $2::text[], $3::jsonb[])"
+        " ON CONFLICT (id) DO NOTHING RETURNING id",
+        [e.id for e in events],
+        [e.type for e in events],
+        [e.model_dump(mode="json") for e in events],
+    )
+    added = {str(r["id"]) for r in rows}
+    return [e for e in events if e.id in added]
+
+
+def _properties(body: dict[str, Any]) -> Basic.Properties:
+    """The AMQP properties ``omniroute.bus.event_properties`` gives the same event, read from
+    its stored JSON without rebuilding the model."""
+    return Basic.Properties(
+        content_type="application/json",
+        delivery_mode=DeliveryMode.PERSISTENT.value,
+        message_id=body["id"],
+        correlation_id=body.get("correlation_id"),
+        message_type=body["type"],
+        timestamp=datetime.fromisoformat(body["occurred_at"]),
+        headers={},
+    )
+
+
+class OutboxRelay:
+    """A candidate for the deployment's outbox relay; the elected one tails the log."""
+
+    def __init__(self, *, bus: Bus, store: Store, settings: Settings) -> None:
+        self._bus = bus
+        self._store = store
+        self._settings = settings
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._watermark: tuple[int, int] = (0, 0)
+        self.leading = False
+
+    def wake(self) -> None:
+        """Look at the log now (this process just committed something)."""
+        self._wake.set()
+
+    async def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="outbox-relay")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _run(self) -> None:
+        attempt = 0
+        while True:
+            try:
+                conn = await self._store.connect()
+            except UNAVAILABLE:
+                attempt += 1
+                await asyncio.sleep(min(5.0, 0.2 * attempt))
+                continue
+            attempt = 0
+            try:
+                await self._lead(conn)
+            except UNAVAILABLE as exc:
+                log.info("outbox.relay_interrupted", error=f"{type(exc).__name__}: {exc}"[:200])
+            except Exception as exc:
+                log.error("outbox.relay_failed", error=f"{type(exc).__name__}: {exc}"[:300])
+                await asyncio.sleep(1.0)
+            finally:
+                self._leave()
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(conn.close(), 2.0)
+
+    def _leave(self) -> None:
+        if self.leading:
+            OUTBOX_LEADER.set(0)
+        self.leading = False
+
+    async def _lead(self, conn: asyncpg.Connection[Any]) -> None:
+        """Wait for the lock on ``conn`` (held for as long as the connection lives), then
+        relay until the connection, the broker or the process goes away."""
+        while not await conn.fetchval("SELECT pg_try_advisory_lock($1)", OUTBOX_LOCK):  # noqa: ASYNC110 (polling another process's lock)
+            await asyncio.sleep(self._settings.outbox_leader_poll)
+        self.leading = True
+        OUTBOX_LEADER.set(1)
+        await conn.add_listener(CHANNEL, self._notified)
+        row = await conn.fetchrow("SELECT txid, seq FROM outbox_watermark")
+        self._watermark = (int(row["txid"]), row["seq"]) if row else (0, 0)
+        log.info("outbox.relay_leading", watermark=self._watermark)
+        loop = asyncio.get_running_loop()
+        next_prune = loop.time() + self._settings.outbox_prune_interval
+        while True:
+            try:
+                relayed, blocked = await self.relay_once(conn)
+            except BrokerUnavailable:
+                relayed, blocked = 0, False  # keep the lead; look again after the interval
+            if loop.time() >= next_prune:
+                await self.prune(conn)
+                next_prune = loop.time() + self._settings.outbox_prune_interval
+            if relayed >= self._settings.outbox_relay_batch:
+                continue
+            # Rows written by a transaction that an older, still running one precedes:
+            # look again shortly (that older transaction may end without a NOTIFY).
+            timeout = 0.002 if blocked else self._settings.outbox_relay_interval
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout)
+            self._wake.clear()
+
+    def _notified(self, *_: object) -> None:
+        self._wake.set()
+
+    async def relay_once(self, conn: asyncpg.Connection[Any]) -> tuple[int, bool]:
+        """Publish the next settled stretch of the log; (how many, whether unsettled rows
+        wait behind a transaction still running)."""
+        if not self._bus.ready:
+            return 0, False
+        txid, seq = self._watermark
+        rows = await conn.fetch(_TAIL, txid, seq, self._settings.outbox_relay_batch)
+        settled = []
+        for row in rows:
+            if not row["settled"]:
+                break
+            settled.append(row)
+        if not settled:
+            return 0, bool(rows)
+        bodies = [r["body"] for r in settled]
+        results = await self._bus.publish_encoded(
+            [
+                (r["routing_key"], orjson.dumps(b), _properties(b))
+                for r, b in zip(settled, bodies, strict=True)
+            ]
+        )
+        confirmed = 0
+        for ok in results:
+            if not ok:
+                break
+            confirmed += 1
+        if confirmed:
+            last = settled[confirmed - 1]
+            await conn.execute(
+                "UPDATE outbox_watermark SET txid = $1::xid8, seq = $2", last["txid"], last["seq"]
+            )
+            self._watermark = (int(last["txid"]), last["seq"])
+            OUTBOX_RELAYED.inc(confirmed)
+        if confirmed < len(settled):
+            raise BrokerUnavailable("the broker did not confirm every outbox event")
+        return confirmed, len(settled) < len(rows)
+
+    async def prune(self, conn: asyncpg.Connection[Any]) -> int:
+        """Delete published rows older than the retention, in batches."""
+        total = 0
+        txid, seq = self._watermark
+        while True:
+            status = await conn.execute(_PRUNE, self._settings.outbox_retention, txid, seq, 5000)
+            count = int(status.split()[-1])
+            total += count
+            if count < 5000:
+                break
+        if total:
+            OUTBOX_PRUNED.inc(total)
+            log.info("outbox.pruned", count=total)
+        return total
