@@ -128,9 +128,11 @@ async def assign(
         units,
         now,
     )
+    # The contact remembers its agent (affinity reads it by primary key).
     await conn.execute(
-        "UPDATE conversations SET state = 'active', agent_id = $2, units = $3,"
-        " assigned_at = $4, updated_at = now() WHERE id = $1",
+        "WITH c AS (UPDATE conversations SET state = 'active', agent_id = $2, units = $3,"
+        " assigned_at = $4, updated_at = now() WHERE id = $1 RETURNING contact_id)"
+        " UPDATE contacts SET last_agent_id = $2 FROM c WHERE contacts.id = c.contact_id",
         conv.id,
         agent_id,
         units,
