@@ -37,7 +37,7 @@ from schemas.events import (
 )
 
 # The agents who could take work now (a small table: every available agent with room).
-_AGENTS = """
+AGENTS = """
 SELECT id, queues, skills, capacity_units, used_units, last_assigned_at,
        capacity_released_at, created_at
 FROM agents
@@ -49,7 +49,7 @@ WHERE presence = 'available' AND deleted_at IS NULL AND used_units < capacity_un
 # (queue, priority DESC, queued_at WHERE state = 'queued'): a cycle's cost follows the
 # agents' free room, never the backlog or the stored history. Affinity is the contact's
 # ``last_agent_id``, read by primary key.
-_ITEMS = """
+ITEMS = """
 SELECT c.id, c.account, c.queue, c.priority, c.queued_at, c.skills, c.declined_by,
        c.workstream, ct.last_agent_id AS previous_agent
 FROM unnest($1::text[], $2::int[]) AS q(name, take)
@@ -61,6 +61,13 @@ CROSS JOIN LATERAL (
     FOR UPDATE SKIP LOCKED
 ) c
 JOIN contacts ct ON ct.id = c.contact_id
+"""
+
+
+# The durable offer timer: due offers through ``offers_due``.
+DUE_OFFERS = """
+SELECT id FROM offers WHERE state = 'pending' AND expires_at <= $1
+ORDER BY expires_at LIMIT 100 FOR UPDATE SKIP LOCKED
 """
 
 
@@ -91,12 +98,12 @@ async def cycle(tx: StageTx, queues: list[str] | None) -> list[Envelope]:
     """One assignment cycle over ``queues`` (None: all); the events it causes."""
     config = tx.config.current
     pick_mode = [w.name for w in config.workstreams if w.distribution.mode == "pick"]
-    agent_rows = await tx.conn.fetch(_AGENTS, queues)
+    agent_rows = await tx.conn.fetch(AGENTS, queues)
     if not agent_rows:
         return []  # nobody has room: the queues are not even read
     agents = [_agent(row) for row in agent_rows]
     takes = _takes(agents, queues, tx.settings.distribution_block)
-    rows = await tx.conn.fetch(_ITEMS, list(takes), list(takes.values()), pick_mode)
+    rows = await tx.conn.fetch(ITEMS, list(takes), list(takes.values()), pick_mode)
     if not rows:
         return []
     queue_priority = _queue_priorities(config)
@@ -216,11 +223,7 @@ async def handle(event: Envelope, payload: BaseModel, tx: StageTx) -> list[Envel
 
 async def tick(tx: StageTx) -> list[Envelope]:
     """Expire due offers (durable timers), then a cycle over every queue."""
-    due = await tx.conn.fetch(
-        "SELECT id FROM offers WHERE state = 'pending' AND expires_at <= $1"
-        " ORDER BY expires_at LIMIT 100 FOR UPDATE SKIP LOCKED",
-        tx.now,
-    )
+    due = await tx.conn.fetch(DUE_OFFERS, tx.now)
     events = [await end_offer(tx.conn, str(r["id"]), None, "expired", tx.now) for r in due]
     return events + await cycle(tx, None)
 

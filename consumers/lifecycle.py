@@ -98,7 +98,7 @@ def _configured(tx: StageTx, kinds: tuple[str, ...], workstream: str | None = No
 # Conversations ahead in the order distribution serves (priority, then time queued), each
 # part a range of ``conversations_queue`` counted up to a cap: the cost follows the position
 # (at most the cap), never the length of the backlog.
-_AHEAD = """
+AHEAD = """
 SELECT (SELECT count(*) FROM (SELECT 1 FROM conversations
             WHERE state = 'queued' AND queue = $1 AND priority > $3 LIMIT $4) higher)
      + (SELECT count(*) FROM (SELECT 1 FROM conversations
@@ -111,7 +111,7 @@ POSITION_CAP = 500
 async def _queue_position(conn: Connection, row: Any) -> str:
     """The customer's place in the queue, counting themselves; ``500+`` beyond the cap."""
     ahead = await conn.fetchval(
-        _AHEAD, row["queue"], row["queued_at"], row["priority"], POSITION_CAP
+        AHEAD, row["queue"], row["queued_at"], row["priority"], POSITION_CAP
     )
     position = max(int(ahead or 0), 1)
     return f"{POSITION_CAP}+" if position > POSITION_CAP else str(position)

@@ -54,7 +54,7 @@ log = structlog.get_logger("omniroute.outbox")
 OUTBOX_LOCK = 0x6F757462  # "outb": the one outbox relay of the deployment
 CHANNEL = "omniroute_outbox"
 
-_TAIL = """
+TAIL = """
 SELECT o.id, o.routing_key, o.body, o.txid, o.seq,
        o.txid < pg_snapshot_xmin(pg_current_snapshot()) AS settled
 FROM outbox o
@@ -63,7 +63,7 @@ ORDER BY o.txid, o.seq
 LIMIT $3
 """
 
-_PRUNE = """
+PRUNE = """
 DELETE FROM outbox WHERE ctid = ANY(ARRAY(
     SELECT ctid FROM outbox
     WHERE created_at < now() - make_interval(secs => $1)
@@ -199,7 +199,7 @@ class OutboxRelay:
         if not self._bus.ready:
             return 0, False
         txid, seq = self._watermark
-        rows = await conn.fetch(_TAIL, txid, seq, self._settings.outbox_relay_batch)
+        rows = await conn.fetch(TAIL, txid, seq, self._settings.outbox_relay_batch)
         settled = []
         for row in rows:
             if not row["settled"]:
@@ -235,7 +235,7 @@ class OutboxRelay:
         total = 0
         txid, seq = self._watermark
         while True:
-            status = await conn.execute(_PRUNE, self._settings.outbox_retention, txid, seq, 5000)
+            status = await conn.execute(PRUNE, self._settings.outbox_retention, txid, seq, 5000)
             count = int(status.split()[-1])
             total += count
             if count < 5000:

@@ -12,12 +12,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import sys
 from dataclasses import asdict, dataclass
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
 import aio_pika
 import aiohttp
+import asyncpg
 from aio_pika.exceptions import ChannelClosed
 
 from omniroute.settings import Settings
@@ -166,10 +168,47 @@ def render(rows: list[StageStatus]) -> str:
     return "\n".join(lines)
 
 
+async def database_notes(settings: Settings) -> list[str]:
+    """What the database says about the pipeline: the outbox relay's backlog, the ingress
+    spool, and a warning when autovacuum is off (dead rows then pile up on the hot tables)."""
+    try:
+        conn = await asyncpg.connect(
+            settings.database_url.get_secret_value(), timeout=settings.db_connect_timeout
+        )
+    except Exception as exc:
+        return [f"database: unreachable ({type(exc).__name__})"]
+    try:
+        notes = []
+        waiting = await conn.fetchrow(
+            "SELECT count(*) AS n, extract(epoch FROM now() - min(o.created_at)) AS age"
+            " FROM outbox o, outbox_watermark w WHERE (o.txid, o.seq) > (w.txid, w.seq)"
+        )
+        assert waiting is not None  # an aggregate always returns a row
+        age = f", oldest {float(waiting['age']):.1f} s" if waiting["n"] else ""
+        notes.append(f"outbox: {waiting['n']} event(s) waiting for the relay{age}")
+        spooled = await conn.fetchval("SELECT count(*) FROM ingress_spool")
+        notes.append(f"ingress spool: {spooled} webhook(s) waiting for the broker")
+        if await conn.fetchval("SHOW autovacuum") != "on":
+            notes.append(
+                "warning: PostgreSQL runs with autovacuum = off: dead rows of conversations,"
+                " offers, timers and the outbox pile up and the hot queries slow down; turn it"
+                " on, or run VACUUM ANALYZE regularly"
+            )
+        return notes
+    except asyncpg.PostgresError as exc:
+        return [f"database: {type(exc).__name__}: {exc}"[:300]]
+    finally:
+        await conn.close()
+
+
 async def run_status(settings: Settings, as_json: bool, interval: float = 1.0) -> int:
     rows = await collect(settings, interval)
+    notes = await database_notes(settings)
     if as_json:
         print(json.dumps([{**asdict(r), "hints": r.hints()} for r in rows], indent=2))
+        for note in notes:  # the JSON keeps its shape; the notes go to stderr
+            print(note, file=sys.stderr)
     else:
         print(render(rows))
+        print("\n".join(notes))
     return 0

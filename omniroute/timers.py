@@ -11,6 +11,17 @@ from typing import Any
 
 from omniroute.store import Connection
 
+# Did a timer of this kind already fire for this moment or a later one? (``timers_fired``)
+FIRED_GUARD = (
+    " WHERE NOT EXISTS (SELECT 1 FROM timers WHERE conversation_id = $2 AND kind = $3"
+    " AND fired_at IS NOT NULL AND due_at >= $4)"
+)
+TAKE_DUE = (
+    "SELECT id, conversation_id, kind, due_at FROM timers"
+    " WHERE fired_at IS NULL AND due_at <= $1 ORDER BY due_at LIMIT $2"
+    " FOR UPDATE SKIP LOCKED"
+)
+
 
 async def schedule(
     conn: Connection,
@@ -28,12 +39,7 @@ async def schedule(
     moved = "GREATEST(timers.due_at, EXCLUDED.due_at)" if later_only else "EXCLUDED.due_at"
     # With later_only, a timer that already fired for this moment or a later one is not set
     # again (a redelivered customer message must not repeat a reminder).
-    guard = (
-        " WHERE NOT EXISTS (SELECT 1 FROM timers WHERE conversation_id = $2 AND kind = $3"
-        " AND fired_at IS NOT NULL AND due_at >= $4)"
-        if later_only
-        else ""
-    )
+    guard = FIRED_GUARD if later_only else ""
     await conn.execute(
         "INSERT INTO timers (id, conversation_id, kind, due_at)"
         " SELECT $1, $2::uuid, $3::text, $4::timestamptz"
@@ -59,9 +65,7 @@ async def cancel(conn: Connection, conversation_id: str, kinds: Sequence[str]) -
 async def take_due(conn: Connection, now: datetime, limit: int = 100) -> list[Any]:
     """Lock and mark fired the timers due at ``now``; other replicas skip them."""
     rows = await conn.fetch(
-        "SELECT id, conversation_id, kind, due_at FROM timers"
-        " WHERE fired_at IS NULL AND due_at <= $1 ORDER BY due_at LIMIT $2"
-        " FOR UPDATE SKIP LOCKED",
+        TAKE_DUE,
         now,
         limit,
     )

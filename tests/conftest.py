@@ -82,7 +82,6 @@ def make_settings(infra: Infra, **overrides: object) -> Settings:
         "retry_backoff_max": 0.2,
         "shutdown_grace": 5.0,
         "outbox_relay_interval": 0.2,
-        "outbox_relay_age": 1.0,
         "db_pool_max": 5,
     }
     values.update(overrides)

@@ -211,7 +211,6 @@ async def chaos(
         "OMNIROUTE_BROKER_RETRY_MAX": "2",
         "OMNIROUTE_RETRY_BACKOFF_MAX": "2",
         "OMNIROUTE_OUTBOX_RELAY_INTERVAL": "0.5",
-        "OMNIROUTE_OUTBOX_RELAY_AGE": "2",
         "OMNIROUTE_DB_POOL_MAX": "5",
     }
     logs = tmp_path / "logs"

@@ -8,14 +8,18 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aio_pika
+import asyncpg
 import pytest
 from aiohttp import web
 
 from omniroute.bus import Bus
 from omniroute.dead_letters import run_dead_letters
+from omniroute.outbox import add_to_outbox
 from omniroute.settings import Settings
-from omniroute.status import StageStatus, collect, management_url, render
+from omniroute.status import StageStatus, collect, database_notes, management_url, render
 from omniroute.topology import STAGES
+from schemas.events import EventType
+from tests.support import received_event
 
 pytestmark = pytest.mark.integration
 
@@ -53,6 +57,21 @@ async def test_status_shows_a_backlog_without_consumer_and_says_what_to_do(
         assert "no consumer" in render(list(rows.values()))
     finally:
         await _purge(settings, queue)
+
+
+async def test_status_reports_the_outbox_backlog_and_warns_when_autovacuum_is_off(
+    settings: Settings, db: asyncpg.Pool
+) -> None:
+    event = received_event().caused(EventType.CONVERSATION_OPENED, {"n": 1})
+    async with db.acquire() as conn, conn.transaction():
+        await add_to_outbox(conn, [event])  # no relay runs in this test
+    notes = await database_notes(settings)
+    waiting = next(n for n in notes if n.startswith("outbox:"))
+    assert int(waiting.split()[1]) >= 1 and "oldest" in waiting
+    assert any(n.startswith("ingress spool: 0") for n in notes)
+    autovacuum = await db.fetchval("SHOW autovacuum")
+    warned = any("autovacuum = off" in n for n in notes)
+    assert warned == (autovacuum != "on")
 
 
 def test_a_growing_backlog_suggests_replicas_and_dead_letters_suggest_a_look() -> None:
