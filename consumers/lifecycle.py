@@ -25,7 +25,7 @@ from omniroute.store import Connection
 from omniroute.timers import cancel, schedule, take_due
 from omniroute.window import window
 from omniroute.work import close_conversation
-from schemas.config import Workstream
+from schemas.config import Config, Workstream
 from schemas.events import (
     ConversationAssigned,
     ConversationClassified,
@@ -90,9 +90,32 @@ async def automated(
 
 def _configured(tx: StageTx, kinds: tuple[str, ...], workstream: str | None = None) -> bool:
     """Whether a workstream (this one, or any) has an automated message of these kinds."""
-    config = tx.config.current
+    return _has_messages(tx.config.current, kinds, workstream)
+
+
+def _has_messages(config: Config, kinds: tuple[str, ...], workstream: str | None = None) -> bool:
     candidates = [config.workstream(workstream)] if workstream else config.workstreams
     return any(ws is not None and set(kinds) & set(ws.automated_messages) for ws in candidates)
+
+
+def wants(event: Envelope, payload: BaseModel, config: Config) -> bool:
+    """Whether the event can lead to anything under this configuration; the runner acks
+    the others without opening a transaction (most events, when no automated message or
+    idle timer is configured)."""
+    if isinstance(payload, MessageReceived):
+        workstream = config.workstream(payload.workstream)
+        if workstream is None:
+            return False
+        life = workstream.lifecycle
+        timed = life.idle_reminder_after is not None or life.auto_close_after is not None
+        return timed and not (payload.sandbox and SANDBOX_JOIN.match(payload.body))
+    if isinstance(payload, ConversationClassified):
+        return False  # greeted with the queue message, in order, once the language is known
+    if isinstance(payload, ConversationQueued):
+        return _has_messages(config, ("greeting", "queued", "out_of_hours"), payload.workstream)
+    if isinstance(payload, ConversationAssigned):
+        return _has_messages(config, ("agent_joined",))
+    return True
 
 
 # Conversations ahead in the order distribution serves (priority, then time queued), each
@@ -162,17 +185,11 @@ async def _send_survey(
 
 
 async def handle(event: Envelope, payload: BaseModel, tx: StageTx) -> list[Envelope]:
+    if not wants(event, payload, tx.config.current):
+        return []  # nothing to say or to time: no need to read the conversation
     if isinstance(payload, MessageReceived):
         return await _customer_activity(payload, event.account, tx)
     assert event.conversation_id is not None
-    if isinstance(payload, ConversationClassified):
-        return []  # greeted with the queue message, in order, once the language is known
-    if isinstance(payload, ConversationQueued) and not _configured(
-        tx, ("greeting", "queued", "out_of_hours"), payload.workstream
-    ):
-        return []  # nothing to say: no need to read the conversation
-    if isinstance(payload, ConversationAssigned) and not _configured(tx, ("agent_joined",)):
-        return []
     row = await _conversation(tx.conn, event.conversation_id)
     key = event.id
     if isinstance(payload, ConversationQueued):
@@ -204,13 +221,8 @@ async def handle(event: Envelope, payload: BaseModel, tx: StageTx) -> list[Envel
 async def _customer_activity(payload: MessageReceived, account: str, tx: StageTx) -> list[Envelope]:
     """The customer wrote: the idle timers start again from this message."""
     workstream = tx.config.current.workstream(payload.workstream)
-    if workstream is None:
-        return []
+    assert workstream is not None  # ``wants`` said so
     life = workstream.lifecycle
-    if life.idle_reminder_after is None and life.auto_close_after is None:
-        return []
-    if payload.sandbox and SANDBOX_JOIN.match(payload.body):
-        return []  # a sandbox join: no conversation
     # The conversation the conversations stage stored this message in; a survey answer sits
     # in a closed one (nothing to time). Looked up by the message, so no race with the stage.
     stored = await tx.conn.fetchrow(
@@ -262,4 +274,5 @@ STAGE = Stage(
     },
     handle=handle,
     tick=tick,
+    wants=wants,
 )

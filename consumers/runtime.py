@@ -48,6 +48,7 @@ from omniroute.outbox import OutboxRelay, add_to_outbox
 from omniroute.settings import Settings
 from omniroute.store import Connection, Store
 from omniroute.topology import STAGES
+from schemas.config import Config
 from schemas.events import Envelope
 
 log = structlog.get_logger("omniroute.consumer")
@@ -88,6 +89,7 @@ class StageTx:
 Handler = Callable[[Envelope, BaseModel, StageTx], Awaitable[list[Envelope]]]
 Handled = tuple[list[Envelope], StageTx]  # follow-up events added to the outbox, and the tx
 Ticker = Callable[[StageTx], Awaitable[list[Envelope]]]
+Wants = Callable[[Envelope, BaseModel, Config], bool]
 Resources = Callable[[Settings, LiveConfig], AbstractAsyncContextManager[Any]]
 
 
@@ -105,6 +107,9 @@ class Stage:
     tick: Ticker | None = None
     resources: Resources | None = None
     coalesce: bool = False  # events only wake the tick (triggers for work kept in the DB)
+    # Whether an event can lead to anything under the current configuration; the others
+    # are acknowledged without a transaction.
+    wants: Wants | None = None
 
 
 @dataclass
@@ -303,6 +308,11 @@ class StageRunner:
             await message.ack()
             return Outcome("skipped", f"not a {self.stage.name} event: {exc}")
         self._queue_wait.observe(max(0.0, time.time() - event.occurred_at.timestamp()))
+        if self.stage.wants is not None and not self.stage.wants(
+            event, payload, self._config.current
+        ):
+            await message.ack()
+            return Outcome("skipped", "nothing to do under the current configuration")
         if self.stage.coalesce:
             # A trigger: the work it asks for is already durable (rows in the database);
             # wake this replica's tick, which serves every trigger that came meanwhile.

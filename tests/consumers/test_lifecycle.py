@@ -498,10 +498,14 @@ async def _used_units(db: asyncpg.Pool, agent_id: str) -> int:
 
 
 def _handled() -> float:
-    value = REGISTRY.get_sample_value(
-        "omniroute_stage_messages_total", {"stage": "lifecycle", "outcome": "handled"}
+    """Lifecycle events taken (handled, or acknowledged as having nothing to do)."""
+    return sum(
+        REGISTRY.get_sample_value(
+            "omniroute_stage_messages_total", {"stage": "lifecycle", "outcome": outcome}
+        )
+        or 0.0
+        for outcome in ("handled", "skipped")
     )
-    return value or 0.0
 
 
 # ---------------------------------------------------------------------------------------
