@@ -221,11 +221,17 @@ class Bus:
         )
 
     async def publish_encoded(
-        self, messages: Sequence[tuple[str, bytes, Basic.Properties]]
+        self,
+        messages: Sequence[tuple[str, bytes, Basic.Properties]],
+        *,
+        confirm_within: float | None = None,
     ) -> list[bool]:
         """``publish_all`` for messages already encoded: (routing key, body, properties)."""
         results = await asyncio.gather(
-            *(self._publish(EXCHANGE, key, body, props) for key, body, props in messages),
+            *(
+                self._publish(EXCHANGE, key, body, props, confirm_within)
+                for key, body, props in messages
+            ),
             return_exceptions=True,
         )
         for result in results:

@@ -24,8 +24,10 @@ stages recognise events by id (at least once, as everywhere on the bus). Rows be
 watermark are pruned after ``outbox_retention`` seconds (the id stays that long so an event
 written again by a redelivered cause is recognised and not published twice).
 
-A transaction left open for long (an idle ``psql`` session that wrote something) holds the
-relay back, like it holds back vacuum: set ``idle_in_transaction_session_timeout``.
+Transaction ids and snapshots are cluster-wide: a write transaction left open anywhere in
+the PostgreSQL cluster (an idle ``psql`` session that wrote something, another database's
+batch job) holds the relay back, as it holds back vacuum. Set
+``idle_in_transaction_session_timeout``; ``omniroute status`` shows the relay's backlog.
 """
 
 from __future__ import annotations
@@ -207,12 +209,10 @@ class OutboxRelay:
             settled.append(row)
         if not settled:
             return 0, bool(rows)
-        bodies = [r["body"] for r in settled]
+        # A confirm that is only slow must not make the relay publish the batch again.
         results = await self._bus.publish_encoded(
-            [
-                (r["routing_key"], orjson.dumps(b), _properties(b))
-                for r, b in zip(settled, bodies, strict=True)
-            ]
+            [(r["routing_key"], orjson.dumps(r["body"]), _properties(r["body"])) for r in settled],
+            confirm_within=self._settings.outbox_confirm_timeout,
         )
         confirmed = 0
         for ok in results:

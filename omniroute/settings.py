@@ -65,6 +65,9 @@ class Settings(BaseSettings):
         default=1.0, gt=0, description="outbox relay: look without a NOTIFY this often, s"
     )
     outbox_relay_batch: int = Field(default=500, ge=1, description="events per relay publish")
+    outbox_confirm_timeout: float = Field(
+        default=10.0, gt=0, description="the relay waits this long for a batch's confirms, s"
+    )
     outbox_leader_poll: float = Field(
         default=1.0, gt=0, description="a standby relay tries to become the leader this often, s"
     )
