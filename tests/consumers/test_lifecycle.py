@@ -38,6 +38,7 @@ from omniroute.topology import STAGES
 from schemas.config import AutomatedMessage, Lifecycle, Survey
 from schemas.events import (
     ConversationClassified,
+    ConversationClosed,
     ConversationQueued,
     Envelope,
     MessageReceived,
@@ -543,6 +544,34 @@ def test_lifecycle_durations_and_their_order() -> None:
     assert Survey.model_validate(
         {"question": {"en": "?"}, "expires_after": "1d"}
     ).expires_after == (86400)
+
+
+def test_lifecycle_wants_only_events_its_configuration_can_act_on() -> None:
+    configured = LiveConfig(parse_config(LIFECYCLE_YAML, "lifecycle.yaml", ENVIRON)).current
+    plain = LiveConfig(parse_config(CONFIG_YAML, "plain.yaml", ENVIRON)).current
+    received = received_event()
+    message = MessageReceived.model_validate(received.data)
+    at = datetime.now(UTC)
+
+    def queued(workstream: str) -> ConversationQueued:
+        return ConversationQueued(
+            queue=QUEUE, workstream=workstream, language="pt-BR", queued_at=at
+        )
+
+    timed = message.model_copy(update={"workstream": "support-pt"})
+    assert lifecycle.wants(received, timed, configured)  # idle timers to restart
+    assert not lifecycle.wants(received, timed, plain)  # no idle timers there
+    join = timed.model_copy(update={"sandbox": True, "body": "join blue-cat"})
+    assert not lifecycle.wants(received, join, configured)
+    classified = ConversationClassified(
+        workstream="support-pt", queue=QUEUE, language="pt-BR", classified_at=at
+    )
+    assert not lifecycle.wants(received, classified, configured)
+    assert lifecycle.wants(received, queued("support-pt"), configured)  # greeting, position
+    assert not lifecycle.wants(received, queued("support-pt"), plain)
+    assert not lifecycle.wants(received, queued("support-en"), plain)
+    closed = ConversationClosed(reason="agent", workstream="support-en", closed_at=at)
+    assert lifecycle.wants(received, closed, plain)  # timers to cancel, always
 
 
 def test_the_configuration_of_this_module_is_valid() -> None:
