@@ -48,10 +48,10 @@ WHERE presence = 'available' AND deleted_at IS NULL AND used_units < capacity_un
 # The head of each queue that has an agent with room, walked on ``conversations_queue``
 # (queue, priority DESC, queued_at WHERE state = 'queued'): a cycle's cost follows the
 # agents' free room, never the backlog or the stored history. Affinity is the contact's
-# ``last_agent_id``, read by primary key.
+# row in ``contact_agents``, read by primary key.
 ITEMS = """
 SELECT c.id, c.account, c.queue, c.priority, c.queued_at, c.skills, c.declined_by,
-       c.workstream, ct.last_agent_id AS previous_agent
+       c.workstream, ca.agent_id AS previous_agent
 FROM unnest($1::text[], $2::int[]) AS q(name, take)
 CROSS JOIN LATERAL (
     SELECT * FROM conversations c
@@ -60,7 +60,7 @@ CROSS JOIN LATERAL (
     LIMIT q.take
     FOR UPDATE SKIP LOCKED
 ) c
-JOIN contacts ct ON ct.id = c.contact_id
+LEFT JOIN contact_agents ca ON ca.contact_id = c.contact_id
 """
 
 

@@ -128,11 +128,14 @@ async def assign(
         units,
         now,
     )
-    # The contact remembers its agent (affinity reads it by primary key).
+    # The contact's agent for affinity, in the same statement (read by primary key).
     await conn.execute(
         "WITH c AS (UPDATE conversations SET state = 'active', agent_id = $2, units = $3,"
         " assigned_at = $4, updated_at = now() WHERE id = $1 RETURNING contact_id)"
-        " UPDATE contacts SET last_agent_id = $2 FROM c WHERE contacts.id = c.contact_id",
+        " INSERT INTO contact_agents (contact_id, agent_id, assigned_at)"
+        " SELECT contact_id, $2, $4 FROM c ON CONFLICT (contact_id) DO UPDATE"
+        " SET agent_id = EXCLUDED.agent_id, assigned_at = EXCLUDED.assigned_at"
+        " WHERE contact_agents.assigned_at <= EXCLUDED.assigned_at",
         conv.id,
         agent_id,
         units,

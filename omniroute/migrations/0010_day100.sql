@@ -1,16 +1,20 @@
 -- Day 100: every statement on a hot path costs the same with a year of history as on day 1.
 
--- Affinity ("keep the same agent"): the agent a contact was last assigned to, kept on the
--- contact and read by primary key. It used to be searched among every assignment of every
--- conversation the contact ever had, per queued row, through no usable index.
-ALTER TABLE contacts ADD COLUMN last_agent_id uuid REFERENCES agents (id);
-UPDATE contacts ct SET last_agent_id = latest.agent_id
-FROM (
-    SELECT DISTINCT ON (p.contact_id) p.contact_id, s.agent_id
-    FROM assignments s JOIN conversations p ON p.id = s.conversation_id
-    ORDER BY p.contact_id, s.assigned_at DESC
-) latest
-WHERE ct.id = latest.contact_id;
+-- Affinity ("keep the same agent"): the agent a contact was last assigned to, kept in a
+-- table of its own and read by primary key. It used to be searched among every assignment
+-- of every conversation the contact ever had, per queued row, through no usable index.
+-- Not a column of contacts: the conversations stage updates the contact row (locking it)
+-- before its conversation, and an assignment locks the conversation first; writing the
+-- contact there made the two deadlock.
+CREATE TABLE contact_agents (
+    contact_id   uuid PRIMARY KEY REFERENCES contacts (id),
+    agent_id     uuid NOT NULL REFERENCES agents (id),
+    assigned_at  timestamptz NOT NULL
+);
+INSERT INTO contact_agents (contact_id, agent_id, assigned_at)
+SELECT DISTINCT ON (p.contact_id) p.contact_id, s.agent_id, s.assigned_at
+FROM assignments s JOIN conversations p ON p.id = s.conversation_id
+ORDER BY p.contact_id, s.assigned_at DESC;
 -- Never used: no query stated its predicate. One index less on the busiest table.
 DROP INDEX IF EXISTS conversations_contact;
 
@@ -52,6 +56,7 @@ ALTER TABLE conversations SET (
 ALTER TABLE outbox SET (autovacuum_vacuum_scale_factor = 0.02, autovacuum_vacuum_insert_scale_factor = 0.05);
 ALTER TABLE offers SET (fillfactor = 85, autovacuum_vacuum_scale_factor = 0.02);
 ALTER TABLE timers SET (fillfactor = 85, autovacuum_vacuum_scale_factor = 0.02);
+ALTER TABLE contact_agents SET (fillfactor = 70);
 ALTER TABLE agents SET (fillfactor = 50, autovacuum_vacuum_scale_factor = 0.0, autovacuum_vacuum_threshold = 1000);
 ALTER TABLE messages SET (autovacuum_vacuum_scale_factor = 0.05);
 ALTER TABLE outbox_watermark SET (fillfactor = 10);

@@ -1437,8 +1437,8 @@ async def test_reopen_within_the_period_goes_back_to_the_same_agent(
             first_agent,
         )
         await db.execute(  # what an accepted offer records (omniroute.work.assign)
-            "UPDATE contacts SET last_agent_id = $2"
-            " WHERE id = (SELECT contact_id FROM conversations WHERE id = $1)",
+            "INSERT INTO contact_agents (contact_id, agent_id, assigned_at)"
+            " SELECT contact_id, $2, now() FROM conversations WHERE id = $1",
             cid,
             first_agent,
         )
