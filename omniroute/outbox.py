@@ -8,14 +8,23 @@ commit.
 One relay publishes the log. Every process runs a candidate; the one holding the session
 advisory lock ``OUTBOX_LOCK`` on its own connection is the leader, listens for the NOTIFY
 and tails the log in ``(txid, seq)`` order behind the watermark stored in
-``outbox_watermark``. It reads only rows written by transactions older than the oldest
-transaction still running, ``txid < pg_snapshot_xmin(pg_current_snapshot())``: PostgreSQL
-documents xmin as the "earliest transaction ID that is still active; all earlier
-transactions will either be committed and visible, or rolled back", and
-``pg_current_xact_id()`` returns the top-level xid even in a subtransaction (PostgreSQL 15,
-"Transaction ID and Snapshot Information Functions"). So no row can later appear below the
-watermark: nothing is skipped, and the relay publishes each row once. A row's age therefore
-counts from its commit, not from the start of its transaction.
+``outbox_watermark``. It reads only rows written by transactions that ended before it
+looked, so no row can later appear below the watermark: nothing is skipped, and the relay
+publishes each row once. A row's age therefore counts from its commit, not from the start
+of its transaction. Each pass:
+
+1. ``HORIZON``, one statement: the next transaction id not yet assigned (the xmax of the
+   statement's snapshot) and the oldest transaction id still running *in this database*
+   (``pg_stat_activity.backend_xid``, shown to every role, and prepared transactions).
+   Every transaction of this database with a lower id had ended when it was read.
+2. ``TAIL``, a later statement with a later snapshot: the rows behind the watermark whose
+   ``txid`` is below that horizon; all of them are visible to it, or rolled back.
+
+``pg_current_xact_id()`` (the column's default) returns the top-level xid even in a
+subtransaction (PostgreSQL 15, "Transaction ID and Snapshot Information Functions").
+Scoping the horizon to this database, instead of the cluster-wide
+``pg_snapshot_xmin``, keeps a long transaction of another database on the same cluster
+(a batch job, a bulk load) from holding the relay back.
 
 Publishing happens outside any transaction or row lock, in batches with their confirms
 awaited together; the watermark moves over the confirmed prefix. When the leader dies
@@ -24,9 +33,8 @@ stages recognise events by id (at least once, as everywhere on the bus). Rows be
 watermark are pruned after ``outbox_retention`` seconds (the id stays that long so an event
 written again by a redelivered cause is recognised and not published twice).
 
-Transaction ids and snapshots are cluster-wide: a write transaction left open anywhere in
-the PostgreSQL cluster (an idle ``psql`` session that wrote something, another database's
-batch job) holds the relay back, as it holds back vacuum. Set
+A write transaction left open in this database (an idle ``psql`` session that wrote
+something) holds the relay back, as it holds back vacuum: set
 ``idle_in_transaction_session_timeout``; ``omniroute status`` shows the relay's backlog.
 """
 
@@ -56,9 +64,17 @@ log = structlog.get_logger("omniroute.outbox")
 OUTBOX_LOCK = 0x6F757462  # "outb": the one outbox relay of the deployment
 CHANNEL = "omniroute_outbox"
 
+HORIZON = """
+SELECT pg_snapshot_xmax(pg_current_snapshot()) AS next,
+       (SELECT array_agg(backend_xid::text::bigint) FROM pg_stat_activity
+         WHERE datid = (SELECT oid FROM pg_database WHERE datname = current_database())
+           AND backend_xid IS NOT NULL) AS running,
+       (SELECT array_agg(transaction::text::bigint) FROM pg_prepared_xacts
+         WHERE database = current_database()) AS prepared
+"""
+
 TAIL = """
-SELECT o.id, o.routing_key, o.body, o.txid, o.seq,
-       o.txid < pg_snapshot_xmin(pg_current_snapshot()) AS settled
+SELECT o.id, o.routing_key, o.body, o.txid, o.seq
 FROM outbox o
 WHERE (o.txid, o.seq) > ($1::xid8, $2::bigint)
 ORDER BY o.txid, o.seq
@@ -106,6 +122,16 @@ def _properties(body: dict[str, Any]) -> Basic.Properties:
         timestamp=datetime.fromisoformat(body["occurred_at"]),
         headers={},
     )
+
+
+def horizon_of(next_xid: int, running: Sequence[int]) -> int:
+    """The lowest of ``next_xid`` (a 64-bit ``xid8``) and the running transactions' 32-bit
+    xids, each widened to 64 bits by the epoch of ``next_xid`` (an older one is at most 2³¹
+    behind: PostgreSQL stops assigning ids before wraparound). An xid assigned after the
+    snapshot (at or past ``next_xid``) is ignored: its rows are above the horizon anyway."""
+    low = next_xid & 0xFFFFFFFF
+    behind = [(low - xid) % 2**32 for xid in running]
+    return min([next_xid, *(next_xid - b for b in behind if 0 < b < 2**31)])
 
 
 class OutboxRelay:
@@ -201,10 +227,11 @@ class OutboxRelay:
         if not self._bus.ready:
             return 0, False
         txid, seq = self._watermark
+        horizon = await self.horizon(conn)
         rows = await conn.fetch(TAIL, txid, seq, self._settings.outbox_relay_batch)
         settled = []
         for row in rows:
-            if not row["settled"]:
+            if int(row["txid"]) >= horizon:
                 break
             settled.append(row)
         if not settled:
@@ -229,6 +256,14 @@ class OutboxRelay:
         if confirmed < len(settled):
             raise BrokerUnavailable("the broker did not confirm every outbox event")
         return confirmed, len(settled) < len(rows)
+
+    @staticmethod
+    async def horizon(conn: asyncpg.Connection[Any]) -> int:
+        """The lowest transaction id (64-bit) that may still write to the outbox of this
+        database; run before the statement that reads the log."""
+        row = await conn.fetchrow(HORIZON)
+        assert row is not None
+        return horizon_of(int(row["next"]), [*(row["running"] or []), *(row["prepared"] or [])])
 
     async def prune(self, conn: asyncpg.Connection[Any]) -> int:
         """Delete published rows older than the retention, in batches."""

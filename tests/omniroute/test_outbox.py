@@ -4,12 +4,13 @@ transaction, nothing published twice, pruning behind the watermark."""
 from __future__ import annotations
 
 import asyncio
+import uuid
 from typing import Any
 
 import asyncpg
 
 from omniroute.bus import Bus
-from omniroute.outbox import OutboxRelay, add_to_outbox
+from omniroute.outbox import OutboxRelay, add_to_outbox, horizon_of
 from omniroute.settings import Settings
 from omniroute.store import Store, init_connection
 from schemas.events import Envelope, EventType
@@ -17,7 +18,8 @@ from tests.support import EventTap, received_event, tap, wait_for
 
 
 def _event(label: str) -> Envelope:
-    return received_event().caused(EventType.CONVERSATION_OPENED, {"label": label})
+    event: Envelope = received_event().caused(EventType.CONVERSATION_OPENED, {"label": label})
+    return event
 
 
 def _fast(settings: Settings) -> Settings:
@@ -48,26 +50,21 @@ async def test_a_row_of_a_slower_transaction_is_published_first_and_nothing_twic
 ) -> None:
     slow, fast = _event("slow"), _event("fast")
     relay = OutboxRelay(bus=bus, store=store, settings=_fast(settings))
-    conn = await asyncpg.connect(infra.database_url)
-    await init_connection(conn)
     async with tap(settings.amqp_url.get_secret_value(), "conversation.opened") as spy:
         await relay.start()
         try:
-            transaction = conn.transaction()
-            await transaction.start()
-            await add_to_outbox(conn, [slow])  # the older transaction id, still running
-            async with store.transaction() as other:
-                await add_to_outbox(other, [fast])  # a newer one, committed first
-            # The relay must not move past the slow transaction's place in the log.
-            await spy.expect_none(0.6, where=lambda e: e["id"] in {slow.id, fast.id})
-            await transaction.commit()
+            async with store.transaction() as slower:
+                await add_to_outbox(slower, [slow])  # the older transaction id, still running
+                async with store.transaction() as other:
+                    await add_to_outbox(other, [fast])  # a newer one, committed first
+                # The relay must not move past the slow transaction's place in the log.
+                await spy.expect_none(0.6, where=lambda e: e["id"] in {slow.id, fast.id})
             seen = await _published(spy, {slow.id, fast.id}, 2)
             assert [e["id"] for e in seen] == [slow.id, fast.id]
             await spy.expect_none(0.6, where=lambda e: e["id"] in {slow.id, fast.id})
             await wait_for(lambda: _below_watermark(db, fast.id))
         finally:
             await relay.stop()
-            await conn.close()
 
 
 async def test_one_relay_leads_and_another_takes_over_when_it_goes(
@@ -118,11 +115,11 @@ async def test_prune_deletes_only_published_rows_past_the_retention(
     async with store.transaction() as conn:
         await add_to_outbox(conn, [old_published, recent])
     relay = OutboxRelay(bus=bus, store=store, settings=_fast(settings))
-    conn = await asyncpg.connect(infra.database_url)
-    await init_connection(conn)
+    lead = await asyncpg.connect(infra.database_url)
+    await init_connection(lead)
     try:
         # Publish everything there is (other tests' rows too), then add one row after it.
-        while (await relay.relay_once(conn))[0]:
+        while (await relay.relay_once(lead))[0]:
             pass
         async with store.transaction() as other:
             await add_to_outbox(other, [old_unpublished])
@@ -130,7 +127,7 @@ async def test_prune_deletes_only_published_rows_past_the_retention(
             "UPDATE outbox SET created_at = now() - interval '2 hours' WHERE id = ANY($1::uuid[])",
             [old_published.id, old_unpublished.id],
         )
-        assert await relay.prune(conn) >= 1
+        assert await relay.prune(lead) >= 1
         left = {
             str(r["id"])
             for r in await db.fetch(
@@ -140,4 +137,39 @@ async def test_prune_deletes_only_published_rows_past_the_retention(
         }
         assert left == {recent.id, old_unpublished.id}
     finally:
-        await conn.close()
+        await lead.close()
+
+
+def test_the_horizon_widens_32_bit_xids_by_the_epoch_and_ignores_newer_ones() -> None:
+    epoch = 5 << 32
+    assert horizon_of(epoch + 1000, []) == epoch + 1000
+    assert horizon_of(epoch + 1000, [990, 995]) == epoch + 990
+    assert horizon_of(epoch + 1000, [1000, 1005]) == epoch + 1000  # assigned after the look
+    # Just past a wraparound of the 32-bit counter: 0xFFFFFFF0 is in the previous epoch.
+    assert horizon_of(epoch + 5, [0xFFFFFFF0, 3]) == epoch - 16
+
+
+async def test_a_long_transaction_in_another_database_does_not_hold_the_relay(
+    bus: Bus, store: Store, settings: Settings, infra: Any
+) -> None:
+    other = f"omniroute_other_{uuid.uuid4().hex[:8]}"
+    admin = await asyncpg.connect(infra.database_url)
+    await admin.execute(f'CREATE DATABASE "{other}"')
+    elsewhere = await asyncpg.connect(infra.database_url.rsplit("/", 1)[0] + "/" + other)
+    relay = OutboxRelay(bus=bus, store=store, settings=_fast(settings))
+    event = _event("elsewhere")
+    try:
+        transaction = elsewhere.transaction()
+        await transaction.start()
+        await elsewhere.execute("CREATE TABLE batch (n int)")  # holds an xid, stays open
+        async with tap(settings.amqp_url.get_secret_value(), "conversation.opened") as spy:
+            await relay.start()
+            async with store.transaction() as conn:
+                await add_to_outbox(conn, [event])
+            await _published(spy, {event.id}, 1)
+        await transaction.rollback()
+    finally:
+        await relay.stop()
+        await elsewhere.close()
+        await admin.execute(f'DROP DATABASE IF EXISTS "{other}"')
+        await admin.close()
