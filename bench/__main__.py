@@ -3,7 +3,8 @@
 
 Every figure is printed next to a baseline measured in the same run on the same machine;
 each benchmark gets a database and a vhost of its own. ``--quick`` is a short smoke run;
-``--soak SECONDS`` adds the long memory run.
+``--soak SECONDS`` adds the long soak run (the issue's: ``--soak 1800``), ``--soak-quick``
+a 60-second one.
 """
 
 from __future__ import annotations
@@ -17,12 +18,30 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from bench import classify_stage, distribution, end_to_end, ingress, outbound_stage, stages
+from bench import (
+    classify_stage,
+    distribution,
+    end_to_end,
+    flatness,
+    ingress,
+    outbound_stage,
+    overload,
+    stages,
+)
 from bench.infra import BenchInfra, bench_infra
 from omniroute.logging import configure_logging
 
 Bench = Callable[[BenchInfra], Awaitable[list[dict[str, Any]]]]
-ALL = ("ingress", "stages", "end-to-end", "classify", "distribution", "outbound")
+ALL = (
+    "ingress",
+    "stages",
+    "end-to-end",
+    "overload",
+    "classify",
+    "distribution",
+    "outbound",
+    "flatness",
+)
 
 
 def benchmarks(args: argparse.Namespace) -> dict[str, Bench]:
@@ -35,9 +54,22 @@ def benchmarks(args: argparse.Namespace) -> dict[str, Bench]:
         "end-to-end": lambda i: end_to_end.run(
             i, rate=args.rate, seconds=5 if quick else 60, also_at=args.calm_rate
         ),
+        "overload": lambda i: overload.run(
+            i,
+            probe_seconds=3 if quick else 10,
+            overload_seconds=10 if quick else 60,
+            calm_seconds=30 if quick else 120,
+        ),
         "classify": lambda i: classify_stage.run(i, count=1000 if quick else 3000),
         "distribution": lambda i: distribution.run(i, seconds=3 if quick else 10),
         "outbound": lambda i: outbound_stage.run(i, count=300 if quick else 1000),
+        "flatness": lambda i: flatness.run(
+            i,
+            conversations=args.history or (100_000 if quick else 1_000_000),
+            stage_count=1000 if quick else 3000,
+            e2e_seconds=5 if quick else 30,
+            rounds=1 if quick else 2,
+        ),
     }
 
 
@@ -52,10 +84,13 @@ async def main(args: argparse.Namespace) -> list[dict[str, Any]]:
             figure["benchmark"] = name
         results += figures
         print(f"# {name}: {len(figures)} figure(s) in {time.perf_counter() - started:.0f} s")
-    if args.soak:
+    soak_seconds = args.soak or (60.0 if args.soak_quick else 0.0)
+    if soak_seconds:
+        started = time.perf_counter()
         async with bench_infra() as infra:
-            figures = await end_to_end.soak(infra, rate=args.soak_rate, seconds=args.soak)
+            figures = await end_to_end.soak(infra, rate=args.soak_rate, seconds=soak_seconds)
         results += [{**f, "benchmark": "soak"} for f in figures]
+        print(f"# soak: {len(figures)} figure(s) in {time.perf_counter() - started:.0f} s")
     return results
 
 
@@ -79,6 +114,8 @@ if __name__ == "__main__":
     )
     parser.add_argument("--soak", type=float, default=0.0, help="soak run length, seconds")
     parser.add_argument("--soak-rate", type=float, default=100.0)
+    parser.add_argument("--soak-quick", action="store_true", help="a 60-second soak run")
+    parser.add_argument("--history", type=int, default=0, help="flatness: stored conversations")
     arguments = parser.parse_args()
     configure_logging("console", "warning")
     output = asyncio.run(main(arguments))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import pwd
 import signal
 import socket
 import sys
@@ -34,6 +35,55 @@ def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     ticks = os.sysconf("SC_CLK_TCK")
     return (int(fields[11]) + int(fields[12])) / ticks
+
+
+# The shared servers, by /proc/PID/comm and owner: every PostgreSQL process (postmaster,
+# backends, walwriter, ...) and RabbitMQ's Erlang VM with the helpers it starts, run by their
+# system users — a private server a test starts as another user does not count.
+SERVERS = {
+    "postgresql": (frozenset({"postgres"}), "postgres"),
+    "rabbitmq": (frozenset({"beam.smp", "erl_child_setup", "inet_gethost", "epmd"}), "rabbitmq"),
+}
+
+
+def _uid(user: str) -> int | None:
+    try:
+        return pwd.getpwnam(user).pw_uid
+    except KeyError:
+        return None
+
+
+def server_cpu_seconds() -> dict[str, float]:
+    """CPU seconds used so far by each of ``SERVERS``, summed over its processes (Linux /proc).
+
+    Each process counts its own user + system time *and* that of its children it has reaped
+    (cutime + cstime): a PostgreSQL backend that exits between two readings leaves its time
+    in the postmaster's, so the difference of two readings stays the CPU used in between.
+    Whatever else uses the cluster or the broker at the same time counts too.
+    """
+    ticks = os.sysconf("SC_CLK_TCK")
+    owners = {server: _uid(user) for server, (_, user) in SERVERS.items()}
+    totals = dict.fromkeys(SERVERS, 0)
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            comm = (entry / "comm").read_text().strip()
+            server = next((s for s, (names, _) in SERVERS.items() if comm in names), None)
+            if server is None or owners[server] not in (None, entry.stat().st_uid):
+                continue
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone in between
+            continue
+        totals[server] += sum(int(f) for f in fields[11:15])
+    return {server: ticks_used / ticks for server, ticks_used in totals.items()}
+
+
+def machine_cpu_seconds() -> float:
+    """CPU seconds the whole machine has been busy so far, all cores (Linux /proc/stat)."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
 async def wait_port(port: int, within: float = 20.0) -> None:
