@@ -28,7 +28,6 @@ from omniroute.work import close_conversation
 from schemas.config import Config, Workstream
 from schemas.events import (
     ConversationAssigned,
-    ConversationClassified,
     ConversationClosed,
     ConversationEnded,
     ConversationQueued,
@@ -98,6 +97,23 @@ def _has_messages(config: Config, kinds: tuple[str, ...], workstream: str | None
     return any(ws is not None and set(kinds) & set(ws.automated_messages) for ws in candidates)
 
 
+def needs(config: Config) -> frozenset[str]:
+    """The events this configuration can act on; the stage's queue is bound to these only
+    (with no automated message and no idle timer, to the ends of conversations alone)."""
+    keys = {EventType.CONVERSATION_ENDED, EventType.CONVERSATION_CLOSED}
+    timed = any(
+        ws.lifecycle.idle_reminder_after is not None or ws.lifecycle.auto_close_after is not None
+        for ws in config.workstreams
+    )
+    if timed:
+        keys.add(EventType.MESSAGE_RECEIVED)
+    if _has_messages(config, ("greeting", "queued", "out_of_hours")):
+        keys.add(EventType.CONVERSATION_QUEUED)
+    if _has_messages(config, ("agent_joined",)):
+        keys.add(EventType.CONVERSATION_ASSIGNED)
+    return frozenset(keys)
+
+
 def wants(event: Envelope, payload: BaseModel, config: Config) -> bool:
     """Whether the event can lead to anything under this configuration; the runner acks
     the others without opening a transaction (most events, when no automated message or
@@ -109,8 +125,6 @@ def wants(event: Envelope, payload: BaseModel, config: Config) -> bool:
         life = workstream.lifecycle
         timed = life.idle_reminder_after is not None or life.auto_close_after is not None
         return timed and not (payload.sandbox and SANDBOX_JOIN.match(payload.body))
-    if isinstance(payload, ConversationClassified):
-        return False  # greeted with the queue message, in order, once the language is known
     if isinstance(payload, ConversationQueued):
         return _has_messages(config, ("greeting", "queued", "out_of_hours"), payload.workstream)
     if isinstance(payload, ConversationAssigned):
@@ -265,7 +279,6 @@ async def tick(tx: StageTx) -> list[Envelope]:
 STAGE = Stage(
     name="lifecycle",
     payloads={
-        EventType.CONVERSATION_CLASSIFIED: ConversationClassified,
         EventType.CONVERSATION_QUEUED: ConversationQueued,
         EventType.CONVERSATION_ASSIGNED: ConversationAssigned,
         EventType.CONVERSATION_ENDED: ConversationEnded,
@@ -275,4 +288,5 @@ STAGE = Stage(
     handle=handle,
     tick=tick,
     wants=wants,
+    needs=needs,
 )

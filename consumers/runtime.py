@@ -47,7 +47,7 @@ from omniroute.metrics import STAGE_DURATION, STAGE_MESSAGES, STAGE_QUEUE_WAIT
 from omniroute.outbox import OutboxRelay, add_to_outbox
 from omniroute.settings import Settings
 from omniroute.store import Connection, Store
-from omniroute.topology import STAGES
+from omniroute.topology import EXCHANGE, STAGES
 from schemas.config import Config
 from schemas.events import Envelope
 
@@ -90,6 +90,7 @@ Handler = Callable[[Envelope, BaseModel, StageTx], Awaitable[list[Envelope]]]
 Handled = tuple[list[Envelope], StageTx]  # follow-up events added to the outbox, and the tx
 Ticker = Callable[[StageTx], Awaitable[list[Envelope]]]
 Wants = Callable[[Envelope, BaseModel, Config], bool]
+Needs = Callable[[Config], frozenset[str]]
 Resources = Callable[[Settings, LiveConfig], AbstractAsyncContextManager[Any]]
 
 
@@ -110,6 +111,9 @@ class Stage:
     # Whether an event can lead to anything under the current configuration; the others
     # are acknowledged without a transaction.
     wants: Wants | None = None
+    # The routing keys (of the topology's bindings) the current configuration needs: the
+    # queue is bound to those only, so the broker does not route what would be skipped.
+    needs: Needs | None = None
 
 
 @dataclass
@@ -185,6 +189,8 @@ class StageRunner:
         self._in_flight: set[asyncio.Task[Any]] = set()
         self._stopping = asyncio.Event()
         self._ticker: asyncio.Task[None] | None = None
+        self._follower: asyncio.Task[None] | None = None
+        self._bound_for: Config | None = None
         self._wake = asyncio.Event()
         self._resources: Any = None
         self._exit_stack: contextlib.AsyncExitStack | None = None
@@ -199,7 +205,11 @@ class StageRunner:
         if self._own_relay:
             await self._relay.start()
         channel = await self._bus.channel(self._settings.prefetch)
-        self._queue = await declare_stage(channel, STAGES[self.stage.name])
+        topology = STAGES[self.stage.name]
+        self._queue = await declare_stage(channel, topology, topology.bindings)
+        if self.stage.needs is not None:
+            await self._bind_for(self._config.current)
+            self._follower = asyncio.create_task(self._follow_config(), name="bindings")
         self._consumer_tag = await self._queue.consume(self._on_message)
         if self.stage.tick is not None:
             self._ticker = asyncio.create_task(self._tick_forever(self.stage.tick))
@@ -234,9 +244,35 @@ class StageRunner:
                 waiter.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
 
+    async def _bind_for(self, config: Config) -> None:
+        """Bind the stage's optional keys ``config`` needs, unbind the others."""
+        assert self.stage.needs is not None and self._queue is not None
+        needed = self.stage.needs(config)
+        for key in STAGES[self.stage.name].optional:
+            if key in needed:
+                await self._queue.bind(EXCHANGE, routing_key=key)
+            else:
+                await self._queue.unbind(EXCHANGE, routing_key=key)
+        self._bound_for = config
+        log.info("stage.bound", stage=self.stage.name, keys=sorted(needed))
+
+    async def _follow_config(self) -> None:
+        """Rebind after a configuration reload (every replica reloads on the broadcast)."""
+        while not self._stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), 1.0)
+            config = self._config.current
+            if config is not self._bound_for and not self._stopping.is_set():
+                try:
+                    await self._bind_for(config)
+                except Exception as exc:  # the channel is away: next round
+                    log.warning("stage.bind_failed", error=f"{type(exc).__name__}: {exc}"[:200])
+
     async def stop(self) -> None:
         """Stop intake, let in-flight messages finish within the grace period, close."""
         self._stopping.set()
+        if self._follower is not None:
+            await asyncio.wait({self._follower}, timeout=2.0)
         if self._ticker is not None:
             await asyncio.wait({self._ticker}, timeout=self._settings.shutdown_grace)
         if self._queue is not None and self._consumer_tag is not None:

@@ -69,8 +69,11 @@ def copy_message(message: AbstractIncomingMessage, headers: dict[str, Any]) -> a
     )
 
 
-async def declare_stage(channel: AbstractChannel, stage: StageQueue) -> AbstractQueue:
-    """Declare a stage's quorum queue, its bindings and its dead-letter queue (idempotent)."""
+async def declare_stage(
+    channel: AbstractChannel, stage: StageQueue, keys: Sequence[str] | None = None
+) -> AbstractQueue:
+    """Declare a stage's quorum queue, its bindings (``keys``, by default the ones it always
+    needs) and its dead-letter queue (idempotent)."""
     events = await channel.declare_exchange(EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
     dead = await channel.declare_exchange(
         DEAD_LETTER_EXCHANGE, aio_pika.ExchangeType.DIRECT, durable=True
@@ -89,7 +92,7 @@ async def declare_stage(channel: AbstractChannel, stage: StageQueue) -> Abstract
             "x-dead-letter-routing-key": stage.stage,
         },
     )
-    for key in stage.bindings:
+    for key in stage.required if keys is None else keys:
         await queue.bind(events, routing_key=key)
     for key in stage.retired:
         await queue.unbind(events, routing_key=key)  # idempotent when never bound

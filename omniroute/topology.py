@@ -22,6 +22,13 @@ class StageQueue:
     stage: str
     bindings: tuple[str, ...]
     retired: tuple[str, ...] = ()  # keys earlier releases bound: unbound on declare
+    # Keys the stage's own runner binds only when the configuration needs them (and unbinds
+    # when it does not); every other process declares the queue with the rest.
+    optional: tuple[str, ...] = ()
+
+    @property
+    def required(self) -> tuple[str, ...]:
+        return tuple(k for k in self.bindings if k not in self.optional)
 
     @property
     def queue(self) -> str:
@@ -52,14 +59,20 @@ STAGES: dict[str, StageQueue] = {
         StageQueue(
             "lifecycle",
             (
-                EventType.CONVERSATION_CLASSIFIED,
                 EventType.CONVERSATION_QUEUED,
                 EventType.CONVERSATION_ASSIGNED,
                 EventType.CONVERSATION_ENDED,
                 EventType.CONVERSATION_CLOSED,
                 EventType.MESSAGE_RECEIVED,
             ),
-            retired=(EventType.CONVERSATION_OPENED,),
+            # Classified: the greeting waits for the queue message (nothing to do on it).
+            retired=(EventType.CONVERSATION_OPENED, EventType.CONVERSATION_CLASSIFIED),
+            # Only with automated messages or idle timers configured (lifecycle.needs).
+            optional=(
+                EventType.CONVERSATION_QUEUED,
+                EventType.CONVERSATION_ASSIGNED,
+                EventType.MESSAGE_RECEIVED,
+            ),
         ),
         StageQueue("status", (EventType.MESSAGE_STATUS,)),
     )

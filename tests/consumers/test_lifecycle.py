@@ -563,15 +563,22 @@ def test_lifecycle_wants_only_events_its_configuration_can_act_on() -> None:
     assert not lifecycle.wants(received, timed, plain)  # no idle timers there
     join = timed.model_copy(update={"sandbox": True, "body": "join blue-cat"})
     assert not lifecycle.wants(received, join, configured)
-    classified = ConversationClassified(
-        workstream="support-pt", queue=QUEUE, language="pt-BR", classified_at=at
-    )
-    assert not lifecycle.wants(received, classified, configured)
     assert lifecycle.wants(received, queued("support-pt"), configured)  # greeting, position
     assert not lifecycle.wants(received, queued("support-pt"), plain)
     assert not lifecycle.wants(received, queued("support-en"), plain)
     closed = ConversationClosed(reason="agent", workstream="support-en", closed_at=at)
     assert lifecycle.wants(received, closed, plain)  # timers to cancel, always
+
+
+def test_lifecycle_binds_only_what_its_configuration_needs() -> None:
+    configured = LiveConfig(parse_config(LIFECYCLE_YAML, "lifecycle.yaml", ENVIRON)).current
+    plain = LiveConfig(parse_config(CONFIG_YAML, "plain.yaml", ENVIRON)).current
+    ends = {"conversation.ended", "conversation.closed"}
+    assert lifecycle.needs(plain) == ends
+    assert lifecycle.needs(configured) >= ends | {"message.received", "conversation.queued"}
+    assert lifecycle.needs(configured) <= set(STAGES["lifecycle"].bindings)
+    assert set(STAGES["lifecycle"].required) == ends  # what every process declares
+    assert "conversation.classified" in STAGES["lifecycle"].retired
 
 
 def test_the_configuration_of_this_module_is_valid() -> None:
@@ -740,16 +747,13 @@ async def test_a_redelivered_trigger_stores_no_second_message(
     cid = await _queued(router, events, customer, "Olá, preciso de ajuda")
     await _automated(events, db, cid, "greeting")
     await _automated(events, db, cid, "queued")
-    triggers = [
-        await events.wait(_is("conversation.classified", cid)),
-        await events.wait(_is("conversation.queued", cid)),
-    ]
+    trigger = await events.wait(_is("conversation.queued", cid))
     before = _handled()
-    for trigger in triggers * 2:  # the broker redelivers, a publisher retries
+    for _ in range(2):  # the broker redelivers, a publisher retries
         await bus.publish(Envelope.model_validate(trigger))
 
     async def handled_all() -> bool:
-        return _handled() >= before + 4
+        return _handled() >= before + 2
 
     await wait_for(handled_all)
     assert sorted(m["body"] for m in await _outbound(db, cid)) == sorted(

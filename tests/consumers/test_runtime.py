@@ -8,23 +8,28 @@ from typing import Any
 
 import aio_pika
 import asyncpg
+from prometheus_client import REGISTRY
 from pydantic import BaseModel
 
-from consumers import conversations
+from consumers import conversations, lifecycle
 from consumers.runtime import Stage, StageTx
 from omniroute.bus import Bus
+from omniroute.config_loader import LiveConfig
 from omniroute.dead_letters import list_dead, replay_dead
 from omniroute.settings import Settings
-from schemas.events import Envelope, MessageReceived
+from omniroute.topology import STAGES
+from schemas.events import Envelope, EventType, MessageReceived
 from tests.consumers.conftest import RunnerFactory
 from tests.support import EventTap, TcpProxy, new_customer, received_event, wait_for
 
 
-async def _dead_letter(settings: Settings, message_id: str, timeout: float = 10.0) -> Any:
-    """Wait until a message with this id is on the conversations stage's dead-letter queue."""
+async def _dead_letter(
+    settings: Settings, message_id: str, timeout: float = 10.0, stage: str = "conversations"
+) -> Any:
+    """Wait until a message with this id is on a stage's dead-letter queue."""
 
     async def find() -> Any:
-        letters = await list_dead(settings, "conversations", 1000)
+        letters = await list_dead(settings, stage, 1000)
         return next((d for d in letters if d.message_id == message_id), None)
 
     return await wait_for(find, timeout=timeout, interval=0.2)
@@ -150,3 +155,35 @@ async def test_stage_resumes_after_the_broker_connection_drops(
     await proxy.start()  # … and comes back: the stage reconnects and consumes by itself
     await wait_for(lambda: db.fetchval(count, second), timeout=20)
     await proxy.cut()
+
+
+def _lifecycle_taken() -> float:
+    return sum(
+        sample.value
+        for metric in REGISTRY.collect()
+        if metric.name == "omniroute_stage_messages"
+        for sample in metric.samples
+        if sample.name.endswith("_total") and sample.labels.get("stage") == "lifecycle"
+    )
+
+
+async def test_a_stage_is_bound_only_to_the_keys_its_configuration_needs(
+    start_runner: RunnerFactory, bus: Bus, settings: Settings, config: LiveConfig
+) -> None:
+    # The shared test configuration has no automated message and no idle timer: lifecycle
+    # needs the ends of conversations only, so the broker must not route it the rest.
+    assert lifecycle.needs(config.current) == {"conversation.ended", "conversation.closed"}
+    connection = await aio_pika.connect(settings.amqp_url.get_secret_value())
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(STAGES["lifecycle"].queue, passive=True)
+        await queue.purge()
+    await start_runner(lifecycle.STAGE)
+    before = _lifecycle_taken()
+    queued = received_event().caused(EventType.CONVERSATION_QUEUED, {"queue": "general"})
+    closed = received_event().caused(EventType.CONVERSATION_CLOSED, {"not": "a closed event"})
+    await bus.publish(queued)
+    await bus.publish(closed)  # invalid: dead-lettered, which proves it was routed here
+    await _dead_letter(settings, closed.id, stage="lifecycle")
+    await asyncio.sleep(0.3)
+    assert _lifecycle_taken() - before == 1  # the closed event only
