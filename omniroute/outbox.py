@@ -144,6 +144,8 @@ class OutboxRelay:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._watermark: tuple[int, int] = (0, 0)
+        self._stored: tuple[int, int] = (0, 0)  # what outbox_watermark holds
+        self._stored_at = 0.0
         self.leading = False
 
     def wake(self) -> None:
@@ -195,9 +197,13 @@ class OutboxRelay:
             await asyncio.sleep(self._settings.outbox_leader_poll)
         self.leading = True
         OUTBOX_LEADER.set(1)
+        # The watermark is a position to resume from: losing its latest writes in a crash of
+        # PostgreSQL only publishes those events again, so its commits do not wait for disk.
+        await conn.execute("SET synchronous_commit = off")
         await conn.add_listener(CHANNEL, self._notified)
         row = await conn.fetchrow("SELECT txid, seq FROM outbox_watermark")
         self._watermark = (int(row["txid"]), row["seq"]) if row else (0, 0)
+        self._stored = self._watermark
         log.info("outbox.relay_leading", watermark=self._watermark)
         loop = asyncio.get_running_loop()
         next_prune = loop.time() + self._settings.outbox_prune_interval
@@ -211,6 +217,7 @@ class OutboxRelay:
                 next_prune = loop.time() + self._settings.outbox_prune_interval
             if relayed >= self._settings.outbox_relay_batch:
                 continue
+            await self.store_watermark(conn)  # caught up: write where it stands
             # Rows written by a transaction that an older, still running one precedes:
             # look again shortly (that older transaction may end without a NOTIFY).
             timeout = 0.002 if blocked else self._settings.outbox_relay_interval
@@ -248,14 +255,24 @@ class OutboxRelay:
             confirmed += 1
         if confirmed:
             last = settled[confirmed - 1]
-            await conn.execute(
-                "UPDATE outbox_watermark SET txid = $1::xid8, seq = $2", last["txid"], last["seq"]
-            )
             self._watermark = (int(last["txid"]), last["seq"])
             OUTBOX_RELAYED.inc(confirmed)
+            await self.store_watermark(conn, at_most_every=0.1)
         if confirmed < len(settled):
             raise BrokerUnavailable("the broker did not confirm every outbox event")
         return confirmed, len(settled) < len(rows)
+
+    async def store_watermark(
+        self, conn: asyncpg.Connection[Any], at_most_every: float = 0.0
+    ) -> None:
+        """Write the watermark (under load at most every ``at_most_every`` seconds: a leader
+        that dies between two writes makes the next one publish those events again)."""
+        now = asyncio.get_running_loop().time()
+        if self._stored == self._watermark or now - self._stored_at < at_most_every:
+            return
+        txid, seq = self._watermark
+        await conn.execute("UPDATE outbox_watermark SET txid = $1::xid8, seq = $2", txid, seq)
+        self._stored, self._stored_at = (txid, seq), now
 
     @staticmethod
     async def horizon(conn: asyncpg.Connection[Any]) -> int:
