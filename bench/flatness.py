@@ -28,13 +28,13 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
 from bench import distribution, end_to_end, stages
 from bench.history import seed_history
-from bench.infra import BASE_AMQP, BenchInfra, _ctl
+from bench.infra import BenchInfra, private_vhost
 from omniroute.database import drop_database
 
 Measure = Callable[[BenchInfra], Awaitable[dict[str, float]]]
@@ -62,15 +62,12 @@ async def _clone_database(source_url: str, target: str) -> None:
 async def _copy_of(source_url: str) -> AsyncIterator[BenchInfra]:
     """A database copied from ``source_url`` and a fresh vhost, dropped afterwards."""
     suffix = uuid.uuid4().hex[:8]
-    vhost = f"omniroute-bench-{suffix}"
     database_url = _with_name(source_url, f"omniroute_bench_{suffix}")
     await _clone_database(source_url, _name(database_url))
-    await _ctl("add_vhost", vhost)
-    await _ctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
     try:
-        yield BenchInfra(f"{BASE_AMQP}/{quote(vhost, safe='')}", database_url)
+        async with private_vhost(suffix) as amqp_url:
+            yield BenchInfra(amqp_url, database_url)
     finally:
-        await _ctl("delete_vhost", vhost)
         await drop_database(database_url)
 
 

@@ -37,17 +37,26 @@ async def _ctl(*args: str) -> None:
 @asynccontextmanager
 async def bench_infra() -> AsyncIterator[BenchInfra]:
     suffix = uuid.uuid4().hex[:8]
-    vhost = f"omniroute-bench-{suffix}"
     database_url = f"{BASE_DB}/omniroute_bench_{suffix}"
     await create_database(database_url)
     await migrate(database_url)
+    try:
+        async with private_vhost(suffix) as amqp_url:
+            yield BenchInfra(amqp_url, database_url)
+    finally:
+        await drop_database(database_url)
+
+
+@asynccontextmanager
+async def private_vhost(suffix: str) -> AsyncIterator[str]:
+    """A RabbitMQ vhost of a benchmark's own (its AMQP URL), deleted afterwards."""
+    vhost = f"omniroute-bench-{suffix}"
     await _ctl("add_vhost", vhost)
     await _ctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
     try:
-        yield BenchInfra(f"{BASE_AMQP}/{quote(vhost, safe='')}", database_url)
+        yield f"{BASE_AMQP}/{quote(vhost, safe='')}"
     finally:
         await _ctl("delete_vhost", vhost)
-        await drop_database(database_url)
 
 
 # The columns the benchmarks fill when they seed open conversations with COPY.

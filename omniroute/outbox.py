@@ -52,6 +52,7 @@ import structlog
 from aio_pika import DeliveryMode
 from pamqp.commands import Basic
 
+from omniroute.background import Background
 from omniroute.bus import Bus
 from omniroute.errors import BrokerUnavailable
 from omniroute.metrics import OUTBOX_LEADER, OUTBOX_PRUNED, OUTBOX_RELAYED
@@ -134,34 +135,20 @@ def horizon_of(next_xid: int, running: Sequence[int]) -> int:
     return min([next_xid, *(next_xid - b for b in behind if 0 < b < 2**31)])
 
 
-class OutboxRelay:
+class OutboxRelay(Background):
     """A candidate for the deployment's outbox relay; the elected one tails the log."""
 
+    task_name = "outbox-relay"
+
     def __init__(self, *, bus: Bus, store: Store, settings: Settings) -> None:
+        super().__init__()
         self._bus = bus
         self._store = store
         self._settings = settings
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
         self._watermark: tuple[int, int] = (0, 0)
         self._stored: tuple[int, int] = (0, 0)  # what outbox_watermark holds
         self._stored_at = 0.0
         self.leading = False
-
-    def wake(self) -> None:
-        """Look at the log now (this process just committed something)."""
-        self._wake.set()
-
-    async def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="outbox-relay")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
 
     async def _run(self) -> None:
         attempt = 0

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 
 import structlog
 
+from omniroute.background import Background
 from omniroute.bus import Bus
 from omniroute.errors import BrokerUnavailable, StoreUnavailable
 from omniroute.metrics import SPOOL_RELAYED
@@ -72,31 +73,17 @@ async def depth(conn: Connection) -> int:
     return int(await conn.fetchval("SELECT count(*) FROM ingress_spool"))
 
 
-class SpoolRelay:
+class SpoolRelay(Background):
     """Publishes spooled webhooks to the broker in arrival order, once each, then drops them."""
 
+    task_name = "spool-relay"
+
     def __init__(self, *, bus: Bus, store: Store, settings: Settings) -> None:
+        super().__init__()
         self._bus = bus
         self._store = store
         self._interval = settings.spool_relay_interval
         self._batch = settings.spool_relay_batch
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-
-    def wake(self) -> None:
-        """Look at the spool now (this process just spooled something)."""
-        self._wake.set()
-
-    async def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="spool-relay")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
 
     async def relay_once(self) -> int:
         """Publish one batch of due spooled webhooks; return how many were published.
