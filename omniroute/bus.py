@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import aio_pika
@@ -99,6 +99,10 @@ async def declare_stage(
     return queue
 
 
+# The routing keys to bind a stage's queue to when a process declares it.
+DeclareKeys = Callable[[StageQueue], Sequence[str]]
+
+
 class Bus:
     """One robust connection and one confirming publisher channel per process."""
 
@@ -111,6 +115,7 @@ class Bus:
         retry_max: float,
         reconnect_interval: float = 1.0,
         declare_stages: tuple[str, ...] = tuple(STAGES),
+        declare_keys: DeclareKeys | None = None,
     ) -> None:
         self._url = url
         self._publish_timeout = publish_timeout
@@ -118,6 +123,9 @@ class Bus:
         self._retry_max = retry_max
         self._reconnect_interval = reconnect_interval
         self._declare_stages = declare_stages
+        # The keys each stage's queue is bound to on connect (default: those it always
+        # needs); never fewer than the stage's runner binds, so nothing waits for it to start.
+        self._declare_keys = declare_keys
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractChannel | None = None
         self._ready = asyncio.Event()
@@ -187,7 +195,9 @@ class Bus:
         self._connection = connection
         channel = await connection.channel(publisher_confirms=True)
         for name in self._declare_stages:
-            await declare_stage(channel, STAGES[name])
+            stage = STAGES[name]
+            keys = self._declare_keys(stage) if self._declare_keys is not None else None
+            await declare_stage(channel, stage, keys)
         self._channel = channel
         self._ready.set()
         log.info("bus.connected", stages=list(self._declare_stages))

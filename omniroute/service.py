@@ -26,6 +26,7 @@ from omniroute.reconcile import running_reconciler
 from omniroute.settings import Settings
 from omniroute.spool import SpoolRelay
 from omniroute.stage_process import StageProcess
+from omniroute.topology import StageQueue
 from schemas.events import EXCHANGE, Envelope, EventType, event_id, utcnow
 
 log = structlog.get_logger("omniroute.service")
@@ -53,7 +54,7 @@ class Service:
         unknown = [s for s in [*self.stages, *self.child_stages] if s not in STAGES]
         if unknown:
             raise ValueError(f"unknown stage(s): {', '.join(unknown)}; known: {', '.join(STAGES)}")
-        bus = make_bus(self.settings)
+        bus = make_bus(self.settings, declare_keys=self.declare_keys)
         store = make_store(self.settings)
         await bus.start()
         self._cleanups.append(store.close)
@@ -125,6 +126,18 @@ class Service:
                 )
                 await stage_runner.start()
                 self._cleanups.append(stage_runner.stop)
+
+    def declare_keys(self, queue: StageQueue) -> tuple[str, ...]:
+        """What a stage's queue is bound to when this process declares it: the keys it always
+        needs and the optional ones this configuration needs, so events published before
+        that stage's runner first starts (a fresh deployment) still reach it."""
+        from consumers.registry import STAGES
+
+        stage = STAGES.get(queue.stage)
+        if stage is None or stage.needs is None:
+            return queue.bindings
+        needed = stage.needs(self.config.current)
+        return (*queue.required, *(k for k in queue.optional if k in needed))
 
     async def stop(self) -> None:
         """Drain in reverse order of start: stages finish in-flight work before the bus closes."""

@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from omniroute.bus import Bus
+from omniroute.bus import Bus, DeclareKeys
 from omniroute.config_loader import LiveConfig
 from omniroute.outbox import OutboxRelay
 from omniroute.settings import Settings
@@ -26,13 +26,14 @@ from router.ingress import running_ingress
 from router.state import BUS, CONFIG, INGRESS, SETTINGS, STORE
 
 
-def make_bus(settings: Settings) -> Bus:
+def make_bus(settings: Settings, declare_keys: DeclareKeys | None = None) -> Bus:
     return Bus(
         settings.amqp_url.get_secret_value(),
         publish_timeout=settings.publish_timeout,
         connect_timeout=settings.broker_connect_timeout,
         retry_max=settings.broker_retry_max,
         reconnect_interval=settings.broker_reconnect_interval,
+        declare_keys=declare_keys,
     )
 
 

@@ -32,6 +32,7 @@ from consumers.conversations import RATING, SANDBOX_JOIN
 from consumers.runtime import Stage, StageRunner, StageTx
 from omniroute.bus import Bus, declare_stage
 from omniroute.config_loader import LiveConfig, parse_config
+from omniroute.service import Service
 from omniroute.settings import Settings
 from omniroute.store import Connection, Store
 from omniroute.topology import STAGES
@@ -578,6 +579,17 @@ def test_lifecycle_binds_only_what_its_configuration_needs() -> None:
     assert lifecycle.needs(configured) >= ends | {"message.received", "conversation.queued"}
     assert lifecycle.needs(configured) <= set(STAGES["lifecycle"].bindings)
     assert set(STAGES["lifecycle"].required) == ends  # what every process declares
+    # A process of the deployment (a router started before any lifecycle runner) declares
+    # the queue with what its configuration needs, so no greeting waits for that runner.
+    settings = Settings.model_validate({})
+    declared = Service(settings, LiveConfig(configured), [], serve_http=False).declare_keys(
+        STAGES["lifecycle"]
+    )
+    assert set(declared) == set(lifecycle.needs(configured))
+    plain_keys = Service(settings, LiveConfig(plain), [], serve_http=False).declare_keys(
+        STAGES["lifecycle"]
+    )
+    assert set(plain_keys) == ends
     assert "conversation.classified" in STAGES["lifecycle"].retired
 
 
