@@ -226,7 +226,9 @@ class Sent:
         return self.statuses.get("200", 0) + self.followup_statuses.get("200", 0)
 
 
-async def send_schedule(url: str, schedule: Iterable[Arrival], connections: int = 64) -> Sent:
+async def send_schedule(
+    url: str, schedule: Iterable[Arrival], connections: int = 64, answer_within: float = 60.0
+) -> Sent:
     """Open loop: each webhook at its time whatever the answers so far (they wait for one of
     ``connections`` keep-alive connections; the wait counts in the latency), signed just
     before it goes."""
@@ -234,8 +236,8 @@ async def send_schedule(url: str, schedule: Iterable[Arrival], connections: int 
     sent = Sent()
     pending: set[asyncio.Task[None]] = set()
     connector = aiohttp.TCPConnector(limit=connections)
-    timeout = aiohttp.ClientTimeout(total=60)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:
+    limit = aiohttp.ClientTimeout(total=answer_within)
+    async with aiohttp.ClientSession(connector=connector, timeout=limit) as http:
 
         async def one(body: bytes, headers: dict[str, str], customer: str, new: bool) -> None:
             started = time.perf_counter()
