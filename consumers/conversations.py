@@ -10,7 +10,6 @@ new customer at once still open one conversation: "find or open" is a single
 from __future__ import annotations
 
 import re
-import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -18,6 +17,7 @@ from pydantic import BaseModel
 
 from consumers.automated import queue_automated
 from consumers.runtime import Stage, StageTx
+from omniroute.ids import new_id
 from omniroute.store import Connection
 from schemas.events import (
     ConversationOpened,
@@ -96,17 +96,17 @@ async def _seen(conn: Connection, message_sid: str) -> bool:
 async def _store_new(conn: Connection, account: str, message: MessageReceived) -> Stored | None:
     row = await conn.fetchrow(
         _STORE_INBOUND,
-        uuid.uuid4(),
+        new_id(),
         account,
         message.customer,
         message.customer_wa_id,
         message.external_user_id,
         message.profile_name,
-        uuid.uuid4(),
+        new_id(),
         message.business_number,
         message.workstream,
         message.received_at,
-        uuid.uuid4(),
+        new_id(),
         message.message_sid,
         message.body,
         [m.model_dump(mode="json") for m in message.media],
@@ -183,7 +183,7 @@ async def _sandbox_join(event: Envelope, payload: MessageReceived, tx: StageTx) 
         "INSERT INTO contacts (id, account, address, wa_id, profile_name, sandbox_joined_at)"
         " VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (account, address) DO UPDATE SET"
         " sandbox_joined_at = EXCLUDED.sandbox_joined_at, updated_at = now()",
-        uuid.uuid4(),
+        new_id(),
         event.account,
         payload.customer,
         payload.customer_wa_id,
@@ -249,7 +249,7 @@ async def _survey_answer(
         "INSERT INTO messages (id, conversation_id, direction, twilio_sid, body, media,"
         " attributes, status, received_at) VALUES ($1, $2, 'inbound', $3, $4, $5, $6,"
         " 'received', $7) ON CONFLICT (twilio_sid) DO NOTHING",
-        uuid.uuid4(),
+        new_id(),
         survey["conversation_id"],
         payload.message_sid,
         payload.body,

@@ -25,6 +25,7 @@ from typing import Any
 import asyncpg
 
 from omniroute.errors import OmnirouteError
+from omniroute.ids import new_id
 from omniroute.outbox import add_to_outbox
 from omniroute.store import Connection
 from schemas.api import AgentCreate, AgentOut, AgentUpdate
@@ -147,7 +148,7 @@ async def create_agent(
         "INSERT INTO agents (id, name, language, queues, skills, capacity_units, presence,"
         " token_hash, created_at, updated_at)"
         " VALUES ($1, $2, $3, $4, $5, $6, 'offline', $7, $8, $8) RETURNING *",
-        uuid.uuid4(),
+        new_id(),
         body.name,
         body.language,
         body.queues,

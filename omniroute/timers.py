@@ -4,11 +4,11 @@ restarts of every process and fire once."""
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
+from omniroute.ids import new_id
 from omniroute.store import Connection
 
 # Did a timer of this kind already fire for this moment or a later one? (``timers_fired``)
@@ -46,7 +46,7 @@ async def schedule(
         + guard
         + " ON CONFLICT (conversation_id, kind) WHERE fired_at IS NULL"
         f" DO UPDATE SET due_at = {moved}",
-        uuid.uuid4(),
+        new_id(),
         conversation_id,
         kind,
         due_at,

@@ -10,11 +10,11 @@ indexes, so none can assign a conversation twice.
 
 from __future__ import annotations
 
-import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+from omniroute.ids import new_id
 from omniroute.store import Connection
 from schemas.events import (
     ConversationAssigned,
@@ -77,7 +77,7 @@ async def make_offer(
     affinity: bool = False,
 ) -> Envelope:
     """Offer a queued conversation to an agent whose capacity the caller has claimed."""
-    offer_id = str(uuid.uuid4())
+    offer_id = str(new_id())
     expires = now + timedelta(seconds=offer_seconds)
     await conn.execute(
         "INSERT INTO offers (id, conversation_id, agent_id, units, created_at, expires_at)"
@@ -118,7 +118,7 @@ async def assign(
     conn: Connection, conv: ConversationRef, agent_id: str, units: int, via: str, now: datetime
 ) -> Envelope:
     """Record the assignment (capacity already claimed) and make the conversation active."""
-    assignment_id = str(uuid.uuid4())
+    assignment_id = str(new_id())
     await conn.execute(
         "INSERT INTO assignments (id, conversation_id, agent_id, units, assigned_at)"
         " VALUES ($1, $2, $3, $4, $5)",

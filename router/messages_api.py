@@ -12,7 +12,6 @@ the account's credentials, which are only ever sent to the configured Twilio API
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlsplit
@@ -21,6 +20,7 @@ import aiohttp
 from aiohttp import web
 from pydantic import ValidationError
 
+from omniroute.ids import new_id
 from omniroute.metrics import GATE_REJECTIONS
 from omniroute.outbox import add_to_outbox
 from omniroute.store import Connection
@@ -110,7 +110,7 @@ async def send(request: web.Request) -> web.Response:
             language=(template.language if template else None) or state["language"],
             variables=template.variables if template else {},
         )
-        message_id = str(uuid.uuid4())
+        message_id = str(new_id())
         rendered = verdict.rendered
         await conn.execute(
             "INSERT INTO messages (id, conversation_id, direction, body, media, status,"
