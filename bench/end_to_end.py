@@ -124,39 +124,6 @@ class Tap:
         return len(set(sent_at) - assigned)
 
 
-async def _send_at_rate(
-    url: str, requests: list[tuple[bytes, dict[str, str]]], customers: list[str], rate: float
-) -> tuple[dict[str, float], list[float], dict[str, int]]:
-    sent_at: dict[str, float] = {}
-    answer: list[float] = []
-    statuses: dict[str, int] = {}
-    connector = aiohttp.TCPConnector(limit=64)
-    async with aiohttp.ClientSession(connector=connector) as http:
-
-        async def one(body: bytes, headers: dict[str, str], customer: str) -> None:
-            started = time.perf_counter()
-            try:
-                async with http.post(url, data=body, headers=headers) as response:
-                    await response.read()
-                    key = str(response.status)
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                key = type(exc).__name__
-            statuses[key] = statuses.get(key, 0) + 1
-            if key == "200":
-                sent_at[customer] = started
-                answer.append(time.perf_counter() - started)
-
-        tasks = []
-        origin = time.perf_counter()
-        for n, ((body, headers), customer) in enumerate(zip(requests, customers, strict=True)):
-            delay = origin + n / rate - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one(body, headers, customer)))
-        await asyncio.gather(*tasks)
-    return sent_at, answer, statuses
-
-
 # A scheduled webhook: seconds after the start, the customer, whether it opens a conversation
 # (a follow-up message of an open conversation otherwise).
 Arrival = tuple[float, str, bool]
@@ -370,15 +337,13 @@ async def measure(
         # Customers no earlier measurement in this process used: one already in an open
         # conversation would not open another (and would never be assigned).
         first = next_customers(count)
-        customers = [customer_number(first + n) for n in range(count)]
-        validator = RequestValidator(TOKEN)
-        requests = [sign(validator, url, customer) for customer in customers]
         cpu_before = deployed.cpu()
         servers_before = server_cpu_seconds()
         watch = CpuWatch(deployed)
         rss_samples: list[dict[str, float]] = []
         sampler = asyncio.create_task(_sample_rss(deployed, rss_every, rss_samples))
-        sent_at, answer, statuses = await _send_at_rate(url, requests, customers, rate)
+        sent = await send_schedule(url, arrivals([(rate, seconds)], first=first))
+        sent_at, answer, statuses = sent.sent_at, sent.answer, sent.statuses
         sampler.cancel()
         tap.expect(len(sent_at))
         sending_ended = time.perf_counter()
