@@ -206,7 +206,9 @@ class StageRunner:
             await self._relay.start()
         channel = await self._bus.channel(self._settings.prefetch)
         topology = STAGES[self.stage.name]
-        self._queue = await declare_stage(channel, topology, topology.bindings)
+        # With ``needs``, the optional keys are bound (or unbound) by ``_bind_for`` alone.
+        keys = topology.bindings if self.stage.needs is None else topology.required
+        self._queue = await declare_stage(channel, topology, keys)
         if self.stage.needs is not None:
             await self._bind_for(self._config.current)
             self._follower = asyncio.create_task(self._follow_config(), name="bindings")
