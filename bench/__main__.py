@@ -29,7 +29,7 @@ from bench import (
     stages,
 )
 from bench.infra import BenchInfra, bench_infra
-from omniroute.logging import configure_logging
+from omniroute.infra.logging import configure_logging
 
 Bench = Callable[[BenchInfra], Awaitable[list[dict[str, Any]]]]
 ALL = (

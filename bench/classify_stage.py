@@ -13,10 +13,10 @@ from bench.infra import CONVERSATION_COLUMNS, BenchInfra
 from consumers import classify
 from consumers.rules import classify as run_rules
 from consumers.runtime import StageRunner
-from omniroute.config_loader import LiveConfig, parse_config
-from omniroute.settings import Settings
-from omniroute.store import Store
-from router.app import make_bus
+from omniroute.infra.bus import Bus
+from omniroute.infra.config_loader import LiveConfig, parse_config
+from omniroute.infra.settings import Settings
+from omniroute.infra.store import Store
 from schemas.events import ConversationOpened, Envelope, EventType, event_id
 
 TOKEN_ENV = {"BENCH_TOKEN": "bench-token"}
@@ -123,7 +123,7 @@ async def stage_throughput(infra: BenchInfra, rules: int, count: int) -> float:
     )
     config = LiveConfig(parse_config(rules_yaml(rules), "bench.yaml", TOKEN_ENV))
     store = Store(infra.database_url, max_size=10)
-    bus = make_bus(settings)
+    bus = Bus.from_settings(settings)
     await bus.start()
     await bus.wait_ready()
     events = await _seed(store, count)

@@ -17,7 +17,7 @@ import aiohttp
 
 from bench.infra import BenchInfra
 from bench.processes import cpu_seconds, free_port, python_process, rss_mib, tail, wait_port
-from omniroute.store import Store
+from omniroute.infra.store import Store
 
 SID = "AC0000000000000000000000000000000e"
 TOKEN = "bench-pipeline-token"
@@ -126,7 +126,7 @@ async def deployment(
             if router:
                 log = Path(tmp) / "router.log"
                 proc = await stack.enter_async_context(
-                    python_process(["-m", "omniroute.cli", "serve"], env, log=log)
+                    python_process(["-m", "omniroute", "serve"], env, log=log)
                 )
                 deployed.router_pid = proc.pid
                 deployed.pids["router"] = proc.pid
@@ -145,7 +145,7 @@ async def deployment(
                 }
                 proc = await stack.enter_async_context(
                     python_process(
-                        ["-m", "omniroute.cli", "consume", stage],
+                        ["-m", "omniroute", "consume", stage],
                         stage_env,
                         log=Path(tmp) / f"{name}.log",
                     )

@@ -16,9 +16,9 @@ import orjson
 
 from bench.deployment import deployment
 from bench.infra import CONVERSATION_COLUMNS, BenchInfra
-from omniroute.settings import Settings
-from omniroute.store import Store
-from router.app import make_bus
+from omniroute.infra.bus import Bus
+from omniroute.infra.settings import Settings
+from omniroute.infra.store import Store
 from schemas.events import EXCHANGE, ConversationQueued, EventType, new_event
 
 CONFIG = """
@@ -83,7 +83,7 @@ async def run_once(infra: BenchInfra, replicas: int, rate: float, seconds: float
     async with deployment(
         infra, ["distribute"] * replicas, router=False, prefetch="32", tick_interval="0.5"
     ):
-        publisher = make_bus(settings)
+        publisher = Bus.from_settings(settings)
         await publisher.start()
         await publisher.wait_ready()
         assigned: dict[str, float] = {}

@@ -35,7 +35,7 @@ import asyncpg
 from bench import distribution, end_to_end, stages
 from bench.history import seed_history
 from bench.infra import BenchInfra, private_vhost
-from omniroute.database import drop_database
+from omniroute.infra.database import drop_database
 
 Measure = Callable[[BenchInfra], Awaitable[dict[str, float]]]
 

@@ -7,7 +7,7 @@ the same with it as on an empty database.
 
 * contacts — returning customers, about three conversations each — and their affinity row
   in ``contact_agents``: the agent and time of their latest assignment (as
-  ``omniroute.work.assign`` keeps it);
+  ``omniroute.domain.conversation.assign`` keeps it);
 * agents — the ones already there (a benchmark's), or ``agents`` offline ones;
 * per conversation: three messages (inbound, the agent's outbound answer, the customer's
   reply; Twilio sids, final statuses), one accepted offer, one released assignment, two
@@ -566,7 +566,7 @@ async def vacuum_analyze(conn: asyncpg.Connection[Any], tables: Sequence[str] = 
 
 
 async def _main(args: argparse.Namespace) -> None:
-    from omniroute.store import migrate
+    from omniroute.infra.store import migrate
 
     await migrate(args.database_url)
     started = time.perf_counter()

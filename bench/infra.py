@@ -11,8 +11,8 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from urllib.parse import quote
 
-from omniroute.database import create_database, drop_database
-from omniroute.store import migrate
+from omniroute.infra.database import create_database, drop_database
+from omniroute.infra.store import migrate
 
 BASE_AMQP = os.environ.get("OMNIROUTE_BENCH_AMQP_BASE", "amqp://guest:guest@127.0.0.1:5672")
 BASE_DB = os.environ.get("OMNIROUTE_BENCH_DATABASE_BASE", "postgresql://127.0.0.1:5432")

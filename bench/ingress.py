@@ -22,9 +22,9 @@ import orjson
 from bench.deployment import CONFIG, INBOUND, SID, TOKEN
 from bench.infra import BenchInfra
 from bench.processes import free_port, python_process, rss_mib, run_python, wait_port
-from omniroute.settings import Settings
-from omniroute.topology import STAGES
-from router.app import make_bus
+from omniroute.infra.bus import Bus
+from omniroute.infra.settings import Settings
+from omniroute.infra.topology import STAGES
 
 PATH = INBOUND
 CANDIDATES = ("omniroute", "bare", "minimal", "fast")
@@ -37,7 +37,7 @@ LABELS = {
 
 
 async def _declare_topology(infra: BenchInfra) -> None:
-    bus = make_bus(Settings.model_validate({"amqp_url": infra.amqp_url}))
+    bus = Bus.from_settings(Settings.model_validate({"amqp_url": infra.amqp_url}))
     await bus.start()
     await asyncio.wait_for(bus.wait_ready(), 10)
     await bus.close()
@@ -54,7 +54,7 @@ async def _purge(infra: BenchInfra) -> None:
 
 def _command(candidate: str, port: int, infra: BenchInfra, public: str) -> list[str]:
     if candidate == "omniroute":
-        return ["-m", "omniroute.cli", "serve"]
+        return ["-m", "omniroute", "serve"]
     return [
         "-m",
         f"bench.servers.{candidate}",

@@ -15,12 +15,12 @@ from bench.deployment import CONFIG, SID, TOKEN
 from bench.infra import BenchInfra
 from consumers import outbound
 from consumers.runtime import StageRunner
-from omniroute.config_loader import LiveConfig, parse_config
-from omniroute.settings import Settings
-from omniroute.store import Store
+from omniroute.domain.window import Verdict
+from omniroute.infra.bus import Bus
+from omniroute.infra.config_loader import LiveConfig, parse_config
+from omniroute.infra.settings import Settings
+from omniroute.infra.store import Store
 from omniroute.twilio_emulator import EmulatorState, start_emulator
-from omniroute.window import Verdict
-from router.app import make_bus
 from schemas.events import EventType, MessageSendRequested, new_event
 
 
@@ -76,7 +76,7 @@ async def throughput(infra: BenchInfra, count: int, bypass: bool) -> float:
     )
     config = LiveConfig(parse_config(CONFIG, "bench.yaml", {"BENCH_TOKEN": TOKEN}))
     store = Store(infra.database_url, max_size=10)
-    bus = make_bus(settings)
+    bus = Bus.from_settings(settings)
     await bus.start()
     await bus.wait_ready()
     ids = await _seed(store, count)

@@ -25,10 +25,10 @@ import orjson
 from bench.deployment import CONFIG_WITH_GREETING, SID, TOKEN, deployment, seed_agents
 from bench.infra import BenchInfra
 from bench.processes import run_python
-from omniroute.settings import Settings
-from omniroute.topology import STAGES
+from omniroute.infra.bus import Bus
+from omniroute.infra.settings import Settings
+from omniroute.infra.topology import STAGES
 from omniroute.twilio_emulator import EmulatorState, start_emulator
-from router.app import make_bus
 from schemas.events import Envelope, EventType, MessageReceived, event_id
 
 ORDER = ("conversations", "classify", "lifecycle", "distribute", "outbound", "status")
@@ -99,7 +99,7 @@ async def raw_baseline(infra: BenchInfra, count: int, prefetch: int, body: bytes
 async def measure(infra: BenchInfra, count: int) -> dict[str, dict[str, float]]:
     prefetch = Settings().prefetch
     await seed_agents(infra.database_url, agents=50, capacity=count // 25 + 10)
-    bus = make_bus(Settings.model_validate({"amqp_url": infra.amqp_url}))
+    bus = Bus.from_settings(Settings.model_validate({"amqp_url": infra.amqp_url}))
     await bus.start()
     await asyncio.wait_for(bus.wait_ready(), 10)
     events = [received(n) for n in range(count)]

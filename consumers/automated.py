@@ -8,8 +8,8 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 
-from omniroute.store import Connection
-from omniroute.window import render
+from omniroute.domain.window import render
+from omniroute.infra.store import Connection
 from schemas.config import AutomatedMessage, Workstream
 from schemas.events import Envelope, EventType, MessageSendRequested, new_event
 

@@ -17,8 +17,8 @@ from pydantic import BaseModel
 
 from consumers.automated import queue_automated
 from consumers.runtime import Stage, StageTx
-from omniroute.ids import new_id
-from omniroute.store import Connection
+from omniroute.infra.ids import new_id
+from omniroute.infra.store import Connection
 from schemas.events import (
     ConversationOpened,
     ConversationQueued,

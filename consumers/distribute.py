@@ -22,9 +22,15 @@ from pydantic import BaseModel
 
 from consumers.assignment import AgentView, QueuePolicy, WorkItem, eligible, plan
 from consumers.runtime import Stage, StageTx
-from omniroute.metrics import ASSIGNMENTS
-from omniroute.store import Connection
-from omniroute.work import ConversationRef, assign, claim_capacity, end_offer, make_offer
+from omniroute.domain.conversation import (
+    ConversationRef,
+    assign,
+    claim_capacity,
+    end_offer,
+    make_offer,
+)
+from omniroute.infra.metrics import ASSIGNMENTS
+from omniroute.infra.store import Connection
 from schemas.config import Config
 from schemas.events import (
     AgentPresenceChanged,

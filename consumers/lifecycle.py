@@ -6,7 +6,7 @@ chose), ``conversation.queued`` (waiting
 in queue; out of hours), ``conversation.assigned`` (agent joined), ``conversation.ended``
 (agent ended: wrap-up timer), ``conversation.closed`` (closed message, survey) and
 ``message.received`` (customer activity moves the idle timers). Its tick fires due timers
-(``omniroute.timers``): idle reminder, auto-close, end of wrap-up. Every automated message
+(``omniroute.domain.timers``): idle reminder, auto-close, end of wrap-up. Every automated message
 goes through ``consumers.automated`` and the outbound gate.
 """
 
@@ -20,11 +20,11 @@ from pydantic import BaseModel
 from consumers.automated import queue_automated
 from consumers.conversations import SANDBOX_JOIN
 from consumers.runtime import Stage, StageTx
+from omniroute.domain.conversation import close_conversation
+from omniroute.domain.timers import cancel, schedule, take_due
+from omniroute.domain.window import window
 from omniroute.errors import TransientError
-from omniroute.store import Connection
-from omniroute.timers import cancel, schedule, take_due
-from omniroute.window import window
-from omniroute.work import close_conversation
+from omniroute.infra.store import Connection
 from schemas.config import Config, Workstream
 from schemas.events import (
     ConversationAssigned,

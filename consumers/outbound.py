@@ -26,15 +26,15 @@ import structlog
 from pydantic import BaseModel
 
 from consumers.runtime import Stage, StageTx
-from omniroute.config_loader import LiveConfig
+from omniroute.domain.window import gate, window
 from omniroute.errors import TransientError
-from omniroute.metrics import GATE_REJECTIONS, TWILIO_CALLS, TWILIO_ERRORS
-from omniroute.outbox import add_to_outbox
-from omniroute.settings import Settings
-from omniroute.store import Connection
-from omniroute.twilio_gateway import SendOutcome, TwilioClients, classify_error
-from omniroute.webhook_urls import status_url
-from omniroute.window import gate, window
+from omniroute.infra.config_loader import LiveConfig
+from omniroute.infra.metrics import GATE_REJECTIONS, TWILIO_CALLS, TWILIO_ERRORS
+from omniroute.infra.outbox import add_to_outbox
+from omniroute.infra.settings import Settings
+from omniroute.infra.store import Connection
+from omniroute.infra.twilio_gateway import SendOutcome, TwilioClients, classify_error
+from omniroute.infra.webhook_urls import status_url
 from schemas.events import (
     Envelope,
     EventType,

@@ -6,7 +6,7 @@ Read top to bottom:
   handler runs inside one database transaction and returns the events it causes; the
   runner writes them to the outbox in that same transaction, so effects and events commit
   together, and acks once committed. The deployment's one outbox relay publishes them
-  (``omniroute.outbox``): a stage never waits for a broker confirm.
+  (``omniroute.infra.outbox``): a stage never waits for a broker confirm.
 - An undecodable or invalid payload (or ``InvalidEvent``) is dead-lettered at once, with
   the reason in its headers. Any other failure is redelivered with backoff, and
   dead-lettered with its reason when the delivery limit is reached.
@@ -35,19 +35,19 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 from pydantic import BaseModel, ValidationError
 
 from consumers.group_commit import GroupCommit
-from omniroute.bus import Bus, copy_message, declare_stage
-from omniroute.config_loader import LiveConfig
 from omniroute.errors import (
     BrokerUnavailable,
     InvalidEvent,
     StoreUnavailable,
     TransientError,
 )
-from omniroute.metrics import STAGE_DURATION, STAGE_MESSAGES, STAGE_QUEUE_WAIT
-from omniroute.outbox import OutboxRelay, add_to_outbox
-from omniroute.settings import Settings
-from omniroute.store import Connection, Store
-from omniroute.topology import EXCHANGE, STAGES
+from omniroute.infra.bus import Bus, copy_message, declare_stage
+from omniroute.infra.config_loader import LiveConfig
+from omniroute.infra.metrics import STAGE_DURATION, STAGE_MESSAGES, STAGE_QUEUE_WAIT
+from omniroute.infra.outbox import OutboxRelay, add_to_outbox
+from omniroute.infra.settings import Settings
+from omniroute.infra.store import Connection, Store
+from omniroute.infra.topology import EXCHANGE, STAGES
 from schemas.config import Config
 from schemas.events import Envelope
 

@@ -23,9 +23,9 @@ from pydantic import BaseModel, ValidationError
 
 from consumers.delivery import TERMINAL, advance
 from consumers.runtime import Stage, StageTx
-from omniroute.metrics import STATUS_CALLBACKS_FOREIGN
-from omniroute.settings import Settings
-from omniroute.store import Connection
+from omniroute.infra.metrics import STATUS_CALLBACKS_FOREIGN
+from omniroute.infra.settings import Settings
+from omniroute.infra.store import Connection
 from schemas.events import Envelope, EventType, MessageStatus, new_event
 
 log = structlog.get_logger("omniroute.status")

@@ -2,6 +2,6 @@
 
 import sys
 
-from omniroute.cli import main
+from omniroute.commands.cli import main
 
 sys.exit(main())

@@ -26,7 +26,7 @@ import structlog
 from aiohttp import web
 from pydantic import BaseModel
 
-from omniroute.agents import (
+from omniroute.domain.agents import (
     UnknownQueues,
     agent_out,
     create_agent,
@@ -37,7 +37,7 @@ from omniroute.agents import (
     update_agent,
 )
 from omniroute.errors import StoreUnavailable
-from omniroute.store import Connection
+from omniroute.infra.store import Connection
 from router.agent_api import _body
 from router.auth import require_admin
 from router.responses import error

@@ -11,9 +11,7 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
-from omniroute.outbox import add_to_outbox
-from omniroute.window import window
-from omniroute.work import (
+from omniroute.domain.conversation import (
     ConversationRef,
     WorkConflict,
     accept_offer,
@@ -25,6 +23,8 @@ from omniroute.work import (
     transfer_to_agent,
     transfer_to_queue,
 )
+from omniroute.domain.window import window
+from omniroute.infra.outbox import add_to_outbox
 from router.auth import current_agent
 from router.responses import error, invalid_body
 from router.state import CONFIG, STORE

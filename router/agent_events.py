@@ -23,8 +23,8 @@ import structlog
 from aio_pika.abc import AbstractIncomingMessage
 from aiohttp import web
 
-from omniroute.bus import Bus
-from omniroute.store import Store
+from omniroute.infra.bus import Bus
+from omniroute.infra.store import Store
 from router.auth import current_agent
 from router.state import BUS, STORE
 from schemas.events import EXCHANGE, EventType

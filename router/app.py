@@ -6,11 +6,11 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from omniroute.bus import Bus, DeclareKeys
-from omniroute.config_loader import LiveConfig
-from omniroute.outbox import OutboxRelay
-from omniroute.settings import Settings
-from omniroute.store import Store
+from omniroute.infra.bus import Bus
+from omniroute.infra.config_loader import LiveConfig
+from omniroute.infra.outbox import OutboxRelay
+from omniroute.infra.settings import Settings
+from omniroute.infra.store import Store
 from router import (
     admin_api,
     agent_api,
@@ -24,26 +24,6 @@ from router import (
 )
 from router.ingress import running_ingress
 from router.state import BUS, CONFIG, INGRESS, SETTINGS, STORE
-
-
-def make_bus(settings: Settings, declare_keys: DeclareKeys | None = None) -> Bus:
-    return Bus(
-        settings.amqp_url.get_secret_value(),
-        publish_timeout=settings.publish_timeout,
-        connect_timeout=settings.broker_connect_timeout,
-        retry_max=settings.broker_retry_max,
-        reconnect_interval=settings.broker_reconnect_interval,
-        declare_keys=declare_keys,
-    )
-
-
-def make_store(settings: Settings) -> Store:
-    return Store(
-        settings.database_url.get_secret_value(),
-        min_size=settings.db_pool_min,
-        max_size=settings.db_pool_max,
-        connect_timeout=settings.db_connect_timeout,
-    )
 
 
 def create_app(
@@ -61,8 +41,8 @@ def create_app(
     async def resources(app: web.Application) -> AsyncIterator[None]:
         own_bus = bus is None
         own_store = store is None
-        app[BUS] = bus if bus is not None else make_bus(settings)
-        app[STORE] = store if store is not None else make_store(settings)
+        app[BUS] = bus if bus is not None else Bus.from_settings(settings)
+        app[STORE] = store if store is not None else Store.from_settings(settings)
         await app[BUS].start()
         # A router on its own is a candidate for the outbox relay (API calls write events
         # there); under ``omniroute run``/``serve`` the service runs the process's candidate.

@@ -15,7 +15,7 @@ from typing import Any
 import asyncpg
 from aiohttp import web
 
-from omniroute.agents import agent_by_token
+from omniroute.domain.agents import agent_by_token
 from omniroute.errors import StoreUnavailable
 from router.state import SETTINGS, STORE
 

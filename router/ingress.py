@@ -23,12 +23,12 @@ from typing import Literal
 
 import structlog
 
-from omniroute.bus import Bus
 from omniroute.errors import BrokerUnavailable, IngressUnavailable, StoreUnavailable
-from omniroute.metrics import SPOOL_CONFIRMED_LATE, SPOOLED
-from omniroute.settings import Settings
-from omniroute.spool import SpoolRelay, forget, spool
-from omniroute.store import PublishedMarks, Store
+from omniroute.infra.bus import Bus
+from omniroute.infra.metrics import SPOOL_CONFIRMED_LATE, SPOOLED
+from omniroute.infra.settings import Settings
+from omniroute.infra.spool import SpoolRelay, forget, spool
+from omniroute.infra.store import PublishedMarks, Store
 from schemas.events import Envelope
 
 log = structlog.get_logger("omniroute.router")

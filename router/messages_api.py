@@ -20,11 +20,11 @@ import aiohttp
 from aiohttp import web
 from pydantic import ValidationError
 
-from omniroute.ids import new_id
-from omniroute.metrics import GATE_REJECTIONS
-from omniroute.outbox import add_to_outbox
-from omniroute.store import Connection
-from omniroute.window import gate, window
+from omniroute.domain.window import gate, window
+from omniroute.infra.ids import new_id
+from omniroute.infra.metrics import GATE_REJECTIONS
+from omniroute.infra.outbox import add_to_outbox
+from omniroute.infra.store import Connection
 from router.agent_api import _own_conversation, _uuid
 from router.responses import error, invalid_body
 from router.state import CONFIG, SETTINGS, STORE

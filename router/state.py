@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from omniroute.bus import Bus
-from omniroute.config_loader import LiveConfig
-from omniroute.settings import Settings
-from omniroute.store import Store
+from omniroute.infra.bus import Bus
+from omniroute.infra.config_loader import LiveConfig
+from omniroute.infra.settings import Settings
+from omniroute.infra.store import Store
 from router.ingress import Ingress
 
 SETTINGS = web.AppKey("settings", Settings)

@@ -22,9 +22,9 @@ from multidict import MultiDict
 from pydantic import ValidationError
 from yarl import query_to_pairs
 
+from omniroute.domain.webhook_events import inbound_event, status_event
 from omniroute.errors import IngressUnavailable, UnknownAccountSid, UnknownNumber
-from omniroute.metrics import PUBLISH_CONFIRM, WEBHOOK_DURATION, WEBHOOKS
-from omniroute.webhook_events import inbound_event, status_event
+from omniroute.infra.metrics import PUBLISH_CONFIRM, WEBHOOK_DURATION, WEBHOOKS
 from router.responses import empty_twiml, error, invalid
 from router.signature import SIGNATURE_HEADER, signing_key, valid_signature
 from router.state import CONFIG, INGRESS, SETTINGS

@@ -22,13 +22,13 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from consumers.conversations import STAGE
 from consumers.runtime import Clock, Stage, StageRunner, system_clock
-from omniroute.bus import Bus
-from omniroute.config_loader import LiveConfig, parse_config
-from omniroute.database import create_database, drop_database
-from omniroute.logging import configure_logging
-from omniroute.settings import Settings
-from omniroute.store import Store, init_connection, migrate
-from router.app import create_app, make_bus
+from omniroute.infra.bus import Bus
+from omniroute.infra.config_loader import LiveConfig, parse_config
+from omniroute.infra.database import create_database, drop_database
+from omniroute.infra.logging import configure_logging
+from omniroute.infra.settings import Settings
+from omniroute.infra.store import Store, init_connection, migrate
+from router.app import create_app
 from router.state import BUS
 from tests.support import CONFIG_YAML, ENVIRON, PUBLIC_URL, EventTap, tap
 
@@ -128,7 +128,7 @@ RunnerFactory = Callable[..., Awaitable[StageRunner]]
 
 @pytest.fixture
 async def bus(settings: Settings) -> AsyncIterator[Bus]:
-    bus = make_bus(settings)
+    bus = Bus.from_settings(settings)
     await bus.start()
     async with asyncio.timeout(10):
         await bus.wait_ready()
@@ -147,7 +147,7 @@ async def start_runner(
         stage: Stage = STAGE, *, clock: Clock = system_clock, **overrides: Any
     ) -> StageRunner:
         own_settings = Settings.model_validate({**settings.model_dump(), **overrides})
-        bus = make_bus(own_settings)
+        bus = Bus.from_settings(own_settings)
         await bus.start()
         async with asyncio.timeout(10):
             await bus.wait_ready()

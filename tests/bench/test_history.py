@@ -13,8 +13,8 @@ import asyncpg
 import pytest
 
 from bench.history import CUSTOMER_PREFIX, seed_history
-from omniroute.database import create_database, drop_database
-from omniroute.store import migrate
+from omniroute.infra.database import create_database, drop_database
+from omniroute.infra.store import migrate
 from tests.conftest import Infra
 
 CONVERSATIONS = 2000

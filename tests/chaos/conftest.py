@@ -21,9 +21,9 @@ import pytest
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from omniroute.database import create_database, drop_database
-from omniroute.logging import configure_logging
-from omniroute.store import migrate
+from omniroute.infra.database import create_database, drop_database
+from omniroute.infra.logging import configure_logging
+from omniroute.infra.store import migrate
 from omniroute.twilio_emulator import EmulatorState, RunningEmulator, create_emulator_app
 from tests.chaos.harness import (
     CONFIG,

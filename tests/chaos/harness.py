@@ -317,7 +317,7 @@ class Proc:
             self.proc = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
-                "omniroute.cli",
+                "omniroute",
                 *self.args,
                 cwd=ROOT,
                 env={**self.env, "OMNIROUTE_HTTP_PORT": str(self.port)},

@@ -12,8 +12,8 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import pytest
 
-from omniroute.settings import Settings
-from router.app import make_bus
+from omniroute.infra.bus import Bus
+from omniroute.infra.settings import Settings
 from schemas.events import ConversationQueued, EventType, new_event
 from tests.chaos.conftest import TEST_TIMEOUT, Chaos
 from tests.chaos.harness import SCALE, capacity_problems, scaled, wait_until
@@ -69,7 +69,7 @@ async def test_three_distribute_replicas_one_stopped_mid_run(chaos: Chaos) -> No
         settings = Settings.model_validate(
             {"amqp_url": chaos.amqp_url, "database_url": chaos.db.dsn}
         )
-        bus = make_bus(settings)
+        bus = Bus.from_settings(settings)
         await bus.start()
         conn = await asyncpg.connect(chaos.db.dsn)
         ids: list[str] = []

@@ -14,9 +14,9 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from consumers import classify, conversations
-from omniroute.config_loader import LiveConfig, parse_config
-from omniroute.service import Service, request_reload
-from omniroute.settings import Settings
+from omniroute.commands.service import Service, request_reload
+from omniroute.infra.config_loader import LiveConfig, parse_config
+from omniroute.infra.settings import Settings
 from tests.consumers.conftest import RunnerFactory
 from tests.support import (
     CONFIG_YAML,
@@ -125,10 +125,10 @@ async def test_redelivered_opened_event_is_classified_once(
     customer = new_customer()
     await _send(router, customer, "boleto")
     opened = await _until(flow, "conversation.opened")
-    from router.app import make_bus
+    from omniroute.infra.bus import Bus
     from schemas.events import Envelope
 
-    bus = make_bus(settings)
+    bus = Bus.from_settings(settings)
     await bus.start()
     await bus.wait_ready()
     await bus.publish(Envelope.model_validate(opened))  # a redelivery of the same event

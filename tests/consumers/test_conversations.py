@@ -7,9 +7,9 @@ from datetime import UTC, datetime, timedelta
 
 import asyncpg
 
-from omniroute.bus import Bus
-from omniroute.config_loader import LiveConfig
-from omniroute.settings import Settings
+from omniroute.infra.bus import Bus
+from omniroute.infra.config_loader import LiveConfig
+from omniroute.infra.settings import Settings
 from tests.consumers.conftest import RunnerFactory
 from tests.support import EventTap, about, new_customer, new_sid, received_event, tap, wait_for
 
@@ -124,7 +124,7 @@ async def test_media_where_customers_may_not_send_it_gets_the_automated_notice(
     config: LiveConfig,
     settings: Settings,
 ) -> None:
-    from omniroute.config_loader import parse_config
+    from omniroute.infra.config_loader import parse_config
     from tests.support import CONFIG_YAML, ENVIRON
 
     no_media = CONFIG_YAML.replace(

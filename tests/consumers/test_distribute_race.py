@@ -13,8 +13,8 @@ from pathlib import Path
 
 import asyncpg
 
-from omniroute.settings import Settings
-from router.app import make_bus
+from omniroute.infra.bus import Bus
+from omniroute.infra.settings import Settings
 from schemas.events import ConversationQueued, EventType, new_event
 from tests.conftest import Infra
 from tests.support import CONFIG_YAML, ENVIRON, new_customer, wait_for
@@ -77,7 +77,7 @@ async def test_three_replicas_assign_each_conversation_once_within_capacity(
     )
     run = uuid.uuid4().hex[:8]
     ids = await _seed(db, run)
-    bus = make_bus(settings)
+    bus = Bus.from_settings(settings)
     await bus.start()
     await bus.wait_ready()
     now = datetime.now(UTC)
@@ -112,7 +112,7 @@ async def test_three_replicas_assign_each_conversation_once_within_capacity(
                 await asyncio.create_subprocess_exec(
                     sys.executable,
                     "-m",
-                    "omniroute.cli",
+                    "omniroute",
                     "consume",
                     "distribute",
                     env=env,

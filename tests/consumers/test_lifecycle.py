@@ -30,12 +30,12 @@ from consumers import classify, conversations, lifecycle
 from consumers.automated import fill, text_for
 from consumers.conversations import RATING, SANDBOX_JOIN
 from consumers.runtime import Stage, StageRunner, StageTx
-from omniroute.bus import Bus, declare_stage
-from omniroute.config_loader import LiveConfig, parse_config
-from omniroute.service import Service
-from omniroute.settings import Settings
-from omniroute.store import Connection, Store
-from omniroute.topology import STAGES
+from omniroute.commands.service import Service
+from omniroute.infra.bus import Bus, declare_stage
+from omniroute.infra.config_loader import LiveConfig, parse_config
+from omniroute.infra.settings import Settings
+from omniroute.infra.store import Connection, Store
+from omniroute.infra.topology import STAGES
 from schemas.config import AutomatedMessage, Lifecycle, Survey
 from schemas.events import (
     ConversationClassified,
@@ -1452,7 +1452,7 @@ async def test_reopen_within_the_period_goes_back_to_the_same_agent(
             cid,
             first_agent,
         )
-        await db.execute(  # what an accepted offer records (omniroute.work.assign)
+        await db.execute(  # what an accepted offer records (omniroute.domain.conversation.assign)
             "INSERT INTO contact_agents (contact_id, agent_id, assigned_at)"
             " SELECT contact_id, $2, now() FROM conversations WHERE id = $1",
             cid,

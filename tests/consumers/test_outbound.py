@@ -27,17 +27,17 @@ from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client import REGISTRY
 
 from consumers import conversations, outbound, status
-from omniroute.bus import Bus
-from omniroute.config_loader import LiveConfig, parse_config
-from omniroute.metrics import GATE_REJECTIONS
-from omniroute.settings import Settings
+from omniroute.infra.bus import Bus
+from omniroute.infra.config_loader import LiveConfig, parse_config
+from omniroute.infra.metrics import GATE_REJECTIONS
+from omniroute.infra.settings import Settings
+from omniroute.infra.webhook_urls import status_url
 from omniroute.twilio_emulator import (
     EmulatorState,
     RunningEmulator,
     StoredMedia,
     start_emulator,
 )
-from omniroute.webhook_urls import status_url
 from router.app import create_app
 from router.state import BUS
 from schemas.events import EventType, MessageSendRequested, new_event

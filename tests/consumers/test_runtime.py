@@ -13,11 +13,11 @@ from pydantic import BaseModel
 
 from consumers import conversations, lifecycle
 from consumers.runtime import Stage, StageTx
-from omniroute.bus import Bus
-from omniroute.config_loader import LiveConfig
-from omniroute.dead_letters import list_dead, replay_dead
-from omniroute.settings import Settings
-from omniroute.topology import STAGES
+from omniroute.commands.dead_letters import list_dead, replay_dead
+from omniroute.infra.bus import Bus
+from omniroute.infra.config_loader import LiveConfig
+from omniroute.infra.settings import Settings
+from omniroute.infra.topology import STAGES
 from schemas.events import Envelope, EventType, MessageReceived
 from tests.consumers.conftest import RunnerFactory
 from tests.support import EventTap, TcpProxy, new_customer, received_event, wait_for

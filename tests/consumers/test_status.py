@@ -20,8 +20,8 @@ from prometheus_client import REGISTRY
 
 from consumers import status
 from consumers.delivery import advance
-from omniroute.dead_letters import list_dead
-from omniroute.settings import Settings
+from omniroute.commands.dead_letters import list_dead
+from omniroute.infra.settings import Settings
 from tests.consumers.conftest import RunnerFactory
 from tests.support import ACCOUNT_SID, EventTap, new_customer, new_sid, signed_post, tap, wait_for
 

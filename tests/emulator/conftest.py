@@ -18,8 +18,8 @@ from aiohttp.test_utils import TestServer
 from twilio.request_validator import RequestValidator
 from twilio.rest import Client
 
+from omniroute.infra.twilio_gateway import close_client, make_client
 from omniroute.twilio_emulator import EmulatorState, create_emulator_app
-from omniroute.twilio_gateway import close_client, make_client
 
 SID = "AC00000000000000000000000000000001"
 TOKEN = "emulator-test-token-1"

@@ -14,8 +14,8 @@ from twilio.base.exceptions import TwilioRestException
 from twilio.request_validator import RequestValidator
 from twilio.rest import Client
 
+from omniroute.infra.twilio_gateway import close_client, make_client
 from omniroute.twilio_emulator import EmulatorState, start_emulator
-from omniroute.twilio_gateway import close_client, make_client
 from tests.emulator.conftest import (
     BUSINESS,
     CUSTOMER,

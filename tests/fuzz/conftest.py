@@ -21,10 +21,10 @@ import structlog
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from omniroute.config_loader import LiveConfig
-from omniroute.logging import configure_logging
-from omniroute.settings import Settings
-from omniroute.topology import STAGES
+from omniroute.infra.config_loader import LiveConfig
+from omniroute.infra.logging import configure_logging
+from omniroute.infra.settings import Settings
+from omniroute.infra.topology import STAGES
 from router.app import create_app
 from router.state import BUS
 from tests.conftest import Infra, make_settings

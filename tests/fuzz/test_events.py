@@ -22,9 +22,9 @@ from hypothesis import strategies as st
 
 from consumers import classify, conversations, status
 from consumers.runtime import Stage
-from omniroute.bus import Bus
-from omniroute.settings import Settings
-from omniroute.topology import STAGES
+from omniroute.infra.bus import Bus
+from omniroute.infra.settings import Settings
+from omniroute.infra.topology import STAGES
 from schemas.events import ConversationOpened, Envelope, EventType, MessageStatus
 from tests.conftest import RunnerFactory
 from tests.fuzz.common import STATS, TIMEOUT, fuzz_settings

@@ -19,7 +19,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from omniroute.settings import Settings
+from omniroute.infra.settings import Settings
 from tests.fuzz.common import TIMEOUT, CrashWatch, fuzz_settings
 from tests.fuzz.conftest import ADMIN, ADMIN_TOKEN, Served, World, _conversation
 from tests.fuzz.strategies import json_values

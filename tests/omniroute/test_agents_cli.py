@@ -17,10 +17,10 @@ from typing import Any
 
 import pytest
 
-from omniroute.agents import agent_by_token
-from omniroute.agents_cli import add_agents_parser, cmd_agents
-from omniroute.settings import Settings
-from omniroute.store import Connection, Store
+from omniroute.commands.agents_cli import add_agents_parser, cmd_agents
+from omniroute.domain.agents import agent_by_token
+from omniroute.infra.settings import Settings
+from omniroute.infra.store import Connection, Store
 from tests.conftest import Infra, make_settings
 from tests.support import CONFIG_YAML
 

@@ -37,7 +37,7 @@ async def _cli(*args: str, env: dict[str, str]) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "omniroute.cli",
+        "omniroute",
         *args,
         env=env,
         stdout=asyncio.subprocess.PIPE,
@@ -83,7 +83,7 @@ async def test_run_process_end_to_end_and_no_secret_in_logs(
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "omniroute.cli",
+            "omniroute",
             "run",
             env=env,
             stdout=stderr,
@@ -195,10 +195,10 @@ async def test_migrate_is_idempotent(infra: Infra, tmp_path: Path) -> None:
 async def test_status_reports_every_stage(infra: Infra, tmp_path: Path) -> None:
     import json
 
-    from router.app import make_bus
+    from omniroute.infra.bus import Bus
     from tests.conftest import make_settings
 
-    bus = make_bus(make_settings(infra))  # declares the topology
+    bus = Bus.from_settings(make_settings(infra))  # declares the topology
     await bus.start()
     await bus.wait_ready()
     await bus.close()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from omniroute.contract import asyncapi
+from omniroute.commands.contract import asyncapi
 from schemas.events import PAYLOADS, EventType
 
 CHECKED_IN = Path(__file__).resolve().parents[2] / "docs" / "asyncapi.json"

@@ -43,9 +43,10 @@ import pytest
 
 from consumers import conversations as conversations_stage
 from consumers import distribute, lifecycle
-from omniroute import outbox, timers
-from omniroute.database import create_database, drop_database
-from omniroute.store import migrate
+from omniroute.domain import timers
+from omniroute.infra import outbox
+from omniroute.infra.database import create_database, drop_database
+from omniroute.infra.store import migrate
 
 BASE_DB = os.environ.get("OMNIROUTE_TEST_DATABASE_BASE", "postgresql://127.0.0.1:5432")
 
@@ -360,7 +361,7 @@ async def seeded() -> AsyncIterator[Seeded]:
 
 
 def _schedule_later_only() -> str:
-    """The statement ``omniroute.timers.schedule(..., later_only=True)`` sends, captured."""
+    """The statement ``omniroute.domain.timers.schedule(..., later_only=True)`` sends, captured."""
     sent: list[str] = []
 
     class Recorder:

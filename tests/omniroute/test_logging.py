@@ -10,7 +10,7 @@ import sys
 SCRIPT = """
 import logging
 import structlog
-from omniroute.logging import configure_logging
+from omniroute.infra.logging import configure_logging
 
 configure_logging("json", "info")
 structlog.get_logger("omniroute.test").info("ours.event", token="hunter2", n=1)

@@ -12,12 +12,12 @@ import asyncpg
 import pytest
 from aiohttp import web
 
-from omniroute.bus import Bus
-from omniroute.dead_letters import run_dead_letters
-from omniroute.outbox import add_to_outbox
-from omniroute.settings import Settings
-from omniroute.status import StageStatus, collect, database_notes, management_url, render
-from omniroute.topology import STAGES
+from omniroute.commands.dead_letters import run_dead_letters
+from omniroute.commands.status import StageStatus, collect, database_notes, management_url, render
+from omniroute.infra.bus import Bus
+from omniroute.infra.outbox import add_to_outbox
+from omniroute.infra.settings import Settings
+from omniroute.infra.topology import STAGES
 from schemas.events import EventType
 from tests.support import received_event
 

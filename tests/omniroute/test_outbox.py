@@ -9,10 +9,10 @@ from typing import Any
 
 import asyncpg
 
-from omniroute.bus import Bus
-from omniroute.outbox import OutboxRelay, add_to_outbox, horizon_of
-from omniroute.settings import Settings
-from omniroute.store import Store, init_connection
+from omniroute.infra.bus import Bus
+from omniroute.infra.outbox import OutboxRelay, add_to_outbox, horizon_of
+from omniroute.infra.settings import Settings
+from omniroute.infra.store import Store, init_connection
 from schemas.events import Envelope, EventType
 from tests.support import EventTap, received_event, tap, wait_for
 

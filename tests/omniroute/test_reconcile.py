@@ -23,9 +23,7 @@ from twilio.base.exceptions import TwilioException, TwilioRestException
 from twilio.http.response import Response
 
 from consumers import conversations, status
-from omniroute.bus import Bus
-from omniroute.config_loader import LiveConfig
-from omniroute.reconcile import (
+from omniroute.domain.reconcile import (
     NumberReport,
     Reconciler,
     account_lock_key,
@@ -33,10 +31,12 @@ from omniroute.reconcile import (
     running_reconciler,
     with_backoff,
 )
-from omniroute.settings import Settings
-from omniroute.store import Store
+from omniroute.infra.bus import Bus
+from omniroute.infra.config_loader import LiveConfig
+from omniroute.infra.settings import Settings
+from omniroute.infra.store import Store
+from omniroute.infra.twilio_gateway import TwilioClients, make_client
 from omniroute.twilio_emulator import EmulatorState, RunningEmulator, start_emulator
-from omniroute.twilio_gateway import TwilioClients, make_client
 from tests.conftest import RunnerFactory
 from tests.support import (
     ACCOUNT_SID,
@@ -267,7 +267,7 @@ async def test_lost_status_callback_is_recovered_from_twilio(
             status_callback=f"http://127.0.0.1:{_closed_port()}/twilio/contoso/status",
         )
     finally:
-        from omniroute.twilio_gateway import close_client
+        from omniroute.infra.twilio_gateway import close_client
 
         await close_client(client)
     await wait_for(lambda: _emulated_status(emulator, sent.sid, "read"), timeout=10)

@@ -12,9 +12,8 @@ from pathlib import Path
 import aio_pika
 import asyncpg
 
-from omniroute.bus import Bus
-from omniroute.settings import Settings
-from router.app import make_bus
+from omniroute.infra.bus import Bus
+from omniroute.infra.settings import Settings
 from tests.conftest import Infra
 from tests.support import CONFIG_YAML, ENVIRON, new_customer, received_event, wait_for
 
@@ -61,7 +60,7 @@ async def _consume(env: dict[str, str], log: Path) -> asyncio.subprocess.Process
         return await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "omniroute.cli",
+            "omniroute",
             "consume",
             "conversations",
             env=env,
@@ -77,7 +76,7 @@ async def test_sigterm_drains_in_flight_work_and_loses_nothing(
     config.write_text(CONFIG_YAML)
     env = _env(infra, config)
     customers = [new_customer() for _ in range(50)]
-    bus: Bus = make_bus(settings)
+    bus: Bus = Bus.from_settings(settings)
     await bus.start()
     async with asyncio.timeout(10):
         await bus.wait_ready()

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from omniroute.window import (
+from omniroute.domain.window import (
     MAX_MEDIA,
     Rendered,
     Verdict,

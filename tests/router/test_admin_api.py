@@ -17,10 +17,10 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from omniroute.agents import agent_by_token
-from omniroute.config_loader import LiveConfig
-from omniroute.settings import Settings
-from omniroute.store import Store
+from omniroute.domain.agents import agent_by_token
+from omniroute.infra.config_loader import LiveConfig
+from omniroute.infra.settings import Settings
+from omniroute.infra.store import Store
 from router import admin_api
 from router.app import create_app
 from router.auth import current_agent

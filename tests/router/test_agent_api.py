@@ -16,8 +16,8 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from consumers import classify, conversations, distribute
-from omniroute.config_loader import LiveConfig, parse_config
-from omniroute.settings import Settings
+from omniroute.infra.config_loader import LiveConfig, parse_config
+from omniroute.infra.settings import Settings
 from tests.consumers.conftest import RunnerFactory
 from tests.support import (
     CONFIG_YAML,

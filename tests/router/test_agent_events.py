@@ -25,9 +25,9 @@ import pytest
 from aiohttp import ClientResponse, web
 from aiohttp.test_utils import TestClient
 
-from omniroute.bus import Bus
-from omniroute.config_loader import LiveConfig
-from omniroute.settings import Settings
+from omniroute.infra.bus import Bus
+from omniroute.infra.config_loader import LiveConfig
+from omniroute.infra.settings import Settings
 from router import agent_events
 from router.app import create_app
 from router.state import BUS

@@ -15,12 +15,13 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from multidict import MultiDict
 
-from omniroute.config_loader import LiveConfig, parse_config
-from omniroute.settings import Settings
-from omniroute.spool import SpoolRelay, spool
-from omniroute.store import Store
-from omniroute.webhook_events import inbound_event, inbound_event_id
-from router.app import create_app, make_bus
+from omniroute.domain.webhook_events import inbound_event, inbound_event_id
+from omniroute.infra.bus import Bus
+from omniroute.infra.config_loader import LiveConfig, parse_config
+from omniroute.infra.settings import Settings
+from omniroute.infra.spool import SpoolRelay, spool
+from omniroute.infra.store import Store
+from router.app import create_app
 from router.state import BUS
 from tests.conftest import Infra, make_settings
 from tests.support import (
@@ -197,7 +198,7 @@ async def test_one_relay_at_a_time_publishes_each_spooled_webhook_once(
         form = MultiDict(inbound_form(sid=sid))
         await spool(store, inbound_event(account, form, datetime.now(UTC)))
     small_batches = Settings.model_validate({**settings.model_dump(), "spool_relay_batch": 7})
-    buses = [make_bus(small_batches) for _ in range(2)]
+    buses = [Bus.from_settings(small_batches) for _ in range(2)]
     relays = [SpoolRelay(bus=bus, store=store, settings=small_batches) for bus in buses]
     async with tap(settings.amqp_url.get_secret_value(), "message.received") as spy:
         for bus in buses:

@@ -21,7 +21,7 @@ from aiohttp.test_utils import TestClient
 from multidict import MultiDict
 from twilio.request_validator import RequestValidator
 
-from omniroute.settings import Settings
+from omniroute.infra.settings import Settings
 from tests.support import (
     AUTH_TOKEN,
     ENVIRON,

@@ -8,8 +8,8 @@ from datetime import date
 import pytest
 
 from consumers.rules import classify, compile_workstream
-from omniroute.config_loader import parse_config
 from omniroute.errors import ConfigError
+from omniroute.infra.config_loader import parse_config
 from schemas.config import Config
 
 SOURCE = "cfg.yaml"

@@ -1,7 +1,7 @@
 """``omniroute agents add|list|set|remove``: manage agents straight in the database.
 
 No router needed: the command uses the same functions as the admin API
-(``omniroute.agents``). Queue names are checked against the configuration file when it
+(``omniroute.domain.agents``). Queue names are checked against the configuration file when it
 exists. A presence change (``set --presence``, or removing an agent that was not offline)
 puts ``agent.presence-changed`` in the outbox; any running omniroute stage relays it.
 """
@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import asyncpg
 from pydantic import BaseModel, ValidationError
 
-from omniroute.agents import (
+from omniroute.domain.agents import (
     UnknownQueues,
     agent_out,
     create_agent,
@@ -27,10 +27,10 @@ from omniroute.agents import (
     list_agents,
     update_agent,
 )
-from omniroute.config_loader import load_config
 from omniroute.errors import StoreUnavailable
-from omniroute.settings import Settings
-from omniroute.store import Store
+from omniroute.infra.config_loader import load_config
+from omniroute.infra.settings import Settings
+from omniroute.infra.store import Store
 from schemas.api import PRESENCES, AgentCreate, AgentUpdate
 
 M = TypeVar("M", bound=BaseModel)

@@ -8,8 +8,8 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from omniroute.ids import new_id
-from omniroute.store import Connection
+from omniroute.infra.ids import new_id
+from omniroute.infra.store import Connection
 
 # Did a timer of this kind already fire for this moment or a later one? (``timers_fired``)
 FIRED_GUARD = (

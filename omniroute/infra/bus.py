@@ -25,7 +25,8 @@ from aio_pika.abc import (
 from pamqp.commands import Basic
 
 from omniroute.errors import BrokerUnavailable
-from omniroute.topology import (
+from omniroute.infra.settings import Settings
+from omniroute.infra.topology import (
     BROKER_DELIVERY_LIMIT,
     DEAD_LETTER_EXCHANGE,
     EXCHANGE,
@@ -130,6 +131,17 @@ class Bus:
         self._channel: AbstractChannel | None = None
         self._ready = asyncio.Event()
         self._supervisor: asyncio.Task[None] | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings, declare_keys: DeclareKeys | None = None) -> Bus:
+        return cls(
+            settings.amqp_url.get_secret_value(),
+            publish_timeout=settings.publish_timeout,
+            connect_timeout=settings.broker_connect_timeout,
+            retry_max=settings.broker_retry_max,
+            reconnect_interval=settings.broker_reconnect_interval,
+            declare_keys=declare_keys,
+        )
 
     @property
     def connection(self) -> AbstractRobustConnection:

@@ -1,4 +1,4 @@
-"""PostgreSQL: the asyncpg pool and plain SQL migrations (the outbox is ``omniroute.outbox``)."""
+"""PostgreSQL: the asyncpg pool and plain SQL migrations (outbox: ``omniroute.infra.outbox``)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import structlog
 from asyncpg.pool import PoolConnectionProxy
 
 from omniroute.errors import StoreUnavailable
+from omniroute.infra.settings import Settings
 
 log = structlog.get_logger("omniroute.store")
 
@@ -70,6 +71,15 @@ class Store:
         self._pool: asyncpg.Pool | None = None
         self._lock = asyncio.Lock()
 
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Store:
+        return cls(
+            settings.database_url.get_secret_value(),
+            min_size=settings.db_pool_min,
+            max_size=settings.db_pool_max,
+            connect_timeout=settings.db_connect_timeout,
+        )
+
     async def pool(self) -> asyncpg.Pool:
         if self._pool is not None:
             return self._pool
@@ -123,7 +133,7 @@ class Store:
 
 def migration_files() -> list[tuple[str, str]]:
     """(name, sql) of every bundled migration, in order."""
-    folder = resources.files("omniroute").joinpath("migrations")
+    folder = resources.files("omniroute.infra").joinpath("migrations")
     files = sorted((p for p in folder.iterdir() if p.name.endswith(".sql")), key=lambda p: p.name)
     return [(p.name, p.read_text(encoding="utf-8")) for p in files]
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from omniroute.ids import new_id
-from omniroute.store import Connection
+from omniroute.infra.ids import new_id
+from omniroute.infra.store import Connection
 from schemas.events import (
     ConversationAssigned,
     ConversationClosed,

@@ -11,8 +11,8 @@ from typing import Any
 
 import aiohttp
 
-from omniroute.agents import create_agent, delete_agent
-from omniroute.store import Store
+from omniroute.domain.agents import create_agent, delete_agent
+from omniroute.infra.store import Store
 from schemas.api import AgentCreate
 from schemas.config import Config
 

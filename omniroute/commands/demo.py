@@ -24,9 +24,7 @@ import aiohttp
 import asyncpg
 import orjson
 
-from omniroute.config_loader import LiveConfig, load_config
-from omniroute.database import create_database, drop_database
-from omniroute.demo_agents import (
+from omniroute.commands.demo_agents import (
     close,
     converse,
     create_demo_agents,
@@ -34,9 +32,11 @@ from omniroute.demo_agents import (
     retire_demo_agents,
     take_work,
 )
-from omniroute.service import Service
-from omniroute.settings import Settings
-from omniroute.store import Store, migrate
+from omniroute.commands.service import Service
+from omniroute.infra.config_loader import LiveConfig, load_config
+from omniroute.infra.database import create_database, drop_database
+from omniroute.infra.settings import Settings
+from omniroute.infra.store import Store, migrate
 from omniroute.twilio_emulator import EmulatorState, start_emulator
 from schemas.config import Account, Config, Lifecycle
 from schemas.events import EXCHANGE

@@ -8,7 +8,7 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from omniroute.topology import STAGES
+from omniroute.infra.topology import STAGES
 from schemas.events import DEAD_LETTER_EXCHANGE, EXCHANGE, PAYLOADS, Envelope
 
 REF = "#/components/schemas/{model}"

@@ -12,12 +12,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from omniroute.agents_cli import add_agents_parser, cmd_agents
-from omniroute.config_loader import LiveConfig, load_config
+from omniroute.commands.agents_cli import add_agents_parser, cmd_agents
 from omniroute.errors import ConfigError
-from omniroute.logging import configure_logging
-from omniroute.settings import Settings
-from omniroute.webhook_urls import inbound_url, status_url
+from omniroute.infra.config_loader import LiveConfig, load_config
+from omniroute.infra.logging import configure_logging
+from omniroute.infra.settings import Settings
+from omniroute.infra.webhook_urls import inbound_url, status_url
 
 
 def _tune_gc() -> None:
@@ -49,7 +49,7 @@ def _config(settings: Settings, path: str | None = None) -> LiveConfig:
 
 def cmd_service(args: argparse.Namespace, settings: Settings) -> int:
     from consumers.registry import STAGES
-    from omniroute.service import Service, run_service
+    from omniroute.commands.service import Service, run_service
 
     stages: list[str] = []
     children: list[str] = []
@@ -71,8 +71,8 @@ def cmd_service(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
-    from omniroute.database import create_database
-    from omniroute.store import migrate
+    from omniroute.infra.database import create_database
+    from omniroute.infra.store import migrate
 
     dsn = settings.database_url.get_secret_value()
 
@@ -148,11 +148,12 @@ def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
 async def _reconcile(
     settings: Settings, config: LiveConfig, since: datetime | None, account: str | None
 ) -> int:
+    from omniroute.domain.reconcile import Reconciler
     from omniroute.errors import StoreUnavailable
-    from omniroute.reconcile import Reconciler
-    from router.app import make_bus, make_store
+    from omniroute.infra.bus import Bus
+    from omniroute.infra.store import Store
 
-    bus, store = make_bus(settings), make_store(settings)
+    bus, store = Bus.from_settings(settings), Store.from_settings(settings)
     await bus.start()
     try:
         try:
@@ -197,7 +198,7 @@ async def _reconcile(
 
 def cmd_config(args: argparse.Namespace, settings: Settings) -> int:
     if args.config_command == "reload":
-        from omniroute.service import request_reload
+        from omniroute.commands.service import request_reload
 
         _run(request_reload(settings))
         print("reload requested: every running omniroute process re-reads its configuration")
@@ -225,7 +226,7 @@ def cmd_config(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_classify(args: argparse.Namespace, settings: Settings) -> int:
-    from omniroute.explain import explain
+    from omniroute.commands.explain import explain
 
     path = Path(args.config) if args.config else settings.config
     config = load_config(path, os.environ, require_secrets=False)
@@ -243,7 +244,7 @@ def cmd_emulator(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
-    from omniroute.demo import run_demo
+    from omniroute.commands.demo import run_demo
 
     if "log_level" not in settings.model_fields_set:  # the demo tells its own story
         configure_logging("console", "warning")
@@ -253,20 +254,20 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_contract(args: argparse.Namespace, settings: Settings) -> int:
     import json
 
-    from omniroute.contract import asyncapi
+    from omniroute.commands.contract import asyncapi
 
     print(json.dumps(asyncapi(), indent=2, sort_keys=True))
     return 0
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
-    from omniroute.status import run_status
+    from omniroute.commands.status import run_status
 
     return _run(run_status(settings, args.json, args.interval))
 
 
 def cmd_dead_letters(args: argparse.Namespace, settings: Settings) -> int:
-    from omniroute.dead_letters import run_dead_letters
+    from omniroute.commands.dead_letters import run_dead_letters
 
     return _run(run_dead_letters(settings, args.action, args.stage, args.limit, args.id))
 

@@ -25,9 +25,9 @@ from typing import Any
 import asyncpg
 
 from omniroute.errors import OmnirouteError
-from omniroute.ids import new_id
-from omniroute.outbox import add_to_outbox
-from omniroute.store import Connection
+from omniroute.infra.ids import new_id
+from omniroute.infra.outbox import add_to_outbox
+from omniroute.infra.store import Connection
 from schemas.api import AgentCreate, AgentOut, AgentUpdate
 from schemas.events import AgentPresenceChanged, Envelope, EventType, new_event, utcnow
 

@@ -22,8 +22,8 @@ import aiohttp
 import asyncpg
 from aio_pika.exceptions import ChannelClosed
 
-from omniroute.settings import Settings
-from omniroute.topology import STAGES
+from omniroute.infra.settings import Settings
+from omniroute.infra.topology import STAGES
 
 
 @dataclass(frozen=True)

@@ -52,12 +52,12 @@ import structlog
 from aio_pika import DeliveryMode
 from pamqp.commands import Basic
 
-from omniroute.background import Background
-from omniroute.bus import Bus
 from omniroute.errors import BrokerUnavailable
-from omniroute.metrics import OUTBOX_LEADER, OUTBOX_PRUNED, OUTBOX_RELAYED
-from omniroute.settings import Settings
-from omniroute.store import UNAVAILABLE, Connection, Store
+from omniroute.infra.background import Background
+from omniroute.infra.bus import Bus
+from omniroute.infra.metrics import OUTBOX_LEADER, OUTBOX_PRUNED, OUTBOX_RELAYED
+from omniroute.infra.settings import Settings
+from omniroute.infra.store import UNAVAILABLE, Connection, Store
 from schemas.events import Envelope
 
 log = structlog.get_logger("omniroute.outbox")
@@ -112,7 +112,7 @@ async def add_to_outbox(conn: Connection, events: Sequence[Envelope]) -> list[En
 
 
 def _properties(body: dict[str, Any]) -> Basic.Properties:
-    """The AMQP properties ``omniroute.bus.event_properties`` gives the same event, read from
+    """The AMQP properties ``omniroute.infra.bus.event_properties`` gives the same event, read from
     its stored JSON without rebuilding the model."""
     return Basic.Properties(
         content_type="application/json",

@@ -18,15 +18,15 @@ import structlog
 from aio_pika.abc import AbstractIncomingMessage
 from aiohttp import web
 
-from omniroute.bus import Bus
-from omniroute.config_loader import LiveConfig
+from omniroute.commands.stage_process import StageProcess
+from omniroute.domain.reconcile import running_reconciler
 from omniroute.errors import ConfigError
-from omniroute.outbox import OutboxRelay
-from omniroute.reconcile import running_reconciler
-from omniroute.settings import Settings
-from omniroute.spool import SpoolRelay
-from omniroute.stage_process import StageProcess
-from omniroute.topology import StageQueue
+from omniroute.infra.bus import Bus
+from omniroute.infra.config_loader import LiveConfig
+from omniroute.infra.outbox import OutboxRelay
+from omniroute.infra.settings import Settings
+from omniroute.infra.spool import SpoolRelay
+from omniroute.infra.topology import StageQueue
 from schemas.events import EXCHANGE, Envelope, EventType, event_id, utcnow
 
 log = structlog.get_logger("omniroute.service")
@@ -49,13 +49,15 @@ class Service:
     async def start(self) -> None:
         from consumers.registry import STAGES
         from consumers.runtime import StageRunner
-        from router.app import create_app, create_ops_app, make_bus, make_store
+        from omniroute.infra.bus import Bus
+        from omniroute.infra.store import Store
+        from router.app import create_app, create_ops_app
 
         unknown = [s for s in [*self.stages, *self.child_stages] if s not in STAGES]
         if unknown:
             raise ValueError(f"unknown stage(s): {', '.join(unknown)}; known: {', '.join(STAGES)}")
-        bus = make_bus(self.settings, declare_keys=self.declare_keys)
-        store = make_store(self.settings)
+        bus = Bus.from_settings(self.settings, declare_keys=self.declare_keys)
+        store = Store.from_settings(self.settings)
         await bus.start()
         self._cleanups.append(store.close)
         self._cleanups.append(bus.close)
@@ -179,9 +181,9 @@ async def _cancel(task: asyncio.Task[None]) -> None:
 
 async def request_reload(settings: Settings) -> None:
     """Ask every running process to reload its configuration (confirmed publish)."""
-    from router.app import make_bus
+    from omniroute.infra.bus import Bus
 
-    bus = make_bus(settings)
+    bus = Bus.from_settings(settings)
     await bus.start()
     try:
         async with asyncio.timeout(settings.broker_connect_timeout * 5):

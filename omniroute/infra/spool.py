@@ -21,12 +21,12 @@ from collections.abc import Sequence
 
 import structlog
 
-from omniroute.background import Background
-from omniroute.bus import Bus
 from omniroute.errors import BrokerUnavailable, StoreUnavailable
-from omniroute.metrics import SPOOL_RELAYED
-from omniroute.settings import Settings
-from omniroute.store import UNAVAILABLE, Connection, Store
+from omniroute.infra.background import Background
+from omniroute.infra.bus import Bus
+from omniroute.infra.metrics import SPOOL_RELAYED
+from omniroute.infra.settings import Settings
+from omniroute.infra.store import UNAVAILABLE, Connection, Store
 from schemas.events import Envelope
 
 log = structlog.get_logger("omniroute.spool")

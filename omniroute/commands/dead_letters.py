@@ -15,9 +15,9 @@ from typing import Any
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 
-from omniroute.bus import copy_message
-from omniroute.settings import Settings
-from omniroute.topology import STAGES
+from omniroute.infra.bus import copy_message
+from omniroute.infra.settings import Settings
+from omniroute.infra.topology import STAGES
 
 _OUR_HEADERS = ("x-omniroute-stage", "x-omniroute-reason", "x-omniroute-dead-at", "x-death")
 

@@ -8,7 +8,7 @@ lost to the webhook path. It is still in Twilio's Messages API. A pass, per acco
 - per configured number, lists the inbound messages Twilio logged since the checkpoint minus
   an overlap, looks their sids up in ``messages``, and for each one missing rebuilds the form
   Twilio would have posted and publishes the very event the router builds from it
-  (``omniroute.webhook_events``: same id, so the conversations stage's dedup holds). The
+  (``omniroute.domain.webhook_events``: same id, so the conversations stage's dedup holds). The
   checkpoint moves only when every injection of the number was confirmed by the broker;
 - asks Twilio for the status of outbound messages not in a final status that had no news
   for ``reconcile_status_age``, and publishes a ``message.status`` event when Twilio knows a
@@ -37,14 +37,14 @@ from multidict import MultiDict
 from pydantic import ValidationError
 from twilio.base.exceptions import TwilioException, TwilioRestException
 
-from omniroute.bus import Bus
-from omniroute.config_loader import LiveConfig
+from omniroute.domain.webhook_events import inbound_event, status_event
 from omniroute.errors import BrokerUnavailable, StoreUnavailable, UnknownAccountSid, UnknownNumber
-from omniroute.metrics import RECONCILE_INJECTED
-from omniroute.settings import Settings
-from omniroute.store import UNAVAILABLE, Connection, Store
-from omniroute.twilio_gateway import TwilioClients
-from omniroute.webhook_events import inbound_event, status_event
+from omniroute.infra.bus import Bus
+from omniroute.infra.config_loader import LiveConfig
+from omniroute.infra.metrics import RECONCILE_INJECTED
+from omniroute.infra.settings import Settings
+from omniroute.infra.store import UNAVAILABLE, Connection, Store
+from omniroute.infra.twilio_gateway import TwilioClients
 from schemas.config import Account
 from schemas.events import Envelope
 
