@@ -87,15 +87,37 @@ class Envelope(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    id: str
-    type: str
-    version: int = 1
-    occurred_at: datetime
-    account: str
-    conversation_id: str | None = None
-    correlation_id: str
-    causation_id: str | None = None
-    data: dict[str, Any] = Field(default_factory=dict)
+    id: str = Field(
+        description="The event's id; deterministic (uuid5 over a natural key) where one exists, "
+        "so a retried cause yields the same id: consumers dedup on it"
+    )
+    type: str = Field(
+        description="The routing key (e.g. conversation.assigned); names the schema of `data`"
+    )
+    version: int = Field(
+        default=1, description="The version of this type's payload; a breaking change bumps it"
+    )
+    occurred_at: datetime = Field(description="When it happened (ISO 8601, UTC)")
+    account: str = Field(
+        description="The configured Twilio account it belongs to; `*` for events about no "
+        "single account (agent presence, configuration reloads)"
+    )
+    conversation_id: str | None = Field(
+        default=None, description="The conversation it is about, once there is one"
+    )
+    correlation_id: str = Field(
+        description="Shared by every event one cause sets off: born from the webhook's "
+        "MessageSid (or the first event's id) and carried through to the assignment"
+    )
+    causation_id: str | None = Field(
+        default=None,
+        description="The id of the event whose handling produced this one; null when the "
+        "cause is outside the bus (a webhook, an API call, a timer)",
+    )
+    data: dict[str, Any] = Field(
+        default_factory=dict,
+        description="The payload of this type: the component schema named after it",
+    )
 
     def caused(
         self,
@@ -138,10 +160,12 @@ class MessageReceived(BaseModel):
 
     message_sid: str
     account_sid: str
-    business_number: str  # E.164 of our WhatsApp sender, e.g. +5511999990000
+    business_number: str = Field(description="E.164 of our WhatsApp sender, e.g. +5511999990000")
     number_name: str
     workstream: str
-    customer: str  # the sender address without the channel prefix (+E164 or business-scoped id)
+    customer: str = Field(
+        description="the sender address without the channel prefix (+E164 or business-scoped id)"
+    )
     customer_wa_id: str | None = None
     external_user_id: str | None = None
     profile_name: str | None = None
@@ -267,7 +291,7 @@ class ConversationAssigned(BaseModel):
     agent_id: str
     assignment_id: str
     queue: str | None = None
-    via: str  # offer | auto-accept | pick | transfer
+    via: str = Field(description="offer | auto-accept | pick | transfer")
     assigned_at: datetime
 
 
@@ -279,6 +303,14 @@ class OfferEnded(BaseModel):
     offer_id: str
     agent_id: str
     queue: str | None = None
+
+
+class OfferDeclined(OfferEnded):
+    """``offer.declined``: the agent declined the offer; the work goes back to its queue."""
+
+
+class OfferExpired(OfferEnded):
+    """``offer.expired``: nobody accepted the offer in time; the work goes back to its queue."""
 
 
 class ConversationTransferred(BaseModel):
@@ -311,8 +343,13 @@ class MessageSendRequested(BaseModel):
 
     message_id: str
     agent_id: str | None = None
-    kind: str  # text | media | template | system
+    kind: str = Field(description="text | media | template | system")
     requested_at: datetime
+    automated: str | None = Field(
+        default=None,
+        description="the automated message it sends (greeting, closed, idle_reminder, …), "
+        "for kind system",
+    )
 
 
 class MessageRejected(BaseModel):
@@ -337,6 +374,22 @@ class MessageOutcome(BaseModel):
     status: str
     error_code: str | None = None
     error_message: str | None = None
+
+
+class MessageSent(MessageOutcome):
+    """``message.sent``: the message reached the sent step (Twilio handed it to WhatsApp)."""
+
+
+class MessageDelivered(MessageOutcome):
+    """``message.delivered``: WhatsApp delivered the message to the customer's phone."""
+
+
+class MessageRead(MessageOutcome):
+    """``message.read``: the customer read the message."""
+
+
+class MessageFailed(MessageOutcome):
+    """``message.failed``: Twilio refused the message or could not deliver it, with its error."""
 
 
 class ConversationEnded(BaseModel):
@@ -394,6 +447,10 @@ class SystemEvent(BaseModel):
     model_config = ConfigDict(extra="allow")
 
 
+class ConfigReloadRequested(SystemEvent):
+    """``config.reload-requested``: every process reloads its configuration; no payload."""
+
+
 PAYLOADS: dict[str, type[BaseModel]] = {
     EventType.MESSAGE_RECEIVED: MessageReceived,
     EventType.MESSAGE_STATUS: MessageStatus,
@@ -404,16 +461,16 @@ PAYLOADS: dict[str, type[BaseModel]] = {
     EventType.CONVERSATION_OFFERED: ConversationOffered,
     EventType.CONVERSATION_ASSIGNED: ConversationAssigned,
     EventType.CONVERSATION_TRANSFERRED: ConversationTransferred,
-    EventType.OFFER_DECLINED: OfferEnded,
-    EventType.OFFER_EXPIRED: OfferEnded,
+    EventType.OFFER_DECLINED: OfferDeclined,
+    EventType.OFFER_EXPIRED: OfferExpired,
     EventType.AGENT_PRESENCE_CHANGED: AgentPresenceChanged,
     EventType.MESSAGE_SEND_REQUESTED: MessageSendRequested,
     EventType.MESSAGE_REJECTED: MessageRejected,
-    EventType.MESSAGE_SENT: MessageOutcome,
-    EventType.MESSAGE_DELIVERED: MessageOutcome,
-    EventType.MESSAGE_READ: MessageOutcome,
-    EventType.MESSAGE_FAILED: MessageOutcome,
-    EventType.CONFIG_RELOAD_REQUESTED: SystemEvent,
+    EventType.MESSAGE_SENT: MessageSent,
+    EventType.MESSAGE_DELIVERED: MessageDelivered,
+    EventType.MESSAGE_READ: MessageRead,
+    EventType.MESSAGE_FAILED: MessageFailed,
+    EventType.CONFIG_RELOAD_REQUESTED: ConfigReloadRequested,
     EventType.CONVERSATION_ENDED: ConversationEnded,
     EventType.SURVEY_ANSWERED: SurveyAnswered,
     EventType.CONVERSATION_REOPENED: ConversationReopened,
