@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -32,6 +33,20 @@ from schemas.events import EXCHANGE, Envelope, EventType, event_id, utcnow
 log = structlog.get_logger("omniroute.service")
 
 
+class ListenFailed(Exception):
+    """The HTTP port could not be bound (in use, not permitted, no such address)."""
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """Bind the HTTP port; raise ListenFailed with the address and the reason."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family, backlog=1024)
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise ListenFailed(f"cannot listen on {host}:{port}: {reason}") from None
+
+
 @dataclass
 class Service:
     """A running process: its bus, store, HTTP site and stage runners."""
@@ -44,6 +59,7 @@ class Service:
     http_port: int | None = None
     # Stages run by a supervised child process (``omniroute run``) instead of this one.
     child_stages: list[str] = field(default_factory=list)
+    _listening: socket.socket | None = None
     _cleanups: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
     async def start(self) -> None:
@@ -56,6 +72,8 @@ class Service:
         unknown = [s for s in [*self.stages, *self.child_stages] if s not in STAGES]
         if unknown:
             raise ValueError(f"unknown stage(s): {', '.join(unknown)}; known: {', '.join(STAGES)}")
+        self.listen()
+        listening = self._listening
         bus = Bus.from_settings(self.settings, declare_keys=self.declare_keys)
         store = Store.from_settings(self.settings)
         await bus.start()
@@ -65,7 +83,7 @@ class Service:
         relay = OutboxRelay(bus=bus, store=store, settings=self.settings)
         await relay.start()
         self._cleanups.append(relay.stop)
-        if self.serve_http or self.stages:
+        if listening is not None:
             # The router's whole API, or for stages alone health and metrics on the same port.
             app = (
                 create_app(self.settings, self.config, bus=bus, store=store)
@@ -74,10 +92,9 @@ class Service:
             )
             runner = web.AppRunner(app, handle_signals=False, access_log=None)
             await runner.setup()
-            site = web.TCPSite(runner, self.settings.http_host, self.settings.http_port)
+            site = web.SockSite(runner, listening)
             await site.start()
-            sockets = getattr(site._server, "sockets", None) or []
-            self.http_port = sockets[0].getsockname()[1] if sockets else self.settings.http_port
+            self.http_port = int(listening.getsockname()[1])
             self._cleanups.append(runner.cleanup)
             log.info(
                 "router.listening" if self.serve_http else "ops.listening",
@@ -129,6 +146,16 @@ class Service:
                 await stage_runner.start()
                 self._cleanups.append(stage_runner.stop)
 
+    def listen(self) -> None:
+        """Bind the HTTP port (the router's, or a stage's health and metrics), if this process
+        serves one and has not bound it yet. Raises ListenFailed; ``run_service`` calls this
+        before anything else starts, so a port in use ends the process at once instead of
+        after (or while) connecting to the broker."""
+        if self._listening is None and (self.serve_http or self.stages):
+            listening = _listen(self.settings.http_host, self.settings.http_port)
+            self._listening = listening
+            self._cleanups.append(lambda: _close(listening))
+
     def declare_keys(self, queue: StageQueue) -> tuple[str, ...]:
         """What a stage's queue is bound to when this process declares it: the keys it always
         needs and the optional ones this configuration needs, so events published before
@@ -173,6 +200,10 @@ class Service:
             log.error("config.reload_failed", problems=exc.problems)
 
 
+async def _close(sock: socket.socket) -> None:
+    sock.close()
+
+
 async def _cancel(task: asyncio.Task[None]) -> None:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -203,7 +234,9 @@ async def request_reload(settings: Settings) -> None:
 
 
 async def run_service(service: Service) -> None:
-    """Start, wait for SIGTERM/SIGINT (SIGHUP reloads the configuration), drain, return."""
+    """Start, wait for SIGTERM/SIGINT (SIGHUP reloads the configuration), drain, return.
+    Raises ListenFailed, before starting anything, when the HTTP port cannot be bound."""
+    service.listen()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, service.stop_event.set)

@@ -1,5 +1,6 @@
 """The command line as operators use it: a real `omniroute run` process fed by the Twilio
-emulator, `accounts`, `config check` and `migrate`."""
+emulator, `accounts`, `config check` and `migrate`, and every user error as one line on
+stderr with a non-zero exit, never a traceback."""
 
 from __future__ import annotations
 
@@ -9,10 +10,14 @@ import os
 import signal
 import socket
 import sys
+import uuid
+from importlib import metadata
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import asyncpg
+import pytest
 
 from omniroute.twilio_emulator import EmulatorState, start_emulator
 from tests.conftest import Infra
@@ -283,3 +288,148 @@ async def test_reconcile_prints_a_line_per_number_and_the_statuses(
     assert f"contoso {BUSINESS}: 1 in Twilio's log, 0 stored, 1 injected" in lines
     assert "contoso +14155238886: 0 in Twilio's log, 0 stored, 0 injected" in lines
     assert lines[-1].startswith("statuses: ") and "checked with Twilio" in lines[-1]
+
+
+def _one_line(err: str) -> str:
+    """The single line a user error writes on stderr."""
+    assert "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+async def test_version_and_plain_help(infra: Infra, tmp_path: Path) -> None:
+    env = _env(infra, tmp_path / "omniroute.yaml")
+    code, out, err = await _cli("--version", env=env)
+    assert (code, out.strip(), err) == (0, f"omniroute {metadata.version('omniroute')}", "")
+    code, out, _ = await _cli("--help", env=env)
+    assert code == 0 and "``" not in out and "consume" in out
+    code, out, _ = await _cli("consume", "--help", env=env)
+    assert code == 0 and "conversations, classify, distribute" in out
+    code, out, _ = await _cli("dead-letters", "--help", env=env)
+    assert "(default: 100)" in out and "list, show, replay or purge" in out
+
+
+def test_the_stage_choices_are_the_stages_that_can_run() -> None:
+    from consumers.registry import STAGES
+    from omniroute.commands.cli import parser
+
+    assert parser().parse_args(["consume", *STAGES]).stages == list(STAGES)
+
+
+async def test_migrate_says_in_one_line_what_is_wrong_with_the_database(
+    infra: Infra, tmp_path: Path
+) -> None:
+    config = tmp_path / "omniroute.yaml"
+    parts = urlsplit(infra.database_url)
+    name = f"omniroute_missing_{uuid.uuid4().hex[:8]}"
+    missing = urlunsplit(parts._replace(path=f"/{name}"))
+    code, out, err = await _cli("migrate", env=_env(infra, config, OMNIROUTE_DATABASE_URL=missing))
+    assert (code, out) == (1, "")
+    assert _one_line(err) == (
+        f"omniroute migrate: database {name!r} does not exist on PostgreSQL at"
+        f" {parts.hostname}:{parts.port or 5432} (omniroute migrate --create-database creates it)"
+    )
+    port = _free_port()
+    nobody = _env(infra, config, OMNIROUTE_DATABASE_URL=f"postgresql://127.0.0.1:{port}/x")
+    code, out, err = await _cli("migrate", env=nobody)
+    assert (code, out) == (1, "")
+    assert _one_line(err) == (
+        f"omniroute migrate: cannot reach PostgreSQL at 127.0.0.1:{port}: Connection refused"
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (
+            ["consume", "nope"],
+            "omniroute consume: argument STAGE: invalid choice: 'nope' (choose from",
+        ),
+        (
+            ["dead-letters", "list", "nope"],
+            "omniroute dead-letters: argument STAGE: invalid choice: 'nope' (choose from",
+        ),
+        (
+            [
+                "classify",
+                "--from",
+                "whatsapp:+5511988887777",
+                "--to",
+                f"whatsapp:{BUSINESS}",
+                "--at",
+                "tomorrow",
+            ],
+            "omniroute classify: --at 'tomorrow' is not an ISO time (e.g. 2025-01-31T09:00:00Z)",
+        ),
+        (["bogus"], "omniroute: argument COMMAND: invalid choice: 'bogus'"),
+    ],
+)
+async def test_bad_arguments_are_one_line_and_exit_2(
+    infra: Infra, tmp_path: Path, args: list[str], expected: str
+) -> None:
+    config = tmp_path / "omniroute.yaml"
+    config.write_text(CONFIG_YAML)
+    code, out, err = await _cli(*args, env=_env(infra, config))
+    assert (code, out) == (2, "")
+    assert _one_line(err).startswith(expected)
+    if args[0] in ("consume", "dead-letters"):
+        assert "conversations" in err and "lifecycle" in err  # the valid stages
+
+
+async def test_a_missing_config_file_or_a_bad_setting_is_one_line(
+    infra: Infra, tmp_path: Path
+) -> None:
+    missing = tmp_path / "nowhere.yaml"
+    env = _env(infra, missing)
+    for args in (["accounts"], ["classify", "--from", "whatsapp:+1", "--to", "whatsapp:+2"]):
+        code, out, err = await _cli(*args, env=env)
+        assert (code, out) == (2, "")
+        assert _one_line(err) == (
+            f"config error: {missing}: cannot read configuration: No such file or directory"
+        )
+    code, out, err = await _cli("accounts", "--config", str(tmp_path), env=env)
+    assert (code, _one_line(err)) == (
+        2,
+        f"config error: {tmp_path}: cannot read configuration: Is a directory",
+    )
+    code, out, err = await _cli("status", env=_env(infra, missing, OMNIROUTE_HTTP_PORT="80a"))
+    assert (code, out) == (2, "")
+    assert _one_line(err).startswith("omniroute: OMNIROUTE_HTTP_PORT: Input should be")
+
+
+async def test_an_unreachable_broker_is_one_line(infra: Infra, tmp_path: Path) -> None:
+    port = _free_port()
+    env = _env(
+        infra, tmp_path / "x.yaml", OMNIROUTE_AMQP_URL=f"amqp://guest:guest@127.0.0.1:{port}/"
+    )
+    code, out, err = await _cli("dead-letters", "list", "classify", env=env)
+    assert (code, out) == (1, "")
+    assert _one_line(err) == (
+        f"omniroute dead-letters: cannot reach RabbitMQ at 127.0.0.1:{port}: Connection refused"
+    )
+
+
+@pytest.mark.parametrize("command", [["serve"], ["consume", "classify"]])
+async def test_a_port_in_use_ends_the_process_at_once(
+    infra: Infra, tmp_path: Path, command: list[str]
+) -> None:
+    config = tmp_path / "omniroute.yaml"
+    config.write_text(CONFIG_YAML)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = _env(
+            infra,
+            config,
+            OMNIROUTE_HTTP_HOST="127.0.0.1",
+            OMNIROUTE_HTTP_PORT=str(port),
+            OMNIROUTE_RECONCILE_INTERVAL="0",
+        )
+        async with asyncio.timeout(15):  # it used to hang here for ever
+            code, out, err = await _cli(*command, env=env)
+    assert (code, out) == (1, "")
+    assert _one_line(err) == (
+        f"omniroute {command[0]}: cannot listen on 127.0.0.1:{port}: Address already in use"
+    )
