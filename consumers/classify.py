@@ -16,11 +16,11 @@ from typing import Any
 
 import phonenumbers
 import structlog
-from pydantic import BaseModel
 
 from consumers.hours import is_open, local_fields
 from consumers.rules import Classification, CompiledWorkstream, classify, compile_workstream
 from consumers.runtime import Stage, StageTx
+from omniroute.domain.conversation import Classified, apply_classification
 from omniroute.errors import TransientError
 from schemas.config import Config
 from schemas.events import (
@@ -131,18 +131,6 @@ def decide(
     return decision
 
 
-_UPDATE = """
-UPDATE conversations SET
-    state = $2::text, queue = $3, skills = $4, priority = $5, severity = $6, language = $7,
-    variables = $8, classification = $9, out_of_hours = $10, classified_at = $11::timestamptz,
-    queued_at = CASE WHEN $2::text = 'queued' THEN $11::timestamptz END,
-    closed_at = CASE WHEN $2::text = 'closed' THEN $11::timestamptz END,
-    close_reason = CASE WHEN $2::text = 'closed' THEN 'out_of_hours' END,
-    updated_at = now()
-WHERE id = $1
-"""
-
-
 # The conversation, locked, and its first customer message, in one round trip.
 _STATE_AND_FIRST_MESSAGE = """
 SELECT c.state, m.found, m.body, m.media
@@ -157,8 +145,7 @@ FOR UPDATE OF c
 """
 
 
-async def handle(event: Envelope, payload: BaseModel, tx: StageTx) -> list[Envelope]:
-    assert isinstance(payload, ConversationOpened)
+async def handle(event: Envelope, payload: ConversationOpened, tx: StageTx) -> list[Envelope]:
     # The earliest message by receipt time is the first one, whichever replica committed
     # first (two messages sent a moment apart can be stored in either order).
     first = await tx.conn.fetchrow(_STATE_AND_FIRST_MESSAGE, payload.conversation_id)
@@ -180,20 +167,6 @@ async def handle(event: Envelope, payload: BaseModel, tx: StageTx) -> list[Envel
     )
     result = decision.result
     trace = {**result.trace(), "notes": decision.notes, "out_of_hours": decision.out_of_hours}
-    await tx.conn.execute(
-        _UPDATE,
-        payload.conversation_id,
-        decision.state,
-        decision.queue,
-        result.skills,
-        result.priority,
-        result.severity,
-        result.language,
-        result.variables,
-        trace,
-        decision.out_of_hours,
-        tx.now,
-    )
     for note in decision.notes:
         log.warning("classify.note", note=note)
     classified = ConversationClassified(
@@ -232,11 +205,27 @@ async def handle(event: Envelope, payload: BaseModel, tx: StageTx) -> list[Envel
             queued_at=tx.now,
         )
         events.append(event.caused(EventType.CONVERSATION_QUEUED, queued.model_dump(mode="json")))
+    await apply_classification(
+        tx.conn,
+        payload.conversation_id,
+        Classified(
+            state=decision.state,
+            queue=decision.queue,
+            skills=result.skills,
+            priority=result.priority,
+            severity=result.severity,
+            language=result.language,
+            variables=result.variables,
+            trace=trace,
+            out_of_hours=decision.out_of_hours,
+        ),
+        tx.now,
+        events[-1].id,
+    )
     return events
 
 
 STAGE = Stage(
     name="classify",
-    payloads={EventType.CONVERSATION_OPENED: ConversationOpened},
-    handle=handle,
+    handlers={EventType.CONVERSATION_OPENED: handle},
 )

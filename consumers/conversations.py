@@ -10,13 +10,17 @@ new customer at once still open one conversation: "find or open" is a single
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from datetime import timedelta
-
-from pydantic import BaseModel
 
 from consumers.automated import queue_automated
 from consumers.runtime import Stage, StageTx
+from omniroute.domain.conversation import (
+    Stored,
+    opened_event_id,
+    reopen,
+    resume_waiting,
+    store_inbound,
+)
 from omniroute.infra.ids import new_id
 from omniroute.infra.store import Connection
 from schemas.events import (
@@ -27,58 +31,6 @@ from schemas.events import (
     MessageReceived,
     SurveyAnswered,
 )
-
-# One statement, one round trip: unless the message is stored already (then nothing at all),
-# upsert the contact, find or open the conversation (or move the window anchor of the open
-# one), insert the message. Replicas may commit a customer's
-# messages out of order: the earliest receipt opens, the latest anchors the window.
-_STORE_INBOUND = """
-WITH contact AS (
-    INSERT INTO contacts (id, account, address, wa_id, external_user_id, profile_name)
-    SELECT $1, $2, $3, $4, $5, $6
-    WHERE NOT EXISTS (SELECT 1 FROM messages WHERE twilio_sid = $12)  -- stored before: no-op
-    ON CONFLICT (account, address) DO UPDATE SET
-        wa_id = COALESCE(EXCLUDED.wa_id, contacts.wa_id),
-        external_user_id = COALESCE(EXCLUDED.external_user_id, contacts.external_user_id),
-        profile_name = COALESCE(EXCLUDED.profile_name, contacts.profile_name),
-        updated_at = now()
-    RETURNING id
-), conversation AS (
-    INSERT INTO conversations
-        (id, account, business_number, customer, contact_id, workstream, state,
-         opened_at, last_customer_message_at)
-    SELECT $7, $2, $8, $3, contact.id, $9, 'open', $10, $10 FROM contact
-    ON CONFLICT (account, business_number, customer) WHERE state <> 'closed' DO UPDATE SET
-        opened_at = LEAST(conversations.opened_at, EXCLUDED.opened_at),
-        last_customer_message_at =
-            GREATEST(conversations.last_customer_message_at, EXCLUDED.last_customer_message_at),
-        updated_at = now()
-    RETURNING id, contact_id, state, (xmax = 0) AS opened
-), message AS (
-    INSERT INTO messages
-        (id, conversation_id, direction, twilio_sid, body, media, attributes, status, received_at)
-    SELECT $11, conversation.id, 'inbound', $12, $13, $14, $15, 'received', $10 FROM conversation
-    ON CONFLICT (twilio_sid) DO NOTHING
-    RETURNING id
-)
-SELECT conversation.id, conversation.contact_id, conversation.state, conversation.opened,
-       (SELECT id FROM message) AS message_id
-FROM conversation
-"""
-
-
-@dataclass(frozen=True)
-class Stored:
-    conversation_id: str
-    contact_id: str
-    message_id: str
-    opened: bool
-    waiting: bool = False  # the agent had parked the conversation
-
-
-async def store_inbound(conn: Connection, account: str, message: MessageReceived) -> Stored | None:
-    """Store a customer's message in its conversation; None if it was already stored."""
-    return await _store_new(conn, account, message)
 
 
 def _may_answer_or_reopen(payload: MessageReceived, tx: StageTx) -> bool:
@@ -93,47 +45,7 @@ async def _seen(conn: Connection, message_sid: str) -> bool:
     return bool(await conn.fetchval("SELECT 1 FROM messages WHERE twilio_sid = $1", message_sid))
 
 
-async def _store_new(conn: Connection, account: str, message: MessageReceived) -> Stored | None:
-    row = await conn.fetchrow(
-        _STORE_INBOUND,
-        new_id(),
-        account,
-        message.customer,
-        message.customer_wa_id,
-        message.external_user_id,
-        message.profile_name,
-        new_id(),
-        message.business_number,
-        message.workstream,
-        message.received_at,
-        new_id(),
-        message.message_sid,
-        message.body,
-        [m.model_dump(mode="json") for m in message.media],
-        _attributes(message),
-    )
-    if row is None or row["message_id"] is None:
-        return None  # stored before, or by a concurrent replica just now
-    return Stored(
-        str(row["id"]),
-        str(row["contact_id"]),
-        str(row["message_id"]),
-        bool(row["opened"]),
-        waiting=row["state"] == "waiting",
-    )
-
-
-def _attributes(message: MessageReceived) -> dict[str, object]:
-    attributes: dict[str, object] = {"form": message.form}
-    for key in ("message_type", "button_text", "button_payload", "location", "replied_to_sid"):
-        value = getattr(message, key)
-        if value is not None:
-            attributes[key] = value
-    return attributes
-
-
-async def handle(event: Envelope, payload: BaseModel, tx: StageTx) -> list[Envelope]:
-    assert isinstance(payload, MessageReceived)
+async def handle(event: Envelope, payload: MessageReceived, tx: StageTx) -> list[Envelope]:
     if payload.sandbox and SANDBOX_JOIN.match(payload.body):
         return await _sandbox_join(event, payload, tx)
     if _may_answer_or_reopen(payload, tx) and await _seen(tx.conn, payload.message_sid):
@@ -142,7 +54,9 @@ async def handle(event: Envelope, payload: BaseModel, tx: StageTx) -> list[Envel
     if answered is not None:
         return answered
     reopened = await _reopen(event, payload, tx)
-    stored = await _store_new(tx.conn, event.account, payload)
+    stored = await store_inbound(
+        tx.conn, event.account, payload, event.correlation_id, opened_event_id(event)
+    )
     if stored is None:
         return []
     events = reopened + await _attachments_notice(event, payload, stored, tx)
@@ -269,22 +183,6 @@ async def _survey_answer(
     ]
 
 
-_REOPEN = """
-UPDATE conversations SET state = 'queued', closed_at = NULL, close_reason = NULL,
-    agent_id = NULL, declined_by = '{}', queued_at = $5, wrap_up_until = NULL,
-    last_customer_message_at = GREATEST(last_customer_message_at, $5), updated_at = now()
-WHERE id = (
-    SELECT id FROM conversations
-    WHERE account = $1 AND business_number = $2 AND customer = $3 AND state = 'closed'
-      AND closed_at >= $4 AND close_reason IS DISTINCT FROM 'out_of_hours'
-    ORDER BY closed_at DESC LIMIT 1)
-  AND NOT EXISTS (
-    SELECT 1 FROM conversations
-    WHERE account = $1 AND business_number = $2 AND customer = $3 AND state <> 'closed')
-RETURNING id, queue, workstream, skills, priority, language, contact_id
-"""
-
-
 async def _reopen(event: Envelope, payload: MessageReceived, tx: StageTx) -> list[Envelope]:
     """Within the workstream's reopen_within after a close, the customer's new message brings
     the last conversation back to its queue (its previous agent is offered it first)."""
@@ -292,14 +190,7 @@ async def _reopen(event: Envelope, payload: MessageReceived, tx: StageTx) -> lis
     within = workstream.lifecycle.reopen_within if workstream else None
     if not within or workstream is None:
         return []
-    row = await tx.conn.fetchrow(
-        _REOPEN,
-        event.account,
-        payload.business_number,
-        payload.customer,
-        payload.received_at - timedelta(seconds=within),
-        payload.received_at,
-    )
+    row = await reopen(tx.conn, event, payload, payload.received_at - timedelta(seconds=within))
     if row is None or row["queue"] is None:
         return []
     cid = str(row["id"])
@@ -330,13 +221,7 @@ async def _resume_waiting(
     distribution offers it to that agent first (affinity)."""
     if not stored.waiting:
         return []
-    row = await tx.conn.fetchrow(
-        "UPDATE conversations SET state = 'queued', queued_at = $2, declined_by = '{}',"
-        " updated_at = now() WHERE id = $1 AND state = 'waiting'"
-        " RETURNING queue, workstream, skills, priority, language",
-        stored.conversation_id,
-        payload.received_at,
-    )
+    row = await resume_waiting(tx.conn, event, stored.conversation_id, payload.received_at)
     if row is None or row["queue"] is None:
         return []
     queued = ConversationQueued(
@@ -378,6 +263,5 @@ async def _attachments_notice(
 
 STAGE = Stage(
     name="conversations",
-    payloads={EventType.MESSAGE_RECEIVED: MessageReceived},
-    handle=handle,
+    handlers={EventType.MESSAGE_RECEIVED: handle},
 )

@@ -18,8 +18,6 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel
-
 from consumers.assignment import AgentView, QueuePolicy, WorkItem, eligible, plan
 from consumers.runtime import Stage, StageTx
 from omniroute.domain.conversation import (
@@ -28,18 +26,14 @@ from omniroute.domain.conversation import (
     claim_capacity,
     end_offer,
     make_offer,
+    restart_offer_round,
 )
 from omniroute.infra.metrics import ASSIGNMENTS
 from omniroute.infra.store import Connection
 from schemas.config import Config
 from schemas.events import (
-    AgentPresenceChanged,
-    ConversationClosed,
-    ConversationQueued,
-    ConversationTransferred,
     Envelope,
     EventType,
-    OfferEnded,
 )
 
 # The agents who could take work now (a small table: every available agent with room).
@@ -57,7 +51,7 @@ WHERE presence = 'available' AND deleted_at IS NULL AND used_units < capacity_un
 # row in ``contact_agents``, read by primary key.
 ITEMS = """
 SELECT c.id, c.account, c.queue, c.priority, c.queued_at, c.skills, c.declined_by,
-       c.workstream, ca.agent_id AS previous_agent
+       c.workstream, c.correlation_id, c.last_event_id, ca.agent_id AS previous_agent
 FROM unnest($1::text[], $2::int[]) AS q(name, take)
 CROSS JOIN LATERAL (
     SELECT * FROM conversations c
@@ -121,7 +115,13 @@ async def cycle(tx: StageTx, queues: list[str] | None) -> list[Envelope]:
     # UPDATE decides. Claims go in agent-id order so two replicas never deadlock.
     for decision in sorted(result.decisions, key=lambda d: d.agent_id):
         row = by_id[decision.conversation_id]
-        conv = ConversationRef(decision.conversation_id, row["account"], row["queue"])
+        conv = ConversationRef(
+            decision.conversation_id,
+            row["account"],
+            row["queue"],
+            row["correlation_id"],
+            row["last_event_id"],
+        )
         if not await claim_capacity(tx.conn, decision.agent_id, decision.units, tx.now):
             continue  # another replica took that capacity first: next cycle
         distribution = _distribution(config, row["workstream"])
@@ -167,9 +167,7 @@ async def _restart_exhausted_rounds(
         fresh = WorkItem(**{**item.__dict__, "declined_by": frozenset()})
         candidates = eligible(fresh, agents, policies.get(item.queue, QueuePolicy()), now)
         if candidates and all(a.id in item.declined_by for a in candidates):
-            await conn.execute(
-                "UPDATE conversations SET declined_by = '{}' WHERE id = $1", item.conversation_id
-            )
+            await restart_offer_round(conn, item.conversation_id)
 
 
 def _distribution(config: Config, workstream: str) -> Any:
@@ -206,27 +204,6 @@ def _agent(row: Any) -> AgentView:
     )
 
 
-def _queues_of(event: Envelope, payload: BaseModel) -> list[str] | None:
-    if isinstance(payload, ConversationQueued):
-        return [payload.queue]
-    if isinstance(payload, ConversationTransferred) and payload.to_queue:
-        return [payload.to_queue]
-    if isinstance(payload, OfferEnded) and payload.queue:
-        return [payload.queue]
-    if isinstance(payload, AgentPresenceChanged):
-        return payload.queues if payload.presence == "available" else []
-    return None  # capacity freed (a close): any queue may now be served
-
-
-async def handle(event: Envelope, payload: BaseModel, tx: StageTx) -> list[Envelope]:
-    """One cycle for the queues an event concerns (the runner coalesces triggers into the
-    tick instead; this stays for callers that run a cycle for one event)."""
-    queues = _queues_of(event, payload)
-    if queues == []:
-        return []
-    return await cycle(tx, queues)
-
-
 async def tick(tx: StageTx) -> list[Envelope]:
     """Expire due offers (durable timers), then a cycle over every queue."""
     due = await tx.conn.fetch(DUE_OFFERS, tx.now)
@@ -236,15 +213,17 @@ async def tick(tx: StageTx) -> list[Envelope]:
 
 STAGE = Stage(
     name="distribute",
-    payloads={
-        EventType.CONVERSATION_QUEUED: ConversationQueued,
-        EventType.CONVERSATION_TRANSFERRED: ConversationTransferred,
-        EventType.CONVERSATION_CLOSED: ConversationClosed,
-        EventType.OFFER_DECLINED: OfferEnded,
-        EventType.OFFER_EXPIRED: OfferEnded,
-        EventType.AGENT_PRESENCE_CHANGED: AgentPresenceChanged,
-    },
-    handle=handle,
     tick=tick,
-    coalesce=True,
+    # Work queued or transferred, an offer declined or expired, capacity freed by a close,
+    # an agent available: each only wakes the tick's cycle (the work is in the database).
+    wakes=frozenset(
+        {
+            EventType.CONVERSATION_QUEUED,
+            EventType.CONVERSATION_TRANSFERRED,
+            EventType.CONVERSATION_CLOSED,
+            EventType.OFFER_DECLINED,
+            EventType.OFFER_EXPIRED,
+            EventType.AGENT_PRESENCE_CHANGED,
+        }
+    ),
 )

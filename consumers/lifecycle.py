@@ -23,7 +23,7 @@ from consumers.runtime import Stage, StageTx
 from omniroute.domain.conversation import close_conversation
 from omniroute.domain.timers import cancel, schedule, take_due
 from omniroute.domain.window import window
-from omniroute.errors import TransientError
+from omniroute.errors import InvalidEvent, TransientError
 from omniroute.infra.store import Connection
 from schemas.config import Config, Workstream
 from schemas.events import (
@@ -198,38 +198,61 @@ async def _send_survey(
     )
 
 
-async def handle(event: Envelope, payload: BaseModel, tx: StageTx) -> list[Envelope]:
+async def on_message(event: Envelope, payload: MessageReceived, tx: StageTx) -> list[Envelope]:
+    """The customer wrote: the idle timers start again from this message."""
     if not wants(event, payload, tx.config.current):
-        return []  # nothing to say or to time: no need to read the conversation
-    if isinstance(payload, MessageReceived):
-        return await _customer_activity(payload, event.account, tx)
-    assert event.conversation_id is not None
-    row = await _conversation(tx.conn, event.conversation_id)
-    key = event.id
-    if isinstance(payload, ConversationQueued):
-        # Once per conversation (a reopen queues it again), and before the queue message.
-        events = await automated(tx, row, "greeting", f"greeting:{row['id']}")
-        if payload.out_of_hours:
-            return events + await automated(tx, row, "out_of_hours", key, later=bool(events))
-        position = await _queue_position(tx.conn, row) if _configured(tx, ("queued",)) else "1"
-        return events + await automated(
-            tx, row, "queued", key, {"queue_position": position}, later=bool(events)
-        )
-    if isinstance(payload, ConversationAssigned):
-        return await automated(tx, row, "agent_joined", key)
-    if isinstance(payload, ConversationEnded):
-        await schedule(tx.conn, str(row["id"]), "wrap_up_end", payload.until)
-        return await automated(tx, row, "agent_ended", key)
-    if isinstance(payload, ConversationClosed):
-        await cancel(tx.conn, str(row["id"]), [*IDLE_TIMERS, "wrap_up_end"])
-        if payload.reason == "out_of_hours":
-            return await automated(tx, row, payload.automated_message or "out_of_hours", key)
-        events = await automated(tx, row, "closed", key)
-        workstream = tx.config.current.workstream(row["workstream"])
-        if workstream is not None:
-            events += await _survey(tx, row, workstream)
-        return events
-    return []
+        return []
+    return await _customer_activity(payload, event.account, tx)
+
+
+async def on_queued(event: Envelope, payload: ConversationQueued, tx: StageTx) -> list[Envelope]:
+    """The greeting, once per conversation (a reopen queues it again), then the queue
+    message with the customer's position, or the out-of-hours message."""
+    if not wants(event, payload, tx.config.current):
+        return []  # nothing to say: no need to read the conversation
+    row = await _conversation(tx.conn, _id(event))
+    events = await automated(tx, row, "greeting", f"greeting:{row['id']}")
+    if payload.out_of_hours:
+        return events + await automated(tx, row, "out_of_hours", event.id, later=bool(events))
+    position = await _queue_position(tx.conn, row) if _configured(tx, ("queued",)) else "1"
+    return events + await automated(
+        tx, row, "queued", event.id, {"queue_position": position}, later=bool(events)
+    )
+
+
+async def on_assigned(
+    event: Envelope, payload: ConversationAssigned, tx: StageTx
+) -> list[Envelope]:
+    if not wants(event, payload, tx.config.current):
+        return []
+    row = await _conversation(tx.conn, _id(event))
+    return await automated(tx, row, "agent_joined", event.id)
+
+
+async def on_ended(event: Envelope, payload: ConversationEnded, tx: StageTx) -> list[Envelope]:
+    """The agent ended it: wrap-up runs until its timer."""
+    row = await _conversation(tx.conn, _id(event))
+    await schedule(tx.conn, str(row["id"]), "wrap_up_end", payload.until)
+    return await automated(tx, row, "agent_ended", event.id)
+
+
+async def on_closed(event: Envelope, payload: ConversationClosed, tx: StageTx) -> list[Envelope]:
+    """Timers cancelled; the closing message, and the survey where the workstream asks."""
+    row = await _conversation(tx.conn, _id(event))
+    await cancel(tx.conn, str(row["id"]), [*IDLE_TIMERS, "wrap_up_end"])
+    if payload.reason == "out_of_hours":
+        return await automated(tx, row, payload.automated_message or "out_of_hours", event.id)
+    events = await automated(tx, row, "closed", event.id)
+    workstream = tx.config.current.workstream(row["workstream"])
+    if workstream is not None:
+        events += await _survey(tx, row, workstream)
+    return events
+
+
+def _id(event: Envelope) -> str:
+    if event.conversation_id is None:
+        raise InvalidEvent(f"{event.type} without a conversation_id")
+    return event.conversation_id
 
 
 async def _customer_activity(payload: MessageReceived, account: str, tx: StageTx) -> list[Envelope]:
@@ -278,14 +301,13 @@ async def tick(tx: StageTx) -> list[Envelope]:
 
 STAGE = Stage(
     name="lifecycle",
-    payloads={
-        EventType.CONVERSATION_QUEUED: ConversationQueued,
-        EventType.CONVERSATION_ASSIGNED: ConversationAssigned,
-        EventType.CONVERSATION_ENDED: ConversationEnded,
-        EventType.CONVERSATION_CLOSED: ConversationClosed,
-        EventType.MESSAGE_RECEIVED: MessageReceived,
+    handlers={
+        EventType.CONVERSATION_QUEUED: on_queued,
+        EventType.CONVERSATION_ASSIGNED: on_assigned,
+        EventType.CONVERSATION_ENDED: on_ended,
+        EventType.CONVERSATION_CLOSED: on_closed,
+        EventType.MESSAGE_RECEIVED: on_message,
     },
-    handle=handle,
     tick=tick,
     wants=wants,
     needs=needs,

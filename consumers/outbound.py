@@ -26,6 +26,7 @@ import structlog
 from pydantic import BaseModel
 
 from consumers.runtime import Stage, StageTx
+from omniroute.domain.conversation import note_window_closed
 from omniroute.domain.window import gate, window
 from omniroute.errors import TransientError
 from omniroute.infra.config_loader import LiveConfig
@@ -256,11 +257,7 @@ async def _record(
         return []
     if outcome.kind == "rejected":
         if outcome.message == "window_closed":
-            await conn.execute(
-                "UPDATE conversations SET window_closed_at = $2 WHERE id = $1",
-                row["conversation_id"],
-                now,
-            )
+            await note_window_closed(conn, str(row["conversation_id"]), now)
         workstream = tx.config.current.workstream(row["workstream"])
         templates = [t.name for t in workstream.templates] if workstream else []
         return [
@@ -299,8 +296,7 @@ async def _record(
     return [await _fail(conn, row, outcome, now)]
 
 
-async def handle(event: Envelope, payload: BaseModel, tx: StageTx) -> list[Envelope]:
-    assert isinstance(payload, MessageSendRequested)
+async def handle(event: Envelope, payload: MessageSendRequested, tx: StageTx) -> list[Envelope]:
     return await prepare_send(tx, payload.message_id)
 
 
@@ -319,8 +315,7 @@ async def tick(tx: StageTx) -> list[Envelope]:
 
 STAGE = Stage(
     name="outbound",
-    payloads={EventType.MESSAGE_SEND_REQUESTED: MessageSendRequested},
-    handle=handle,
+    handlers={EventType.MESSAGE_SEND_REQUESTED: handle},
     tick=tick,
     resources=twilio_clients,
 )

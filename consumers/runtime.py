@@ -2,7 +2,10 @@
 
 Read top to bottom:
 
-- ``Stage`` names a stage, the payload model it expects and its ``handle`` coroutine. A
+- ``Stage`` names a stage and its handler per event type (the payload model of each type
+  is the event contract's, ``schemas.events.PAYLOADS``; the keys its queue is bound to are
+  the topology's, ``omniroute.infra.topology.STAGES``, and a test holds the three
+  together). A coalescing stage names the events that only wake its tick instead. A
   handler runs inside one database transaction and returns the events it causes; the
   runner writes them to the outbox in that same transaction, so effects and events commit
   together, and acks once committed. The deployment's one outbox relay publishes them
@@ -23,11 +26,11 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any, TypeAlias, TypeVar
 
 import orjson
 import structlog
@@ -49,7 +52,7 @@ from omniroute.infra.settings import Settings
 from omniroute.infra.store import Connection, Store
 from omniroute.infra.topology import EXCHANGE, STAGES
 from schemas.config import Config
-from schemas.events import Envelope
+from schemas.events import PAYLOADS, Envelope
 
 log = structlog.get_logger("omniroute.consumer")
 ROUTINE = frozenset({"handled", "skipped", "coalesced"})
@@ -86,7 +89,9 @@ class StageTx:
     )
 
 
-Handler = Callable[[Envelope, BaseModel, StageTx], Awaitable[list[Envelope]]]
+P = TypeVar("P", bound=BaseModel)
+# What a stage does with one event of a type: its effects in ``tx``, the events they cause.
+Handler: TypeAlias = Callable[[Envelope, P, StageTx], Awaitable[list[Envelope]]]
 Handled = tuple[list[Envelope], StageTx]  # follow-up events added to the outbox, and the tx
 Ticker = Callable[[StageTx], Awaitable[list[Envelope]]]
 Wants = Callable[[Envelope, BaseModel, Config], bool]
@@ -96,24 +101,34 @@ Resources = Callable[[Settings, LiveConfig], AbstractAsyncContextManager[Any]]
 
 @dataclass(frozen=True)
 class Stage:
-    """A stage: the events it takes, how it handles one, and optional periodic work.
+    """A stage: a handler per event type it takes, and optional periodic work.
 
     ``tick`` runs every ``settings.tick_interval`` in its own transaction in every replica
     (durable timers, sweeps); it must be safe to run concurrently (``SKIP LOCKED``).
+    ``wakes`` makes a coalescing stage: those events are triggers for work already kept
+    in the database, and only wake this replica's tick.
     """
 
     name: str
-    payloads: dict[str, type[BaseModel]]  # routing key → payload model
-    handle: Handler
+    handlers: Mapping[str, Handler[Any]] = field(default_factory=dict)  # event type → handler
     tick: Ticker | None = None
     resources: Resources | None = None
-    coalesce: bool = False  # events only wake the tick (triggers for work kept in the DB)
+    wakes: frozenset[str] = frozenset()
     # Whether an event can lead to anything under the current configuration; the others
     # are acknowledged without a transaction.
     wants: Wants | None = None
     # The routing keys (of the topology's bindings) the current configuration needs: the
     # queue is bound to those only, so the broker does not route what would be skipped.
     needs: Needs | None = None
+
+    @property
+    def takes(self) -> frozenset[str]:
+        """Every event type the stage takes: the keys its queue must be bound to."""
+        return frozenset(self.handlers) | self.wakes
+
+    @property
+    def coalesce(self) -> bool:
+        return bool(self.wakes)
 
 
 @dataclass
@@ -135,9 +150,9 @@ def decode(stage: Stage, body: bytes) -> tuple[Envelope, BaseModel]:
         event = Envelope.model_validate(orjson.loads(body))
     except (orjson.JSONDecodeError, ValidationError) as exc:
         raise InvalidEvent(f"not a valid event envelope: {_short(exc)}") from None
-    model = stage.payloads.get(event.type)
-    if model is None:
+    if event.type not in stage.takes:
         raise NotForThisStage(event.type)
+    model = PAYLOADS[event.type]
     try:
         payload = model.model_validate(event.data)
     except ValidationError as exc:
@@ -468,7 +483,8 @@ class StageRunner:
                 with structlog.contextvars.bound_contextvars(
                     event_id=event.id, conversation_id=event.conversation_id
                 ):
-                    outputs.append((await self.stage.handle(event, payload, tx), tx))
+                    handler = self.stage.handlers[event.type]
+                    outputs.append((await handler(event, payload, tx), tx))
             added = await add_to_outbox(conn, [e for events, _ in outputs for e in events])
         fresh = {e.id for e in added}
         handled: list[Handled] = []

@@ -19,10 +19,11 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 from consumers.delivery import TERMINAL, advance
 from consumers.runtime import Stage, StageTx
+from omniroute.domain.conversation import note_window_closed
 from omniroute.infra.metrics import STATUS_CALLBACKS_FOREIGN
 from omniroute.infra.settings import Settings
 from omniroute.infra.store import Connection
@@ -53,12 +54,7 @@ async def apply_status(
     status, steps = advance(row["status"], payload.status)
     if payload.error_code == WINDOW_CLOSED_CODE and status in TERMINAL:
         # WhatsApp reports a closed window in the failed callback: the gate must know.
-        await conn.execute(
-            "UPDATE conversations SET window_closed_at = GREATEST(window_closed_at, $2)"
-            " WHERE id = $1",
-            row["conversation_id"],
-            payload.received_at,
-        )
+        await note_window_closed(conn, str(row["conversation_id"]), payload.received_at)
     entry = {
         "status": payload.status,
         "error_code": payload.error_code,
@@ -94,8 +90,7 @@ async def apply_status(
     ]
 
 
-async def handle(event: Envelope, payload: BaseModel, tx: StageTx) -> list[Envelope]:
-    assert isinstance(payload, MessageStatus)
+async def handle(event: Envelope, payload: MessageStatus, tx: StageTx) -> list[Envelope]:
     events = await apply_status(tx.conn, event, payload)
     if events is not None:
         return events
@@ -197,7 +192,6 @@ def _count_foreign(count: int) -> Callable[[], Coroutine[Any, Any, list[Envelope
 
 STAGE = Stage(
     name="status",
-    payloads={EventType.MESSAGE_STATUS: MessageStatus},
-    handle=handle,
+    handlers={EventType.MESSAGE_STATUS: handle},
     tick=retry_parked,
 )

@@ -1,6 +1,14 @@
-"""Work-distribution state changes shared by the agent API and the ``distribute`` stage:
-offers, assignments and agent capacity, each a few statements inside the caller's
-transaction, each returning the event it causes (to be written to the outbox).
+"""The conversation state machine's one owner: every change of a conversation's row
+(opened, classified and queued, offered, assigned, declined, transferred, parked waiting,
+ended into wrap-up, closed, reopened) and the agent capacity it moves, each a few
+statements inside the caller's transaction, each returning the event it causes (to be
+written to the outbox). Nothing else in omniroute writes ``UPDATE conversations``.
+
+The trace survives end to end: a transition with its cause in hand builds its event with
+``Envelope.caused`` (same correlation, causation = that event); one done later without it
+(a distribution cycle, an agent's accept) reads the conversation's ``correlation_id`` (the
+opening webhook's) and ``last_event_id`` (its cause) from the row it locks anyway, and
+records its own event's id there in the same UPDATE.
 
 Lock order, everywhere: offer → conversation → agent. Capacity is claimed with a guarded
 UPDATE (``used_units + units <= capacity_units``), so no interleaving can push an agent
@@ -10,20 +18,26 @@ indexes, so none can assign a conversation twice.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
+
+from pydantic import BaseModel
 
 from omniroute.infra.ids import new_id
 from omniroute.infra.store import Connection
 from schemas.events import (
     ConversationAssigned,
     ConversationClosed,
+    ConversationEnded,
     ConversationOffered,
     ConversationTransferred,
+    ConversationWaiting,
     Envelope,
     EventType,
+    MessageReceived,
     OfferEnded,
+    event_id,
     new_event,
 )
 
@@ -38,9 +52,230 @@ class WorkConflict(Exception):
 
 @dataclass(frozen=True)
 class ConversationRef:
+    """A conversation as a transition needs it: who, where, and its trace."""
+
     id: str
     account: str
     queue: str | None
+    correlation_id: str | None = None  # None: rows from before the trace was kept
+    last_event_id: str | None = None
+
+    def event(self, type: str, key: tuple[str, ...], data: BaseModel, now: datetime) -> Envelope:
+        """The event of a transition of this conversation, carrying its trace."""
+        return new_event(
+            type,
+            account=self.account,
+            key=key,
+            data=data.model_dump(mode="json"),
+            occurred_at=now,
+            conversation_id=self.id,
+            correlation_id=self.correlation_id,
+            causation_id=self.last_event_id,
+        )
+
+
+@dataclass(frozen=True)
+class Classified:
+    """What classification decided for an opened conversation."""
+
+    state: str  # queued, or closed (out of hours)
+    queue: str | None
+    skills: dict[str, int]
+    priority: int
+    severity: str
+    language: str
+    variables: dict[str, Any]
+    trace: dict[str, Any]  # why: matched rules, notes
+    out_of_hours: bool
+
+
+_CLASSIFY = """
+UPDATE conversations SET
+    state = $2::text, queue = $3, skills = $4, priority = $5, severity = $6, language = $7,
+    variables = $8, classification = $9, out_of_hours = $10, classified_at = $11::timestamptz,
+    queued_at = CASE WHEN $2::text = 'queued' THEN $11::timestamptz END,
+    closed_at = CASE WHEN $2::text = 'closed' THEN $11::timestamptz END,
+    close_reason = CASE WHEN $2::text = 'closed' THEN 'out_of_hours' END,
+    last_event_id = $12, updated_at = now()
+WHERE id = $1
+"""
+
+
+async def apply_classification(
+    conn: Connection, conversation_id: str, c: Classified, now: datetime, event_id: str
+) -> None:
+    """An opened conversation classified: queued (or closed out of hours) by the event
+    ``event_id`` the caller built from its cause."""
+    await conn.execute(
+        _CLASSIFY,
+        conversation_id,
+        c.state,
+        c.queue,
+        c.skills,
+        c.priority,
+        c.severity,
+        c.language,
+        c.variables,
+        c.trace,
+        c.out_of_hours,
+        now,
+        event_id,
+    )
+
+
+# One statement, one round trip: unless the message is stored already (then nothing at all),
+# upsert the contact, find or open the conversation (or move the window anchor of the open
+# one), insert the message. Replicas may commit a customer's
+# messages out of order: the earliest receipt opens, the latest anchors the window.
+_STORE_INBOUND = """
+WITH contact AS (
+    INSERT INTO contacts (id, account, address, wa_id, external_user_id, profile_name)
+    SELECT $1, $2, $3, $4, $5, $6
+    WHERE NOT EXISTS (SELECT 1 FROM messages WHERE twilio_sid = $12)  -- stored before: no-op
+    ON CONFLICT (account, address) DO UPDATE SET
+        wa_id = COALESCE(EXCLUDED.wa_id, contacts.wa_id),
+        external_user_id = COALESCE(EXCLUDED.external_user_id, contacts.external_user_id),
+        profile_name = COALESCE(EXCLUDED.profile_name, contacts.profile_name),
+        updated_at = now()
+    RETURNING id
+), conversation AS (
+    INSERT INTO conversations
+        (id, account, business_number, customer, contact_id, workstream, state,
+         opened_at, last_customer_message_at, correlation_id, last_event_id)
+    SELECT $7, $2, $8, $3, contact.id, $9, 'open', $10, $10, $16, $17 FROM contact
+    ON CONFLICT (account, business_number, customer) WHERE state <> 'closed' DO UPDATE SET
+        opened_at = LEAST(conversations.opened_at, EXCLUDED.opened_at),
+        last_customer_message_at =
+            GREATEST(conversations.last_customer_message_at, EXCLUDED.last_customer_message_at),
+        updated_at = now()
+    RETURNING id, contact_id, state, (xmax = 0) AS opened
+), message AS (
+    INSERT INTO messages
+        (id, conversation_id, direction, twilio_sid, body, media, attributes, status, received_at)
+    SELECT $11, conversation.id, 'inbound', $12, $13, $14, $15, 'received', $10 FROM conversation
+    ON CONFLICT (twilio_sid) DO NOTHING
+    RETURNING id
+)
+SELECT conversation.id, conversation.contact_id, conversation.state, conversation.opened,
+       (SELECT id FROM message) AS message_id
+FROM conversation
+"""
+
+
+@dataclass(frozen=True)
+class Stored:
+    conversation_id: str
+    contact_id: str
+    message_id: str
+    opened: bool
+    waiting: bool = False  # the agent had parked the conversation
+
+
+def opened_event_id(received: Envelope) -> str:
+    """The id of the ``conversation.opened`` event a received message causes."""
+    return event_id(received.id, EventType.CONVERSATION_OPENED)
+
+
+async def store_inbound(
+    conn: Connection,
+    account: str,
+    message: MessageReceived,
+    correlation_id: str | None = None,
+    opened_event_id: str | None = None,
+) -> Stored | None:
+    """Store a customer's message in its conversation, opening one if none is open (then
+    traced by ``correlation_id``, caused by ``opened_event_id``); None if it was stored
+    already."""
+    row = await conn.fetchrow(
+        _STORE_INBOUND,
+        new_id(),
+        account,
+        message.customer,
+        message.customer_wa_id,
+        message.external_user_id,
+        message.profile_name,
+        new_id(),
+        message.business_number,
+        message.workstream,
+        message.received_at,
+        new_id(),
+        message.message_sid,
+        message.body,
+        [m.model_dump(mode="json") for m in message.media],
+        _attributes(message),
+        correlation_id,
+        opened_event_id,
+    )
+    if row is None or row["message_id"] is None:
+        return None  # stored before, or by a concurrent replica just now
+    return Stored(
+        str(row["id"]),
+        str(row["contact_id"]),
+        str(row["message_id"]),
+        bool(row["opened"]),
+        waiting=row["state"] == "waiting",
+    )
+
+
+def _attributes(message: MessageReceived) -> dict[str, object]:
+    attributes: dict[str, object] = {"form": message.form}
+    for key in ("message_type", "button_text", "button_payload", "location", "replied_to_sid"):
+        value = getattr(message, key)
+        if value is not None:
+            attributes[key] = value
+    return attributes
+
+
+_REOPEN = """
+UPDATE conversations SET state = 'queued', closed_at = NULL, close_reason = NULL,
+    agent_id = NULL, declined_by = '{}', queued_at = $5, wrap_up_until = NULL,
+    last_customer_message_at = GREATEST(last_customer_message_at, $5),
+    correlation_id = $6, last_event_id = $7, updated_at = now()
+WHERE id = (
+    SELECT id FROM conversations
+    WHERE account = $1 AND business_number = $2 AND customer = $3 AND state = 'closed'
+      AND closed_at >= $4 AND close_reason IS DISTINCT FROM 'out_of_hours'
+    ORDER BY closed_at DESC LIMIT 1)
+  AND NOT EXISTS (
+    SELECT 1 FROM conversations
+    WHERE account = $1 AND business_number = $2 AND customer = $3 AND state <> 'closed')
+RETURNING id, queue, workstream, skills, priority, language, contact_id
+"""
+
+
+async def reopen(
+    conn: Connection, received: Envelope, message: MessageReceived, since: datetime
+) -> Any:
+    """The customer's message within ``reopen_within`` of a close brings the last closed
+    conversation (closed at or after ``since``, not out of hours) back to its queue, traced
+    by that message. Its row (queue, skills, …), or None."""
+    return await conn.fetchrow(
+        _REOPEN,
+        received.account,
+        message.business_number,
+        message.customer,
+        since,
+        message.received_at,
+        received.correlation_id,
+        event_id(received.id, EventType.CONVERSATION_QUEUED),
+    )
+
+
+async def resume_waiting(
+    conn: Connection, received: Envelope, conversation_id: str, at: datetime
+) -> Any:
+    """A conversation the agent parked comes back to its queue when the customer writes;
+    its row (queue, skills, …), or None when it is not waiting."""
+    return await conn.fetchrow(
+        "UPDATE conversations SET state = 'queued', queued_at = $2, declined_by = '{}',"
+        " correlation_id = $3, last_event_id = $4, updated_at = now()"
+        " WHERE id = $1 AND state = 'waiting'"
+        " RETURNING queue, workstream, skills, priority, language",
+        conversation_id,
+        at,
+        received.correlation_id,
+        event_id(received.id, EventType.CONVERSATION_QUEUED),
+    )
 
 
 async def claim_capacity(conn: Connection, agent_id: str, units: int, now: datetime) -> bool:
@@ -79,6 +314,15 @@ async def make_offer(
     """Offer a queued conversation to an agent whose capacity the caller has claimed."""
     offer_id = str(new_id())
     expires = now + timedelta(seconds=offer_seconds)
+    data = ConversationOffered(
+        offer_id=offer_id,
+        agent_id=agent_id,
+        queue=conv.queue or "",
+        units=units,
+        affinity=affinity,
+        expires_at=expires,
+    )
+    event = conv.event(EventType.CONVERSATION_OFFERED, (offer_id,), data, now)
     await conn.execute(
         "INSERT INTO offers (id, conversation_id, agent_id, units, created_at, expires_at)"
         " VALUES ($1, $2, $3, $4, $5, $6)",
@@ -91,27 +335,13 @@ async def make_offer(
     )
     await conn.execute(
         "UPDATE conversations SET state = 'offered', agent_id = $2, units = $3,"
-        " updated_at = now() WHERE id = $1",
+        " last_event_id = $4, updated_at = now() WHERE id = $1",
         conv.id,
         agent_id,
         units,
+        event.id,
     )
-    data = ConversationOffered(
-        offer_id=offer_id,
-        agent_id=agent_id,
-        queue=conv.queue or "",
-        units=units,
-        affinity=affinity,
-        expires_at=expires,
-    )
-    return new_event(
-        EventType.CONVERSATION_OFFERED,
-        account=conv.account,
-        key=(offer_id,),
-        data=data.model_dump(mode="json"),
-        occurred_at=now,
-        conversation_id=conv.id,
-    )
+    return event
 
 
 async def assign(
@@ -119,6 +349,10 @@ async def assign(
 ) -> Envelope:
     """Record the assignment (capacity already claimed) and make the conversation active."""
     assignment_id = str(new_id())
+    data = ConversationAssigned(
+        agent_id=agent_id, assignment_id=assignment_id, queue=conv.queue, via=via, assigned_at=now
+    )
+    event = conv.event(EventType.CONVERSATION_ASSIGNED, (assignment_id,), data, now)
     await conn.execute(
         "INSERT INTO assignments (id, conversation_id, agent_id, units, assigned_at)"
         " VALUES ($1, $2, $3, $4, $5)",
@@ -131,7 +365,8 @@ async def assign(
     # The contact's agent for affinity, in the same statement (read by primary key).
     await conn.execute(
         "WITH c AS (UPDATE conversations SET state = 'active', agent_id = $2, units = $3,"
-        " assigned_at = $4, updated_at = now() WHERE id = $1 RETURNING contact_id)"
+        " assigned_at = $4, last_event_id = $5, updated_at = now() WHERE id = $1"
+        " RETURNING contact_id)"
         " INSERT INTO contact_agents (contact_id, agent_id, assigned_at)"
         " SELECT contact_id, $2, $4 FROM c ON CONFLICT (contact_id) DO UPDATE"
         " SET agent_id = EXCLUDED.agent_id, assigned_at = EXCLUDED.assigned_at"
@@ -140,18 +375,9 @@ async def assign(
         agent_id,
         units,
         now,
+        event.id,
     )
-    data = ConversationAssigned(
-        agent_id=agent_id, assignment_id=assignment_id, queue=conv.queue, via=via, assigned_at=now
-    )
-    return new_event(
-        EventType.CONVERSATION_ASSIGNED,
-        account=conv.account,
-        key=(assignment_id,),
-        data=data.model_dump(mode="json"),
-        occurred_at=now,
-        conversation_id=conv.id,
-    )
+    return event
 
 
 async def accept_offer(conn: Connection, offer_id: str, agent_id: str, now: datetime) -> Envelope:
@@ -178,23 +404,24 @@ async def end_offer(
         "UPDATE offers SET state = $2, decided_at = $3 WHERE id = $1", offer_id, outcome, now
     )
     conv = await _conversation(conn, str(offer["conversation_id"]))
-    await conn.execute(
-        "UPDATE conversations SET state = 'queued', agent_id = NULL,"
-        " declined_by = array_append(declined_by, $2), updated_at = now() WHERE id = $1",
-        conv.id,
-        offer["agent_id"],
-    )
-    await release_capacity(conn, str(offer["agent_id"]), offer["units"], now)
     kind = EventType.OFFER_DECLINED if outcome == "declined" else EventType.OFFER_EXPIRED
     data = OfferEnded(offer_id=offer_id, agent_id=str(offer["agent_id"]), queue=conv.queue)
-    return new_event(
-        kind,
-        account=conv.account,
-        key=(offer_id,),
-        data=data.model_dump(mode="json"),
-        occurred_at=now,
-        conversation_id=conv.id,
+    event = conv.event(kind, (offer_id,), data, now)
+    await conn.execute(
+        "UPDATE conversations SET state = 'queued', agent_id = NULL,"
+        " declined_by = array_append(declined_by, $2), last_event_id = $3, updated_at = now()"
+        " WHERE id = $1",
+        conv.id,
+        offer["agent_id"],
+        event.id,
     )
+    await release_capacity(conn, str(offer["agent_id"]), offer["units"], now)
+    return event
+
+
+async def restart_offer_round(conn: Connection, conversation_id: str) -> None:
+    """Every eligible agent declined: forget the declines, so offers start again."""
+    await conn.execute("UPDATE conversations SET declined_by = '{}' WHERE id = $1", conversation_id)
 
 
 async def release_assignment(conn: Connection, conversation_id: str, now: datetime) -> str | None:
@@ -217,6 +444,7 @@ async def close_conversation(
     """Close a conversation: pending offers cancelled and assignment released (capacity
     back), state closed. A reason recorded earlier (the agent's, at the start of wrap-up)
     is kept; the event carries the reason that stands."""
+    conv = await _conversation(conn, conversation_id, lock=True)
     offers = await conn.fetch(
         "UPDATE offers SET state = 'cancelled', decided_at = $2 WHERE conversation_id = $1"
         " AND state = 'pending' RETURNING agent_id, units",
@@ -226,27 +454,74 @@ async def close_conversation(
     for offer in offers:
         await release_capacity(conn, str(offer["agent_id"]), offer["units"], now)
     await release_assignment(conn, conversation_id, now)
+    closed_id = event_id(EventType.CONVERSATION_CLOSED, conversation_id)
     row = await conn.fetchrow(
         "UPDATE conversations SET state = 'closed', closed_at = $2,"
-        " close_reason = COALESCE(close_reason, $3), updated_at = now() WHERE id = $1"
-        " RETURNING account, workstream, close_reason",
+        " close_reason = COALESCE(close_reason, $3), last_event_id = $4, updated_at = now()"
+        " WHERE id = $1 RETURNING workstream, close_reason",
         conversation_id,
         now,
         reason,
+        closed_id,
     )
-    if row is None:
-        raise WorkConflict("not_found", "no such conversation")
+    assert row is not None  # locked above
     data = ConversationClosed(
         reason=row["close_reason"], workstream=row["workstream"], closed_at=now
     )
-    return new_event(
-        EventType.CONVERSATION_CLOSED,
-        account=row["account"],
-        key=(conversation_id,),
-        data=data.model_dump(mode="json"),
-        occurred_at=now,
-        conversation_id=conversation_id,
+    return conv.event(EventType.CONVERSATION_CLOSED, (conversation_id,), data, now)
+
+
+async def end_by_agent(
+    conn: Connection,
+    conversation_id: str,
+    agent_id: str,
+    reason: str,
+    wrap_up_seconds: float,
+    now: datetime,
+) -> Envelope:
+    """The agent ends the conversation: into wrap-up (which holds the capacity until its
+    timer or a second close) when the workstream has one, else closed at once."""
+    conv = await _conversation(conn, conversation_id, lock=True)
+    if conv.state == "closed":
+        raise WorkConflict("already_closed", "the conversation is closed")
+    if wrap_up_seconds <= 0 or conv.state == "wrap-up":
+        return await close_conversation(conn, conversation_id, reason, now)
+    until = now + timedelta(seconds=wrap_up_seconds)
+    row = await conn.fetchrow("SELECT workstream FROM conversations WHERE id = $1", conversation_id)
+    assert row is not None
+    data = ConversationEnded(agent_id=agent_id, workstream=row["workstream"], until=until)
+    event = conv.event(EventType.CONVERSATION_ENDED, (conversation_id,), data, now)
+    await conn.execute(
+        "UPDATE conversations SET state = 'wrap-up', wrap_up_until = $2,"
+        " close_reason = $3, last_event_id = $4, updated_at = now() WHERE id = $1",
+        conversation_id,
+        until,
+        reason,
+        event.id,
     )
+    return event
+
+
+async def wait_for_customer(
+    conn: Connection, conversation_id: str, agent_id: str, now: datetime
+) -> Envelope:
+    """Park an active conversation waiting for the customer: capacity released, the
+    customer's next message brings it back (``resume_waiting``)."""
+    conv = await _conversation(conn, conversation_id, lock=True)
+    if conv.state != "active":
+        raise WorkConflict("not_active", f"the conversation is {conv.state}, not active")
+    await release_assignment(conn, conversation_id, now)
+    data = ConversationWaiting(agent_id=agent_id, waiting_since=now)
+    event = conv.event(
+        EventType.CONVERSATION_WAITING, (conversation_id, now.isoformat()), data, now
+    )
+    await conn.execute(
+        "UPDATE conversations SET state = 'waiting', last_event_id = $2, updated_at = now()"
+        " WHERE id = $1",
+        conversation_id,
+        event.id,
+    )
+    return event
 
 
 async def transfer_to_queue(
@@ -255,24 +530,22 @@ async def transfer_to_queue(
     """Put an agent's active conversation back into (another) queue."""
     conv = await _conversation(conn, conversation_id, lock=True)
     await release_assignment(conn, conversation_id, now)
-    await conn.execute(
-        "UPDATE conversations SET state = 'queued', queue = $2, agent_id = NULL,"
-        " queued_at = $3, declined_by = '{}', updated_at = now() WHERE id = $1",
-        conversation_id,
-        queue,
-        now,
-    )
     data = ConversationTransferred(
         from_queue=conv.queue, to_queue=queue, from_agent=by_agent, transferred_at=now
     )
-    return new_event(
-        EventType.CONVERSATION_TRANSFERRED,
-        account=conv.account,
-        key=(conversation_id, now.isoformat()),
-        data=data.model_dump(mode="json"),
-        occurred_at=now,
-        conversation_id=conversation_id,
+    event = conv.event(
+        EventType.CONVERSATION_TRANSFERRED, (conversation_id, now.isoformat()), data, now
     )
+    await conn.execute(
+        "UPDATE conversations SET state = 'queued', queue = $2, agent_id = NULL,"
+        " queued_at = $3, declined_by = '{}', last_event_id = $4, updated_at = now()"
+        " WHERE id = $1",
+        conversation_id,
+        queue,
+        now,
+        event.id,
+    )
+    return event
 
 
 async def transfer_to_agent(
@@ -285,15 +558,13 @@ async def transfer_to_agent(
 ) -> list[Envelope]:
     """Offer an agent's active conversation to another agent, who must have the capacity."""
     conv = await _conversation(conn, conversation_id, lock=True)
-    row = await conn.fetchrow("SELECT units FROM conversations WHERE id = $1", conversation_id)
-    units = row["units"] if row else 1
     exists = await conn.fetchval(
         "SELECT 1 FROM agents WHERE id = $1 AND deleted_at IS NULL", agent_id
     )
     if not exists or agent_id == by_agent:
         raise WorkConflict("not_found", "no such agent to transfer to")
     await release_assignment(conn, conversation_id, now)
-    if not await claim_capacity(conn, agent_id, units, now):
+    if not await claim_capacity(conn, agent_id, conv.units, now):
         raise WorkConflict("no_capacity", "that agent has no free capacity")
     data = ConversationTransferred(
         from_queue=conv.queue,
@@ -302,16 +573,37 @@ async def transfer_to_agent(
         to_agent=agent_id,
         transferred_at=now,
     )
-    transferred = new_event(
-        EventType.CONVERSATION_TRANSFERRED,
-        account=conv.account,
-        key=(conversation_id, now.isoformat()),
-        data=data.model_dump(mode="json"),
-        occurred_at=now,
-        conversation_id=conversation_id,
+    transferred = conv.event(
+        EventType.CONVERSATION_TRANSFERRED, (conversation_id, now.isoformat()), data, now
     )
-    offered = await make_offer(conn, conv, agent_id, units, offer_seconds, now)
+    offered = await make_offer(
+        conn, replace(conv, last_event_id=transferred.id), agent_id, conv.units, offer_seconds, now
+    )
     return [transferred, offered]
+
+
+async def set_variables(
+    conn: Connection, conversation_id: str, values: dict[str, Any], removed: list[str]
+) -> dict[str, Any] | None:
+    """Merge context variables into the conversation (None values remove); the result, or
+    None when there is no such conversation."""
+    variables: dict[str, Any] | None = await conn.fetchval(
+        "UPDATE conversations SET variables = (variables || $2::jsonb) - $3::text[],"
+        " updated_at = now() WHERE id = $1 RETURNING variables",
+        conversation_id,
+        values,
+        removed,
+    )
+    return variables
+
+
+async def note_window_closed(conn: Connection, conversation_id: str, at: datetime) -> None:
+    """Twilio said the 24-hour window is closed (63016): the gate believes it from now on."""
+    await conn.execute(
+        "UPDATE conversations SET window_closed_at = GREATEST(window_closed_at, $2) WHERE id = $1",
+        conversation_id,
+        at,
+    )
 
 
 async def _lock_offer(conn: Connection, offer_id: str, agent_id: str | None) -> Any:
@@ -328,14 +620,26 @@ async def _lock_offer(conn: Connection, offer_id: str, agent_id: str | None) -> 
     return row
 
 
-async def _conversation(
-    conn: Connection, conversation_id: str, *, lock: bool = False
-) -> ConversationRef:
+@dataclass(frozen=True)
+class _Locked(ConversationRef):
+    state: str = ""
+    units: int = 1
+
+
+async def _conversation(conn: Connection, conversation_id: str, *, lock: bool = False) -> _Locked:
     row = await conn.fetchrow(
-        "SELECT id, account, queue FROM conversations WHERE id = $1"
-        + (" FOR UPDATE" if lock else ""),
+        "SELECT id, account, queue, correlation_id, last_event_id, state, units"
+        " FROM conversations WHERE id = $1" + (" FOR UPDATE" if lock else ""),
         conversation_id,
     )
     if row is None:
         raise WorkConflict("not_found", "no such conversation")
-    return ConversationRef(str(row["id"]), row["account"], row["queue"])
+    return _Locked(
+        str(row["id"]),
+        row["account"],
+        row["queue"],
+        row["correlation_id"],
+        row["last_event_id"],
+        state=row["state"],
+        units=row["units"] or 1,
+    )
