@@ -92,13 +92,15 @@ async def queue_automated(
     )
     if inserted is None or status != "requested":
         return []
-    data = MessageSendRequested(message_id=message_id, kind="system", requested_at=now)
+    data = MessageSendRequested(
+        message_id=message_id, kind="system", requested_at=now, automated=kind
+    )
     return [
         new_event(
             EventType.MESSAGE_SEND_REQUESTED,
             account=account,
             key=(message_id,),
-            data=data.model_dump(mode="json") | {"automated": kind},
+            data=data.model_dump(mode="json"),
             occurred_at=now,
             conversation_id=conversation_id,
         )

@@ -26,9 +26,11 @@ from omniroute.infra.store import Connection
 from schemas.events import (
     ConversationOpened,
     ConversationQueued,
+    ConversationReopened,
     Envelope,
     EventType,
     MessageReceived,
+    SandboxJoined,
     SurveyAnswered,
 )
 
@@ -107,12 +109,12 @@ async def _sandbox_join(event: Envelope, payload: MessageReceived, tx: StageTx) 
     return [
         event.caused(
             EventType.SANDBOX_JOINED,
-            {
-                "customer": payload.customer,
-                "business_number": payload.business_number,
-                "code": payload.body.split()[-1],
-                "joined_at": payload.received_at.isoformat(),
-            },
+            SandboxJoined(
+                customer=payload.customer,
+                business_number=payload.business_number,
+                code=payload.body.split()[-1],
+                joined_at=payload.received_at,
+            ).model_dump(mode="json"),
         )
     ]
 
@@ -205,7 +207,9 @@ async def _reopen(event: Envelope, payload: MessageReceived, tx: StageTx) -> lis
     return [
         event.caused(
             EventType.CONVERSATION_REOPENED,
-            {"reopened_at": payload.received_at.isoformat(), "workstream": row["workstream"]},
+            ConversationReopened(
+                reopened_at=payload.received_at, workstream=row["workstream"]
+            ).model_dump(mode="json"),
             conversation_id=cid,
         ),
         event.caused(

@@ -27,7 +27,7 @@ from omniroute.domain.conversation import note_window_closed
 from omniroute.infra.metrics import STATUS_CALLBACKS_FOREIGN
 from omniroute.infra.settings import Settings
 from omniroute.infra.store import Connection
-from schemas.events import Envelope, EventType, MessageStatus, new_event
+from schemas.events import Envelope, EventType, MessageOutcome, MessageStatus, new_event
 
 log = structlog.get_logger("omniroute.status")
 
@@ -68,19 +68,19 @@ async def apply_status(
         payload.error_code if steps else None,
         [entry],
     )
-    data = {
-        "message_id": str(row["id"]),
-        "message_sid": payload.message_sid,
-        "status": status,
-        "error_code": payload.error_code,
-        "error_message": payload.error_message,
-    }
+    data = MessageOutcome(
+        message_id=str(row["id"]),
+        message_sid=payload.message_sid,
+        status=status,
+        error_code=payload.error_code,
+        error_message=payload.error_message,
+    )
     return [
         new_event(
             step,
             account=row["account"],
             key=(payload.message_sid,),
-            data=data,
+            data=data.model_dump(mode="json"),
             occurred_at=payload.received_at,
             conversation_id=str(row["conversation_id"]),
             correlation_id=event.correlation_id,

@@ -26,16 +26,6 @@ BUILDERS = {"new_event", "caused", "Envelope"}
 # Sites that still put a hand-written dict into ``data`` (file:function → the event types
 # they build). Convert them to their payload model and drop them from here; never add one.
 HAND_BUILT: dict[str, set[str]] = {
-    "router/agent_api.py:wait": {EventType.CONVERSATION_WAITING},
-    "consumers/conversations.py:_sandbox_join": {EventType.SANDBOX_JOINED},
-    "consumers/conversations.py:_reopen": {EventType.CONVERSATION_REOPENED},
-    "consumers/status.py:apply_status": {
-        EventType.MESSAGE_SENT,
-        EventType.MESSAGE_DELIVERED,
-        EventType.MESSAGE_READ,
-        EventType.MESSAGE_FAILED,
-    },
-    "consumers/automated.py:queue_automated": {EventType.MESSAGE_SEND_REQUESTED},
 }
 
 
