@@ -2,44 +2,56 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install services migrate demo test lint bench chaos fuzz clean
+.PHONY: install install-dev install-bench install-lint services migrate demo test lint bench chaos fuzz clean
 
-$(STAMP): pyproject.toml
+$(BIN)/python:
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "omniroute needs Python >= 3.11")'
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
-	touch $(STAMP)
 
-install: $(STAMP)
+# One stamp per set of extras, so each target installs only what it needs: `make demo` the
+# product alone, `make test` the dev extra (pytest, linters), `make bench` the baselines.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e .
+	touch $@
 
-services: install
+$(VENV)/.installed-%: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[$(subst -,$(comma),$*)]'
+	touch $@ $(VENV)/.installed  # the product came with it
+
+comma := ,
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+install-bench: $(VENV)/.installed-bench
+install-lint: $(VENV)/.installed-dev-bench  # mypy checks bench/ too
+
+services:
 	bash scripts/ensure-services.sh
 
-migrate: services
+migrate: install services
 	$(BIN)/omniroute migrate --create-database
 
 demo: migrate
 	$(BIN)/omniroute demo $(DEMO_ARGS)
 
-test: services
+test: install-dev services
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-lint: install
+lint: install-lint
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-bench: migrate
+bench: install-bench migrate
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
 # Full-size versions of the suites whose short versions run in `make test`.
-chaos: services
+chaos: install-dev services
 	OMNIROUTE_CHAOS_SCALE=$${OMNIROUTE_CHAOS_SCALE:-1} $(BIN)/pytest tests/chaos -m chaos $(PYTEST_ARGS)
 
-fuzz: services
+fuzz: install-dev services
 	OMNIROUTE_FUZZ_EXAMPLES=$${OMNIROUTE_FUZZ_EXAMPLES:-20000} $(BIN)/pytest tests/fuzz -m fuzz -s $(PYTEST_ARGS)
 
 clean:
