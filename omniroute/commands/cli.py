@@ -485,6 +485,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `omniroute contract | head`: the reader left, nothing to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except AMQPConnectionError as exc:
         url = urlsplit(settings.amqp_url.get_secret_value())
         reason = exc.strerror or str(exc) or type(exc).__name__

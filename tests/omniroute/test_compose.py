@@ -47,3 +47,12 @@ def test_the_router_is_the_only_service_with_a_host_port() -> None:
     published = {n for n, s in _services().items() if s.get("ports")}
     assert published <= {"router", "rabbitmq", "postgres"}
     assert "router" in published
+
+
+def test_the_router_gets_the_admin_token_and_the_shared_settings() -> None:
+    services = _services()
+    router = services["router"]["environment"]
+    assert router["OMNIROUTE_ADMIN_TOKEN"] == "${OMNIROUTE_ADMIN_TOKEN:-}"
+    # The router's own environment extends the shared one instead of replacing it.
+    assert router.items() >= services["classify"]["environment"].items()
+    assert "OMNIROUTE_ADMIN_TOKEN" not in services["classify"]["environment"]
