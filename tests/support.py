@@ -1,19 +1,23 @@
-"""Test helpers shared by the suites: signed webhooks, event capture, waiting on conditions."""
+"""Test helpers shared by the suites: signed webhooks, agents, event capture, waiting on
+conditions."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from typing import Any, TypeVar
 from urllib.parse import urlencode
 
 import aio_pika
+import asyncpg
 import orjson
 from aio_pika.abc import AbstractIncomingMessage
+from aiohttp.test_utils import TestClient
 from twilio.request_validator import RequestValidator
 
+from omniroute.domain.agents import hash_token, new_token
 from schemas.events import EXCHANGE
 
 ACCOUNT_SID = "AC00000000000000000000000000000001"
@@ -23,6 +27,9 @@ OTHER_TOKEN = "other-auth-token-0123456789abcdef"
 BUSINESS = "+5511999990000"
 SANDBOX = "+14155238886"
 PUBLIC_URL = "https://omniroute.example.com"
+T = TypeVar("T")
+INBOUND = "/twilio/contoso/inbound"
+STATUS = "/twilio/contoso/status"
 
 CONFIG_YAML = f"""
 accounts:
@@ -123,6 +130,31 @@ def inbound_form(
     return [(k, v) for k, v in form if k not in replaced] + list(extra.items())
 
 
+def status_form(
+    sid: str,
+    status: str = "delivered",
+    *,
+    error_code: str = "",
+    customer: str = "+5511988887777",
+    account_sid: str = ACCOUNT_SID,
+    **extra: str,
+) -> list[tuple[str, str]]:
+    """A Twilio status callback form for message ``sid``, as Twilio posts it."""
+    form = [
+        ("MessageSid", sid),
+        ("SmsSid", sid),
+        ("MessageStatus", status),
+        ("SmsStatus", status),
+        ("AccountSid", account_sid),
+        ("From", f"whatsapp:{BUSINESS}"),
+        ("To", f"whatsapp:{customer}"),
+        ("ApiVersion", "2010-04-01"),
+    ]
+    if error_code:
+        form.append(("ErrorCode", error_code))
+    return form + list(extra.items())
+
+
 def sign(url: str, form: list[tuple[str, str]], token: str = AUTH_TOKEN) -> str:
     from multidict import MultiDict
 
@@ -137,6 +169,97 @@ def signed_post(
         "Content-Type": "application/x-www-form-urlencoded",
         "X-Twilio-Signature": sign(base + path, form, token),
     }
+
+
+async def post_webhook(
+    client: TestClient[Any, Any], path: str, form: list[tuple[str, str]]
+) -> None:
+    """Post ``form`` signed to ``path`` as Twilio would; the router must answer 200."""
+    body, headers = signed_post(path, form)
+    response = await client.post(path, data=body, headers=headers)
+    assert response.status == 200, await response.text()
+
+
+async def customer_writes(
+    client: TestClient[Any, Any],
+    customer: str,
+    body: str,
+    *,
+    to: str = BUSINESS,
+    profile: str = "Maria",
+) -> str:
+    """The customer writes, through the signed inbound webhook; the message sid."""
+    form = inbound_form(customer=customer, body=body, to=to, profile=profile)
+    await post_webhook(client, INBOUND, form)
+    return dict(form)["MessageSid"]
+
+
+async def status_callback(
+    client: TestClient[Any, Any], sid: str, status: str, error_code: str = ""
+) -> None:
+    """Twilio reports ``status`` for message ``sid``, through the signed status webhook."""
+    await post_webhook(client, STATUS, status_form(sid, status, error_code=error_code))
+
+
+Executor = asyncpg.Pool | asyncpg.Connection
+
+
+async def new_agent(
+    db: Executor,
+    *,
+    queues: Sequence[str] | None = None,
+    name: str | None = None,
+    skills: Mapping[str, int] | None = None,
+    capacity: int = 2,
+    used: int = 0,
+    presence: str = "offline",
+) -> tuple[str, dict[str, str]]:
+    """An agent written straight to the database: its id and the ``Authorization`` header
+    of its token. Without ``queues`` it is alone in a queue no configuration knows, so no
+    stage gives it work the test did not ask for."""
+    token = new_token()
+    agent_id = str(uuid.uuid4())
+    await db.execute(
+        "INSERT INTO agents (id, name, queues, skills, capacity_units, used_units, presence,"
+        " token_hash) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        agent_id,
+        name or f"agent-{agent_id[:6]}",
+        list(queues) if queues is not None else [f"private-{agent_id[:8]}"],
+        dict(skills or {}),
+        capacity,
+        used,
+        presence,
+        hash_token(token),
+    )
+    return agent_id, {"Authorization": f"Bearer {token}"}
+
+
+async def new_agents(
+    db: Executor,
+    count: int,
+    *,
+    queues: Sequence[str],
+    capacity: int,
+    presence: str = "available",
+    name: str = "agent",
+) -> list[str]:
+    """``count`` agents in one statement (no tokens: nobody logs in as them); their ids."""
+    ids = [str(uuid.uuid4()) for _ in range(count)]
+    await db.executemany(
+        "INSERT INTO agents (id, name, queues, capacity_units, presence, token_hash)"
+        " VALUES ($1, $2, $3, $4, $5, $6)",
+        [
+            (agent_id, f"{name}-{n}", list(queues), capacity, presence, uuid.uuid4().hex)
+            for n, agent_id in enumerate(ids)
+        ],
+    )
+    return ids
+
+
+async def within(awaitable: Awaitable[T], timeout: float = 5.0) -> T:
+    """Await ``awaitable`` (an event, a future), failing the test after ``timeout`` seconds."""
+    async with asyncio.timeout(timeout):
+        return await awaitable
 
 
 async def wait_for(

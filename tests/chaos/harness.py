@@ -32,7 +32,7 @@ import asyncpg
 from prometheus_client.parser import text_string_to_metric_families
 
 from omniroute.twilio_emulator import EmulatorState
-from tests.support import ACCOUNT_SID, AUTH_TOKEN, BUSINESS, inbound_form, signed_post
+from tests.support import ACCOUNT_SID, AUTH_TOKEN, BUSINESS, inbound_form, new_agents, signed_post
 
 ROOT = Path(__file__).resolve().parents[2]
 SCALE = float(os.environ.get("OMNIROUTE_CHAOS_SCALE", "0.1"))
@@ -544,14 +544,7 @@ class Db:
     async def seed_agents(self, agents: int, capacity: int, queue: str = "general") -> None:
         conn = await asyncpg.connect(self.dsn)
         try:
-            await conn.executemany(
-                "INSERT INTO agents (id, name, queues, capacity_units, presence, token_hash)"
-                " VALUES ($1, $2, $3, $4, 'available', $5)",
-                [
-                    (uuid.uuid4(), f"Agent{n}", [queue], capacity, uuid.uuid4().hex)
-                    for n in range(agents)
-                ],
-            )
+            await new_agents(conn, agents, queues=[queue], capacity=capacity, name="Agent")
         finally:
             await conn.close()
 

@@ -17,6 +17,7 @@ from omniroute.infra.settings import Settings
 from schemas.events import ConversationQueued, EventType, new_event
 from tests.chaos.conftest import TEST_TIMEOUT, Chaos
 from tests.chaos.harness import SCALE, capacity_problems, scaled, wait_until
+from tests.support import new_agents
 
 pytestmark = [pytest.mark.chaos, pytest.mark.integration, pytest.mark.timeout(TEST_TIMEOUT)]
 
@@ -25,14 +26,6 @@ CONVERSATIONS = scaled(5_000, 500) // AGENTS * AGENTS
 CAPACITY = CONVERSATIONS // AGENTS  # exactly enough: any leak or double count shows
 WAVES = 10
 GRACE = 5.0
-
-
-async def _seed_agents(conn: asyncpg.Connection) -> None:
-    await conn.executemany(
-        "INSERT INTO agents (id, name, queues, capacity_units, presence, token_hash)"
-        " VALUES ($1, $2, '{general}', $3, 'available', $4)",
-        [(uuid.uuid4(), f"agent-{n}", CAPACITY, uuid.uuid4().hex) for n in range(AGENTS)],
-    )
 
 
 async def _queue_wave(conn: asyncpg.Connection, wave: int, size: int) -> list[str]:
@@ -76,7 +69,7 @@ async def test_three_distribute_replicas_one_stopped_mid_run(chaos: Chaos) -> No
         try:
             async with asyncio.timeout(20):
                 await bus.wait_ready()
-            await _seed_agents(conn)
+            await new_agents(conn, AGENTS, queues=["general"], capacity=CAPACITY)
             stopped: tuple[int | None, float] | None = None
             assigned_at_stop = 0
             started = time.monotonic()

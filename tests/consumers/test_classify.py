@@ -23,14 +23,12 @@ from tests.support import (
     ENVIRON,
     EventTap,
     about,
-    inbound_form,
+    customer_writes,
     new_customer,
-    signed_post,
     tap,
     wait_for,
 )
 
-INBOUND = "/twilio/contoso/inbound"
 WEDNESDAY_NOON_SP = datetime(2026, 11, 25, 15, 0, tzinfo=UTC)
 SATURDAY_SP = datetime(2026, 11, 28, 15, 0, tzinfo=UTC)
 
@@ -39,12 +37,6 @@ SATURDAY_SP = datetime(2026, 11, 28, 15, 0, tzinfo=UTC)
 async def flow(settings: Settings) -> AsyncIterator[EventTap]:
     async with tap(settings.amqp_url.get_secret_value(), "conversation.*") as events:
         yield events
-
-
-async def _send(router: TestClient[Any, Any], customer: str, body: str) -> None:
-    payload, headers = signed_post(INBOUND, inbound_form(customer=customer, body=body))
-    response = await router.post(INBOUND, data=payload, headers=headers)
-    assert response.status == 200, await response.text()
 
 
 async def _until(spy: EventTap, kind: str, customer_conversation: str | None = None) -> Any:
@@ -77,7 +69,7 @@ async def test_webhook_ends_queued_in_the_expected_queue(
     await start_runner(conversations.STAGE)
     await start_runner(classify.STAGE, clock=lambda: WEDNESDAY_NOON_SP)
     customer = new_customer()
-    await _send(router, customer, body)
+    await customer_writes(router, customer, body)
     opened = await _until(flow, "conversation.opened")
     classified = await _until(flow, "conversation.classified", opened["conversation_id"])
     queued = await _until(flow, "conversation.queued", opened["conversation_id"])
@@ -100,7 +92,7 @@ async def test_out_of_hours_close_action_closes_the_conversation(
     await start_runner(conversations.STAGE)
     await start_runner(classify.STAGE, clock=lambda: SATURDAY_SP)
     customer = new_customer()
-    await _send(router, customer, "quero comprar hoje")
+    await customer_writes(router, customer, "quero comprar hoje")
     opened = await _until(flow, "conversation.opened")
     classified = await _until(flow, "conversation.classified", opened["conversation_id"])
     closed = await _until(flow, "conversation.closed", opened["conversation_id"])
@@ -113,7 +105,7 @@ async def test_out_of_hours_close_action_closes_the_conversation(
     )
     assert state == "closed"
     # The customer writes again: a new conversation, not the closed one.
-    await _send(router, customer, "alô?")
+    await customer_writes(router, customer, "alô?")
     again = await _until(flow, "conversation.opened")
     assert again["conversation_id"] != opened["conversation_id"]
 
@@ -123,7 +115,7 @@ async def test_redelivered_opened_event_is_classified_once(
 ) -> None:
     await start_runner(conversations.STAGE)
     customer = new_customer()
-    await _send(router, customer, "boleto")
+    await customer_writes(router, customer, "boleto")
     opened = await _until(flow, "conversation.opened")
     from omniroute.infra.bus import Bus
     from schemas.events import Envelope
@@ -149,7 +141,7 @@ async def test_unknown_workstream_goes_to_the_default_queue_with_a_note(
     await start_runner(classify.STAGE, clock=lambda: WEDNESDAY_NOON_SP)
     customer = new_customer()
     # The router accepted the message while support-pt existed; then the config changed.
-    await _send(router, customer, "boleto")
+    await customer_writes(router, customer, "boleto")
     renamed = CONFIG_YAML.replace("support-pt", "support-br")
     config.current = parse_config(renamed, "renamed.yaml", ENVIRON)
     opened = await _until(flow, "conversation.opened")
@@ -175,7 +167,7 @@ async def test_reload_switches_rules_for_new_conversations_only(
     await service.start()
     try:
         before = new_customer()
-        await _send(router, before, "boleto")
+        await customer_writes(router, before, "boleto")
         first = await _until(flow, "conversation.queued")
         assert first["data"]["queue"] == "billing"
 
@@ -185,7 +177,7 @@ async def test_reload_switches_rules_for_new_conversations_only(
         await wait_for(lambda: _changed(live, old), timeout=10)
 
         after = new_customer()
-        await _send(router, after, "boleto")
+        await customer_writes(router, after, "boleto")
         second = await _until(flow, "conversation.queued")
         assert second["conversation_id"] != first["conversation_id"]
         assert second["data"]["queue"] == "general"

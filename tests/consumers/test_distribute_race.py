@@ -17,7 +17,7 @@ from omniroute.infra.bus import Bus
 from omniroute.infra.settings import Settings
 from schemas.events import ConversationQueued, EventType, new_event
 from tests.conftest import Infra
-from tests.support import CONFIG_YAML, ENVIRON, new_customer, wait_for
+from tests.support import CONFIG_YAML, ENVIRON, new_agents, new_customer, wait_for
 
 CONVERSATIONS = 1000
 AGENTS = 50
@@ -38,14 +38,7 @@ async def _seed(db: asyncpg.Pool, run: str) -> list[str]:
         contact,
         new_customer(),
     )
-    await db.executemany(
-        "INSERT INTO agents (id, name, queues, skills, capacity_units, presence, token_hash)"
-        " VALUES ($1, $2, $3, '{}', $4, 'available', $5)",
-        [
-            (uuid.uuid4(), f"{run}-agent-{n}", [QUEUE], CAPACITY, f"{run}-{n}")
-            for n in range(AGENTS)
-        ],
-    )
+    await new_agents(db, AGENTS, queues=[QUEUE], capacity=CAPACITY, name=f"{run}-agent")
     ids = [str(uuid.uuid4()) for _ in range(CONVERSATIONS)]
     await db.executemany(
         "INSERT INTO conversations (id, account, business_number, customer, contact_id,"

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import hashlib
 import json
 import secrets
 import uuid
@@ -31,6 +30,7 @@ from consumers.automated import fill, text_for
 from consumers.conversations import RATING, SANDBOX_JOIN
 from consumers.runtime import Stage, StageRunner, StageTx
 from omniroute.commands.service import Service
+from omniroute.domain import conversation
 from omniroute.infra.bus import Bus, declare_stage
 from omniroute.infra.config_loader import LiveConfig, parse_config
 from omniroute.infra.settings import Settings
@@ -52,15 +52,14 @@ from tests.support import (
     ENVIRON,
     SANDBOX,
     EventTap,
-    inbound_form,
+    customer_writes,
+    new_agent,
     new_customer,
     received_event,
-    signed_post,
     tap,
     wait_for,
 )
 
-INBOUND = "/twilio/contoso/inbound"
 ADMIN_TOKEN = "admin-token-for-lifecycle-tests"
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 SURVEY_NUMBER = "+5511999990001"
@@ -377,37 +376,6 @@ def _us_customer() -> str:
     return f"+1{area}555{secrets.randbelow(10000):04d}"
 
 
-async def _agent(db: asyncpg.Pool, name: str) -> tuple[str, dict[str, str]]:
-    """An offline agent of the private queue: only picks (no distribute stage runs here)."""
-    token = "omr_" + secrets.token_urlsafe(24)
-    agent_id = str(uuid.uuid4())
-    await db.execute(
-        "INSERT INTO agents (id, name, queues, skills, capacity_units, presence, token_hash)"
-        " VALUES ($1, $2, $3, '{}', 3, 'offline', $4)",
-        agent_id,
-        name,
-        [QUEUE],
-        hashlib.sha256(token.encode()).hexdigest(),
-    )
-    return agent_id, {"Authorization": f"Bearer {token}"}
-
-
-async def _write(
-    router: TestClient[Any, Any],
-    customer: str,
-    body: str,
-    *,
-    to: str = BUSINESS,
-    profile: str = "Maria",
-) -> str:
-    """The customer writes, through the signed Twilio webhook; the message sid."""
-    form = inbound_form(customer=customer, body=body, to=to, profile=profile)
-    payload, headers = signed_post(INBOUND, form)
-    response = await router.post(INBOUND, data=payload, headers=headers)
-    assert response.status == 200, await response.text()
-    return dict(form)["MessageSid"]
-
-
 async def _queued(
     router: TestClient[Any, Any],
     events: Events,
@@ -418,7 +386,7 @@ async def _queued(
     profile: str = "Maria",
 ) -> str:
     """A new conversation of the customer, classified and waiting in its queue."""
-    await _write(router, customer, body, to=to, profile=profile)
+    await customer_writes(router, customer, body, to=to, profile=profile)
     opened = await events.wait(_is("conversation.opened", customer=customer))
     conversation_id: str = opened["conversation_id"]
     await events.wait(_is("conversation.queued", conversation_id))
@@ -645,7 +613,7 @@ def test_what_reads_as_a_sandbox_join(body: str, joins: bool) -> None:
 async def test_greeting_queue_position_and_agent_joined_in_portuguese(
     router: TestClient[Any, Any], rig: Rig, events: Events, db: asyncpg.Pool
 ) -> None:
-    _, auth = await _agent(db, "Ana Souza")
+    _, auth = await new_agent(db, queues=[QUEUE], name="Ana Souza", capacity=3)
     first, second = new_customer(), new_customer()
     cid = await _queued(router, events, first, "Olá, preciso de ajuda", profile="Maria")
     greeting = await _automated(events, db, cid, "greeting")
@@ -680,7 +648,7 @@ async def test_greeting_queue_position_and_agent_joined_in_portuguese(
 async def test_an_english_conversation_gets_its_messages_in_english(
     router: TestClient[Any, Any], rig: Rig, events: Events, db: asyncpg.Pool
 ) -> None:
-    _, auth = await _agent(db, "Ana Souza")
+    _, auth = await new_agent(db, queues=[QUEUE], name="Ana Souza", capacity=3)
     customer = _us_customer()
     cid = await _queued(router, events, customer, "Hello, I need help", profile="John")
     assert (await _conversation(db, cid))["language"] == "en"
@@ -700,7 +668,7 @@ async def test_an_english_customer_is_greeted_in_english(
     await start_runner(conversations.STAGE)
     await _start_lifecycle(start_runner, Clock(), Ticks())
     customer = _us_customer()
-    await _write(router, customer, "Hello, I need help", profile="John")
+    await customer_writes(router, customer, "Hello, I need help", profile="John")
     opened = await events.wait(_is("conversation.opened", customer=customer))
     cid = opened["conversation_id"]
 
@@ -740,12 +708,16 @@ async def test_the_greeting_goes_before_the_queue_position(
                 await asyncio.wait_for(queued_handled.wait(), 2)
             tx = dataclasses.replace(tx, now=datetime.now(UTC))
         try:
-            return await lifecycle.handle(event, payload, tx)
+            return await lifecycle.STAGE.handlers[event.type](event, payload, tx)
         finally:
             if mine and isinstance(payload, ConversationQueued):
                 queued_handled.set()
 
-    await start_runner(dataclasses.replace(lifecycle.STAGE, handle=handle))
+    await start_runner(
+        dataclasses.replace(
+            lifecycle.STAGE, handlers=dict.fromkeys(lifecycle.STAGE.handlers, handle)
+        )
+    )
     cid = await _queued(router, events, customer, "Olá, preciso de ajuda")
     greeting = await _automated(events, db, cid, "greeting")
     queued = await _automated(events, db, cid, "queued")
@@ -786,7 +758,7 @@ async def test_out_of_hours_closing_sends_its_message_and_no_survey(
     await start_runner(classify.STAGE, clock=lambda: sunday)
     await _start_lifecycle(start_runner, Clock(), Ticks())
     customer = new_customer()
-    await _write(router, customer, "Quero comprar um plano")
+    await customer_writes(router, customer, "Quero comprar um plano")
     opened = await events.wait(_is("conversation.opened", customer=customer))
     cid = opened["conversation_id"]
     closed = await events.wait(_is("conversation.closed", cid))
@@ -808,7 +780,7 @@ async def test_out_of_hours_closing_sends_its_message_and_no_survey(
 async def test_idle_reminder_then_auto_close_fire_once_and_release_capacity(
     router: TestClient[Any, Any], stages: Rig, events: Events, db: asyncpg.Pool
 ) -> None:
-    agent, auth = await _agent(db, "Bruno Lima")
+    agent, auth = await new_agent(db, queues=[QUEUE], name="Bruno Lima", capacity=3)
     customer = _us_customer()
     cid = await _queued(router, events, customer, "Hello, anyone there?", profile="John")
     await stages.start_lifecycle()
@@ -955,7 +927,7 @@ async def test_a_first_message_committed_between_the_lookups_gets_idle_timers(
 
     async def conversations_commit() -> None:
         async with store.transaction() as conn:
-            assert await conversations.store_inbound(conn, "contoso", first) is not None
+            assert await conversation.store_inbound(conn, "contoso", first) is not None
 
     async def handle(event: Envelope, payload: BaseModel, tx: StageTx) -> list[Envelope]:
         nonlocal interleaved
@@ -965,13 +937,15 @@ async def test_a_first_message_committed_between_the_lookups_gets_idle_timers(
                 proxy = _CommitsAfterFirstQuery(tx.conn, conversations_commit)
                 tx = dataclasses.replace(tx, conn=cast(Connection, proxy))
             try:
-                return await lifecycle.handle(event, payload, tx)
+                return await lifecycle.STAGE.handlers[event.type](event, payload, tx)
             finally:
                 handled.set()
-        return await lifecycle.handle(event, payload, tx)
+        return await lifecycle.STAGE.handlers[event.type](event, payload, tx)
 
     await start_runner(
-        dataclasses.replace(lifecycle.STAGE, handle=handle),
+        dataclasses.replace(
+            lifecycle.STAGE, handlers=dict.fromkeys(lifecycle.STAGE.handlers, handle)
+        ),
         delivery_limit=10,
         retry_backoff_base=0.05,
         retry_backoff_max=0.3,
@@ -1070,7 +1044,7 @@ async def test_timers_survive_a_restart_of_every_runner(
 async def test_wrap_up_holds_capacity_until_it_ends(
     router: TestClient[Any, Any], rig: Rig, events: Events, db: asyncpg.Pool
 ) -> None:
-    agent, auth = await _agent(db, "Carla Dias")
+    agent, auth = await new_agent(db, queues=[QUEUE], name="Carla Dias", capacity=3)
     cid = await _queued(router, events, new_customer(), "Olá, preciso de ajuda")
     await _pick(router, auth, cid)
     variables = await router.patch(
@@ -1115,7 +1089,7 @@ async def test_wrap_up_holds_capacity_until_it_ends(
 async def test_a_second_close_during_wrap_up_closes_at_once(
     router: TestClient[Any, Any], rig: Rig, events: Events, db: asyncpg.Pool
 ) -> None:
-    agent, auth = await _agent(db, "Davi Rocha")
+    agent, auth = await new_agent(db, queues=[QUEUE], name="Davi Rocha", capacity=3)
     cid = await _queued(router, events, new_customer(), "Olá, preciso de ajuda")
     await _pick(router, auth, cid)
     assert (await _close(router, auth, cid))["state"] == "wrap-up"
@@ -1150,8 +1124,8 @@ async def test_a_second_close_during_wrap_up_closes_at_once(
 async def test_context_variables_set_by_the_assigned_agent_fill_placeholders(
     router: TestClient[Any, Any], rig: Rig, events: Events, db: asyncpg.Pool
 ) -> None:
-    _, auth = await _agent(db, "Eva Nunes")
-    _, other_auth = await _agent(db, "Fábio Reis")
+    _, auth = await new_agent(db, queues=[QUEUE], name="Eva Nunes", capacity=3)
+    _, other_auth = await new_agent(db, queues=[QUEUE], name="Fábio Reis", capacity=3)
     cid = await _queued(router, events, _us_customer(), "Hi, my order is late", profile="Kim")
     await _pick(router, auth, cid)
     path = f"/api/conversations/{cid}/variables"
@@ -1245,11 +1219,11 @@ async def _surveyed(
 async def test_survey_answers_are_recorded_not_routed_and_reported(
     router: TestClient[Any, Any], rig: Rig, events: Events, db: asyncpg.Pool
 ) -> None:
-    _, auth = await _agent(db, "Gabi Melo")
+    _, auth = await new_agent(db, queues=[QUEUE], name="Gabi Melo", capacity=3)
     happy, chatty, unhappy, late = (new_customer() for _ in range(4))
     cids = {c: await _surveyed(router, events, db, auth, c) for c in (happy, chatty, unhappy, late)}
 
-    sid = await _write(router, happy, "4 ótimo atendimento", to=SURVEY_NUMBER)
+    sid = await customer_writes(router, happy, "4 ótimo atendimento", to=SURVEY_NUMBER)
     answered = await events.wait(_is("survey.answered", cids[happy]))
     assert (answered["data"]["rating"], answered["data"]["comment"]) == (4, "ótimo atendimento")
     survey = await _row(db, "SELECT * FROM surveys WHERE conversation_id = $1", cids[happy])
@@ -1258,12 +1232,12 @@ async def test_survey_answers_are_recorded_not_routed_and_reported(
     assert str(stored["conversation_id"]) == cids[happy]
     assert stored["attributes"] == {"survey_answer": True}
 
-    await _write(router, unhappy, "2", to=SURVEY_NUMBER)
+    await customer_writes(router, unhappy, "2", to=SURVEY_NUMBER)
     answered = await events.wait(_is("survey.answered", cids[unhappy]))
     assert (answered["data"]["rating"], answered["data"]["comment"]) == (2, None)
 
     # Not a rating: an ordinary message, a new conversation as usual.
-    await _write(router, chatty, "obrigado, era só isso", to=SURVEY_NUMBER)
+    await customer_writes(router, chatty, "obrigado, era só isso", to=SURVEY_NUMBER)
     reopened = await events.wait(_is("conversation.opened", customer=chatty, besides=cids[chatty]))
     await events.wait(_is("conversation.queued", reopened["conversation_id"]))
 
@@ -1272,7 +1246,7 @@ async def test_survey_answers_are_recorded_not_routed_and_reported(
         "UPDATE surveys SET expires_at = now() - interval '1 second' WHERE conversation_id = $1",
         cids[late],
     )
-    await _write(router, late, "5 estrelas", to=SURVEY_NUMBER)
+    await customer_writes(router, late, "5 estrelas", to=SURVEY_NUMBER)
     await events.wait(_is("conversation.opened", customer=late, besides=cids[late]))
 
     # The answers opened nothing and went to no queue.
@@ -1307,7 +1281,7 @@ async def test_survey_answers_are_recorded_not_routed_and_reported(
 async def test_a_survey_never_sent_takes_no_answer(
     router: TestClient[Any, Any], rig: Rig, events: Events, db: asyncpg.Pool
 ) -> None:
-    _, auth = await _agent(db, "Hugo Pires")
+    _, auth = await new_agent(db, queues=[QUEUE], name="Hugo Pires", capacity=3)
     customer = new_customer()
     cid = await _queued(router, events, customer, "Olá, preciso de ajuda", to=SURVEY_NUMBER)
     await _pick(router, auth, cid)
@@ -1323,7 +1297,7 @@ async def test_a_survey_never_sent_takes_no_answer(
     assert events.matching(_is("message.send-requested", cid, automated="survey")) == []
 
     # The customer was never asked: this is a new request, not a rating.
-    await _write(router, customer, "3 produtos chegaram quebrados", to=SURVEY_NUMBER)
+    await customer_writes(router, customer, "3 produtos chegaram quebrados", to=SURVEY_NUMBER)
     answered, opened = _is("survey.answered", cid), _is("conversation.opened", besides=cid)
     outcome = await events.wait(
         lambda e: answered(e) or (opened(e) and e["data"]["customer"] == customer)
@@ -1334,15 +1308,15 @@ async def test_a_survey_never_sent_takes_no_answer(
 async def test_a_message_in_a_new_conversation_is_not_a_late_survey_answer(
     router: TestClient[Any, Any], rig: Rig, events: Events, db: asyncpg.Pool
 ) -> None:
-    _, auth = await _agent(db, "Iris Prado")
+    _, auth = await new_agent(db, queues=[QUEUE], name="Iris Prado", capacity=3)
     customer = new_customer()
     cid = await _surveyed(router, events, db, auth, customer)
-    await _write(router, customer, "Preciso de outra coisa", to=SURVEY_NUMBER)
+    await customer_writes(router, customer, "Preciso de outra coisa", to=SURVEY_NUMBER)
     reopened = (await events.wait(_is("conversation.opened", customer=customer, besides=cid)))[
         "conversation_id"
     ]
     await events.wait(_is("conversation.queued", reopened))
-    sid = await _write(router, customer, "2 caixas chegaram amassadas", to=SURVEY_NUMBER)
+    sid = await customer_writes(router, customer, "2 caixas chegaram amassadas", to=SURVEY_NUMBER)
 
     async def stored() -> asyncpg.Record | None:
         row: asyncpg.Record | None = await db.fetchrow(
@@ -1364,7 +1338,7 @@ async def test_a_sandbox_join_is_noted_and_opens_nothing(
     router: TestClient[Any, Any], rig: Rig, events: Events, db: asyncpg.Pool
 ) -> None:
     customer = _us_customer()
-    sid = await _write(router, customer, "join brave-tiger", to=SANDBOX, profile="Sam")
+    sid = await customer_writes(router, customer, "join brave-tiger", to=SANDBOX, profile="Sam")
     joined = await events.wait(_is("sandbox.joined", customer=customer))
     assert joined["data"]["code"] == "brave-tiger"
     assert joined["data"]["business_number"] == SANDBOX
@@ -1377,7 +1351,9 @@ async def test_a_sandbox_join_is_noted_and_opens_nothing(
     )
     assert contact["sandbox_joined_at"] is not None and contact["profile_name"] == "Sam"
 
-    await _write(router, customer, "Hi, I need help with my order", to=SANDBOX, profile="Sam")
+    await customer_writes(
+        router, customer, "Hi, I need help with my order", to=SANDBOX, profile="Sam"
+    )
     opened = await events.wait(_is("conversation.opened", customer=customer))
     assert opened["data"]["workstream"] == "support-en"
     assert opened["data"]["first_message_body"] == "Hi, I need help with my order"
@@ -1389,7 +1365,7 @@ async def test_a_sandbox_join_is_noted_and_opens_nothing(
 
     # On a number that is not the sandbox, "join …" is an ordinary message.
     other = new_customer()
-    await _write(router, other, "join brave-tiger")
+    await customer_writes(router, other, "join brave-tiger")
     await events.wait(_is("conversation.opened", customer=other))
     assert events.matching(_is("sandbox.joined", customer=other)) == []
 
@@ -1418,25 +1394,20 @@ async def test_reopen_within_the_period_goes_back_to_the_same_agent(
         " AND queue = $1",
         queue,
     )
-    agents = []
-    for _ in range(2):
-        agent_id = str(uuid.uuid4())
-        await db.execute(
-            "INSERT INTO agents (id, name, queues, skills, capacity_units, presence, token_hash)"
-            " VALUES ($1, $2, $3, '{\"billing\": 9}', 5, 'available', $4)",
-            agent_id,
-            f"reopen-{agent_id[:6]}",
-            [queue],
-            uuid.uuid4().hex,
-        )
-        agents.append(agent_id)
+    agents = [
+        (
+            await new_agent(
+                db, queues=[queue], skills={"billing": 9}, capacity=5, presence="available"
+            )
+        )[0]
+        for _ in range(2)
+    ]
     await start_runner(conversations.STAGE)
     await start_runner(classify.STAGE)
     await start_runner(distribute.STAGE, tick_interval=0.1)
     customer = new_customer()
     async with tap(settings.amqp_url.get_secret_value(), "conversation.*") as spy:
-        body, headers = signed_post(INBOUND, inbound_form(customer=customer, body="boleto"))
-        assert (await router.post(INBOUND, data=body, headers=headers)).status == 200
+        await customer_writes(router, customer, "boleto")
         offered = await spy.next(
             where=lambda e: e["type"] == "conversation.offered" and e["data"]["agent_id"] in agents,
             timeout=10,
@@ -1466,8 +1437,7 @@ async def test_reopen_within_the_period_goes_back_to_the_same_agent(
         await db.execute("UPDATE agents SET used_units = 0 WHERE id = ANY($1::uuid[])", agents)
         # The other agent is now the least loaded one, but affinity wins.
         await db.execute("UPDATE agents SET used_units = 4 WHERE id = $1", first_agent)
-        body, headers = signed_post(INBOUND, inbound_form(customer=customer, body="voltei"))
-        assert (await router.post(INBOUND, data=body, headers=headers)).status == 200
+        await customer_writes(router, customer, "voltei")
         reopened = await spy.next(where=lambda e: e["type"] == "conversation.reopened", timeout=10)
         assert reopened["conversation_id"] == cid
         again = await spy.next(

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import hashlib
 import secrets
 import socket
 import uuid
@@ -50,6 +49,7 @@ from tests.support import (
     CONFIG_YAML,
     ENVIRON,
     EventTap,
+    new_agent,
     new_customer,
     tap,
     wait_for,
@@ -176,26 +176,13 @@ class Chat:
     auth: dict[str, str]
 
 
-async def _agent(db: asyncpg.Pool) -> tuple[str, dict[str, str]]:
-    """An offline agent in a private queue: no distribute stage ever gives it other work."""
-    token = "omr_" + secrets.token_urlsafe(24)
-    agent_id = str(uuid.uuid4())
-    await db.execute(
-        "INSERT INTO agents (id, name, queues, capacity_units, used_units, presence, token_hash)"
-        " VALUES ($1, $2, $3, 3, 1, 'offline', $4)",
-        agent_id,
-        f"outbound-{agent_id[:6]}",
-        [f"outbound-test-{agent_id[:8]}"],
-        hashlib.sha256(token.encode()).hexdigest(),
-    )
-    return agent_id, {"Authorization": f"Bearer {token}"}
-
-
 async def _chat(
     db: asyncpg.Pool, *, hours_ago: float = 1.0, language: str | None = "pt-BR"
 ) -> Chat:
     """An active conversation assigned to a fresh agent; the customer wrote ``hours_ago``."""
-    agent_id, auth = await _agent(db)
+    # An offline agent in a private queue: no distribute stage ever gives it other work.
+    queue = f"outbound-test-{uuid.uuid4().hex[:8]}"
+    agent_id, auth = await new_agent(db, queues=[queue], capacity=3, used=1)
     contact, conversation, customer = uuid.uuid4(), uuid.uuid4(), new_customer()
     now = datetime.now(UTC)
     last = now - timedelta(hours=hours_ago)
@@ -218,7 +205,7 @@ async def _chat(
         agent_id,
         now,
         language,
-        f"outbound-test-{agent_id[:8]}",
+        queue,
     )
     await db.execute(
         "INSERT INTO assignments (id, conversation_id, agent_id, units, assigned_at)"
@@ -1011,7 +998,7 @@ async def test_customer_media_is_proxied_only_from_twilio(
     assert await fetched.read() == picture
     for missing in ("1", "-1", "x"):
         assert (await router.get(f"{base}/{missing}", headers=chat.auth)).status == 404
-    _, stranger = await _agent(db)
+    _, stranger = await new_agent(db)
     assert (await router.get(f"{base}/0", headers=stranger)).status == 404
     outbound_id = await _stored_outbound(db, chat, "queued", "not inbound")
     outbound_path = f"/api/conversations/{chat.id}/messages/{outbound_id}/media/0"

@@ -23,9 +23,7 @@ from consumers.delivery import advance
 from omniroute.commands.dead_letters import list_dead
 from omniroute.infra.settings import Settings
 from tests.consumers.conftest import RunnerFactory
-from tests.support import ACCOUNT_SID, EventTap, new_customer, new_sid, signed_post, tap, wait_for
-
-STATUS = "/twilio/contoso/status"
+from tests.support import EventTap, new_customer, new_sid, status_callback, tap, wait_for
 
 
 @pytest.mark.parametrize(
@@ -93,21 +91,6 @@ async def _outbound(db: asyncpg.Pool, sid: str | None = None) -> str:
     return sid
 
 
-async def _callback(router: TestClient[Any, Any], sid: str, state: str, code: str = "") -> None:
-    form = [
-        ("MessageSid", sid),
-        ("SmsSid", sid),
-        ("MessageStatus", state),
-        ("SmsStatus", state),
-        ("AccountSid", ACCOUNT_SID),
-    ]
-    if code:
-        form.append(("ErrorCode", code))
-    body, headers = signed_post(STATUS, form)
-    response = await router.post(STATUS, data=body, headers=headers)
-    assert response.status == 200
-
-
 async def _none_for(spy: EventTap, sid: str, within: float = 0.5) -> None:
     """No further event about this message (other tests' leftovers may pass by)."""
     with contextlib.suppress(TimeoutError):
@@ -138,7 +121,7 @@ async def test_shuffled_and_duplicated_callbacks(
     callbacks = ["sent", "delivered", "read"] * 2 + ["sending"]
     random.Random(7).shuffle(callbacks)
     for state in callbacks:
-        await _callback(router, sid, state)
+        await status_callback(router, sid, state)
     assert await _events_for(receipts, sid, 3) == [
         "message.sent",
         "message.delivered",
@@ -160,9 +143,9 @@ async def test_failure_is_terminal_with_its_code(
 ) -> None:
     await start_runner(status.STAGE)
     sid = await _outbound(db)
-    await _callback(router, sid, "failed", "63016")
+    await status_callback(router, sid, "failed", "63016")
     assert await _events_for(receipts, sid, 1) == ["message.failed"]
-    await _callback(router, sid, "delivered")
+    await status_callback(router, sid, "delivered")
     await _none_for(receipts, sid)
     row = await db.fetchrow("SELECT status, error_code FROM messages WHERE twilio_sid = $1", sid)
     assert row is not None and (row["status"], row["error_code"]) == ("failed", "63016")
@@ -176,13 +159,13 @@ async def test_late_failure_after_read_keeps_read(
 ) -> None:
     await start_runner(status.STAGE)
     sid = await _outbound(db)
-    await _callback(router, sid, "read")
+    await status_callback(router, sid, "read")
     assert await _events_for(receipts, sid, 3) == [
         "message.sent",
         "message.delivered",
         "message.read",
     ]
-    await _callback(router, sid, "failed", "63016")
+    await status_callback(router, sid, "failed", "63016")
     await _none_for(receipts, sid)
     query = "SELECT status, error_code, status_history FROM messages WHERE twilio_sid = $1"
 
@@ -214,13 +197,12 @@ async def test_callback_before_the_sid_is_stored_is_parked_then_applied(
 ) -> None:
     await start_runner(status.STAGE, status_park_backoff_base=0.05, status_park_backoff_max=0.2)
     sid = new_sid()
-    await _callback(router, sid, "delivered")
-    await _callback(router, sid, "delivered")  # Twilio resending: parked once
+    await status_callback(router, sid, "delivered")
+    await status_callback(router, sid, "delivered")  # Twilio resending: parked once
     await wait_for(lambda: _parked(db, sid))
-    await asyncio.sleep(0.3)  # a few retries find nothing yet
+    retried = "SELECT attempts >= 2 FROM parked_status WHERE message_sid = $1"
+    await wait_for(lambda: db.fetchval(retried, sid))  # a few retries find nothing yet
     assert await _parked(db, sid) == 1
-    attempts = await db.fetchval("SELECT attempts FROM parked_status WHERE message_sid = $1", sid)
-    assert attempts >= 1
 
     await _outbound(db, sid)  # the send's answer is stored at last
     assert await _events_for(receipts, sid, 2) == ["message.sent", "message.delivered"]
@@ -251,7 +233,7 @@ async def test_parked_callback_past_the_grace_is_dropped_and_counted_never_dead_
         status_park_backoff_max=0.1,
     )
     sid = new_sid()
-    await _callback(router, sid, "delivered")
+    await status_callback(router, sid, "delivered")
     await wait_for(lambda: _parked(db, sid))
 
     async def gone() -> bool:

@@ -6,7 +6,7 @@ from typing import Any
 
 from hypothesis import strategies as st
 
-from tests.support import ACCOUNT_SID, BUSINESS, SANDBOX, inbound_form, new_sid
+from tests.support import ACCOUNT_SID, BUSINESS, SANDBOX, inbound_form, new_sid, status_form
 
 LIMIT = 64 * 1024  # Settings.max_body_bytes, the default the fixtures use
 
@@ -175,19 +175,7 @@ def shaped_inbound(draw: st.DrawFn) -> list[tuple[str, str]]:
 @st.composite
 def shaped_status(draw: st.DrawFn) -> list[tuple[str, str]]:
     """A status callback with every field Twilio sends, each value possibly replaced."""
-    sid = new_sid()
-    form = [
-        ("MessageSid", sid),
-        ("SmsSid", sid),
-        ("MessageStatus", "delivered"),
-        ("SmsStatus", "delivered"),
-        ("AccountSid", ACCOUNT_SID),
-        ("From", f"whatsapp:{BUSINESS}"),
-        ("To", "whatsapp:+5511988887777"),
-        ("ApiVersion", "2010-04-01"),
-        ("ErrorCode", "63016"),
-        ("ErrorMessage", "outside the window"),
-    ]
+    form = status_form(new_sid(), error_code="63016", ErrorMessage="outside the window")
     out = [(k, draw(st.one_of(st.just(v), values))) for k, v in form]
     out += draw(st.lists(st.tuples(keys, values), max_size=4))
     return draw(st.permutations(out))

@@ -25,7 +25,15 @@ from tests.fuzz.strategies import (
     shaped_status,
     values,
 )
-from tests.support import AUTH_TOKEN, OTHER_TOKEN, PUBLIC_URL, inbound_form, new_sid, sign
+from tests.support import (
+    AUTH_TOKEN,
+    OTHER_TOKEN,
+    PUBLIC_URL,
+    inbound_form,
+    new_sid,
+    sign,
+    status_form,
+)
 
 pytestmark = [pytest.mark.fuzz, pytest.mark.integration, TIMEOUT]
 
@@ -283,7 +291,7 @@ async def test_replayed_with_changes_is_forbidden(
     if kind == "inbound":
         form = inbound_form(sid=sid, body=body, profile=profile)
     else:
-        form = [("MessageSid", sid), ("MessageStatus", "delivered"), ("ErrorMessage", body)]
+        form = status_form(sid, ErrorMessage=body)
     path = _path("contoso", kind)
     signature = sign(PUBLIC_URL + path, form, AUTH_TOKEN)
     headers = {"X-Twilio-Signature": signature}

@@ -4,8 +4,6 @@ left to expire; pick mode; close and transfer; authorization of every agent endp
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import secrets
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -24,14 +22,13 @@ from tests.support import (
     ENVIRON,
     EventTap,
     about,
-    inbound_form,
+    customer_writes,
+    new_agent,
     new_customer,
-    signed_post,
     tap,
     wait_for,
 )
 
-INBOUND = "/twilio/contoso/inbound"
 # A queue per test run, so agents of other tests never take this run's work.
 FAST_OFFERS = CONFIG_YAML.replace(
     "    language: pt-BR\n    timezone: America/Sao_Paulo\n    fallback_queue: general\n",
@@ -58,36 +55,6 @@ async def flow(settings: Settings) -> AsyncIterator[EventTap]:
         yield spy
 
 
-async def _agent(
-    db: asyncpg.Pool,
-    queue: str,
-    *,
-    capacity: int = 2,
-    skills: dict[str, int] | None = None,
-    presence: str = "available",
-) -> tuple[str, dict[str, str]]:
-    token = "omr_" + secrets.token_urlsafe(24)
-    agent_id = str(uuid.uuid4())
-    await db.execute(
-        "INSERT INTO agents (id, name, queues, skills, capacity_units, presence, token_hash)"
-        " VALUES ($1, $2, $3, $4, $5, $6, $7)",
-        agent_id,
-        f"agent-{agent_id[:6]}",
-        [queue],
-        skills or {},
-        capacity,
-        presence,
-        hashlib.sha256(token.encode()).hexdigest(),
-    )
-    return agent_id, {"Authorization": f"Bearer {token}"}
-
-
-async def _customer_writes(router: TestClient[Any, Any], body: str, customer: str) -> None:
-    payload, headers = signed_post(INBOUND, inbound_form(customer=customer, body=body))
-    response = await router.post(INBOUND, data=payload, headers=headers)
-    assert response.status == 200
-
-
 async def _next(spy: EventTap, kind: str, conversation_id: str | None = None) -> Any:
     async with asyncio.timeout(10):
         while True:
@@ -110,9 +77,11 @@ async def test_offer_accept_reply_close(
     router: TestClient[Any, Any], stages: None, flow: EventTap, db: asyncpg.Pool
 ) -> None:
     await _isolate(db)
-    agent, auth = await _agent(db, "billing", skills={"billing": 7})
+    agent, auth = await new_agent(
+        db, queues=["billing"], skills={"billing": 7}, presence="available"
+    )
     customer = new_customer()
-    await _customer_writes(router, "meu boleto venceu", customer)
+    await customer_writes(router, customer, "meu boleto venceu")
     offered = await _next(flow, "conversation.offered")
     assert offered["data"]["agent_id"] == agent
     offers = await (await router.get("/api/me/offers", headers=auth)).json()
@@ -148,10 +117,14 @@ async def test_declined_offer_goes_to_the_next_agent_and_expired_too(
     router: TestClient[Any, Any], stages: None, flow: EventTap, db: asyncpg.Pool
 ) -> None:
     await _isolate(db)
-    first, first_auth = await _agent(db, "billing", skills={"billing": 9}, capacity=3)
-    second, _ = await _agent(db, "billing", skills={"billing": 9}, capacity=1)
+    first, first_auth = await new_agent(
+        db, queues=["billing"], skills={"billing": 9}, capacity=3, presence="available"
+    )
+    second, _ = await new_agent(
+        db, queues=["billing"], skills={"billing": 9}, capacity=1, presence="available"
+    )
     customer = new_customer()
-    await _customer_writes(router, "boleto", customer)
+    await customer_writes(router, customer, "boleto")
     offer = await _next(flow, "conversation.offered")
     assert offer["data"]["agent_id"] == first  # highest free capacity
     declined = await router.post(
@@ -174,9 +147,11 @@ async def test_agents_only_reach_their_own_work(
     router: TestClient[Any, Any], stages: None, flow: EventTap, db: asyncpg.Pool
 ) -> None:
     await _isolate(db)
-    owner, owner_auth = await _agent(db, "billing", skills={"billing": 9})
-    _, other_auth = await _agent(db, "sales", presence="offline")
-    await _customer_writes(router, "boleto", new_customer())
+    owner, owner_auth = await new_agent(
+        db, queues=["billing"], skills={"billing": 9}, presence="available"
+    )
+    _, other_auth = await new_agent(db, queues=["sales"], presence="offline")
+    await customer_writes(router, new_customer(), "boleto")
     offer = await _next(flow, "conversation.offered")
     assert offer["data"]["agent_id"] == owner
     oid, cid = offer["data"]["offer_id"], offer["conversation_id"]
@@ -209,8 +184,8 @@ async def test_presence_change_triggers_distribution(
     router: TestClient[Any, Any], stages: None, flow: EventTap, db: asyncpg.Pool
 ) -> None:
     await _isolate(db)
-    agent, auth = await _agent(db, "billing", skills={"billing": 9}, presence="away")
-    await _customer_writes(router, "boleto", new_customer())
+    agent, auth = await new_agent(db, queues=["billing"], skills={"billing": 9}, presence="away")
+    await customer_writes(router, new_customer(), "boleto")
     queued = await _next(flow, "conversation.queued")
     # Nobody available: it waits.
     await flow.expect_none(within=0.4, where=about(conversation_id=queued["conversation_id"]))
@@ -226,8 +201,10 @@ async def test_transfer_puts_the_conversation_in_another_queue(
     router: TestClient[Any, Any], stages: None, flow: EventTap, db: asyncpg.Pool
 ) -> None:
     await _isolate(db)
-    agent, auth = await _agent(db, "billing", skills={"billing": 9})
-    await _customer_writes(router, "boleto", new_customer())
+    agent, auth = await new_agent(
+        db, queues=["billing"], skills={"billing": 9}, presence="available"
+    )
+    await customer_writes(router, new_customer(), "boleto")
     offer = await _next(flow, "conversation.offered")
     await router.post(f"/api/offers/{offer['data']['offer_id']}/accept", headers=auth)
     await _next(flow, "conversation.assigned", offer["conversation_id"])
@@ -252,12 +229,12 @@ async def test_pick_mode_lists_and_picks_once(
     router: TestClient[Any, Any], stages: None, flow: EventTap, db: asyncpg.Pool
 ) -> None:
     # support-en is not in push mode here: make it pick mode through the sandbox number.
-    _, auth = await _agent(db, "general", capacity=1, presence="offline")
-    _, rival_auth = await _agent(db, "general", capacity=1, presence="offline")
+    _, auth = await new_agent(db, queues=["general"], capacity=1, presence="offline")
+    _, rival_auth = await new_agent(db, queues=["general"], capacity=1, presence="offline")
     await db.execute(
         "UPDATE conversations SET state = 'closed' WHERE queue = 'general' AND state = 'queued'"
     )
-    await _customer_writes(router, "hi", new_customer())
+    await customer_writes(router, new_customer(), "hi")
     queued = await _next(flow, "conversation.queued")
     items = await (await router.get("/api/queues/general/items", headers=auth)).json()
     assert queued["conversation_id"] in [i["id"] for i in items]
@@ -283,9 +260,11 @@ async def test_transfer_to_another_agent_offers_it_to_them(
     router: TestClient[Any, Any], stages: None, flow: EventTap, db: asyncpg.Pool
 ) -> None:
     await _isolate(db)
-    first, first_auth = await _agent(db, "billing", skills={"billing": 9})
-    second, second_auth = await _agent(db, "sales", presence="offline")
-    await _customer_writes(router, "boleto", new_customer())
+    first, first_auth = await new_agent(
+        db, queues=["billing"], skills={"billing": 9}, presence="available"
+    )
+    second, second_auth = await new_agent(db, queues=["sales"], presence="offline")
+    await customer_writes(router, new_customer(), "boleto")
     offer = await _next(flow, "conversation.offered")
     cid = offer["conversation_id"]
     await router.post(f"/api/offers/{offer['data']['offer_id']}/accept", headers=first_auth)
@@ -318,20 +297,22 @@ async def test_a_parked_conversation_comes_back_to_its_agent_when_the_customer_w
     router: TestClient[Any, Any], stages: None, flow: EventTap, db: asyncpg.Pool
 ) -> None:
     await _isolate(db)
-    owner, owner_auth = await _agent(db, "billing", skills={"billing": 9})
+    owner, owner_auth = await new_agent(
+        db, queues=["billing"], skills={"billing": 9}, presence="available"
+    )
     customer = new_customer()
-    await _customer_writes(router, "boleto", customer)
+    await customer_writes(router, customer, "boleto")
     offer = await _next(flow, "conversation.offered")
     cid = offer["conversation_id"]
     assert offer["data"]["agent_id"] == owner
     # A roomier colleague joins: without affinity the conversation would go to them.
-    await _agent(db, "billing", skills={"billing": 9}, capacity=9)
+    await new_agent(db, queues=["billing"], skills={"billing": 9}, capacity=9, presence="available")
     await router.post(f"/api/offers/{offer['data']['offer_id']}/accept", headers=owner_auth)
     await _next(flow, "conversation.assigned", cid)
     parked = await router.post(f"/api/conversations/{cid}/wait", headers=owner_auth)
     assert parked.status == 200, await parked.text()
     assert await db.fetchval("SELECT state FROM conversations WHERE id = $1", cid) == "waiting"
     assert await db.fetchval("SELECT used_units FROM agents WHERE id = $1", owner) == 0
-    await _customer_writes(router, "voltei, e aí?", customer)
+    await customer_writes(router, customer, "voltei, e aí?")
     back = await _next(flow, "conversation.offered", cid)
     assert back["data"]["agent_id"] == owner and back["data"]["affinity"] is True

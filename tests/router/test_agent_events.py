@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
-import secrets
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -39,7 +37,7 @@ from schemas.events import (
     new_event,
     utcnow,
 )
-from tests.support import BUSINESS, new_customer, received_event, wait_for
+from tests.support import BUSINESS, new_agent, new_customer, received_event, wait_for
 
 Client = TestClient[Any, Any]
 EVENTS = "/api/me/events"
@@ -128,21 +126,6 @@ async def _stream(router: Client, headers: dict[str, str]) -> AsyncIterator[Even
         response.close()
 
 
-async def _agent(db: asyncpg.Pool) -> tuple[str, dict[str, str]]:
-    """An agent written straight to the database, in a queue no configuration knows."""
-    token = "omr_" + secrets.token_urlsafe(24)
-    agent_id = str(uuid.uuid4())
-    await db.execute(
-        "INSERT INTO agents (id, name, queues, capacity_units, presence, token_hash)"
-        " VALUES ($1, $2, $3, 2, 'offline', $4)",
-        agent_id,
-        f"sse-{agent_id[:6]}",
-        [f"sse-{agent_id[:8]}"],
-        hashlib.sha256(token.encode()).hexdigest(),
-    )
-    return agent_id, {"Authorization": f"Bearer {token}"}
-
-
 async def _conversation(db: asyncpg.Pool, agent_id: str, customer: str) -> str:
     """An active conversation of ``customer`` on the business number, assigned to the agent."""
     contact_id, conversation_id = uuid.uuid4(), uuid.uuid4()
@@ -218,8 +201,8 @@ async def test_no_token_no_stream(router: Client) -> None:
 
 
 async def test_each_agent_gets_its_own_events(router: Client, bus: Bus, db: asyncpg.Pool) -> None:
-    agent, auth = await _agent(db)
-    other, other_auth = await _agent(db)
+    agent, auth = await new_agent(db)
+    other, other_auth = await new_agent(db)
     customer = new_customer()
     await _conversation(db, agent, customer)
     async with _stream(router, auth) as mine, _stream(router, other_auth) as theirs:
@@ -258,7 +241,7 @@ async def test_each_agent_gets_its_own_events(router: Client, bus: Bus, db: asyn
 async def test_keep_alive_while_idle_and_unsubscribed_on_close(
     router: Client, db: asyncpg.Pool
 ) -> None:
-    agent, auth = await _agent(db)
+    agent, auth = await new_agent(db)
     hub = _app(router)[agent_events.HUB]
     async with _stream(router, auth) as stream:
         # The stream is idle: comments keep proxies from closing it, several per second here.
@@ -275,7 +258,7 @@ async def test_keep_alive_while_idle_and_unsubscribed_on_close(
 
 
 async def test_delivery_updates_reach_the_agent(router: Client, bus: Bus, db: asyncpg.Pool) -> None:
-    agent, auth = await _agent(db)
+    agent, auth = await new_agent(db)
     conversation_id = await _conversation(db, agent, new_customer())
     message_id = str(uuid.uuid4())
     delivered = new_event(
@@ -323,7 +306,7 @@ async def _served(settings: Settings, config: LiveConfig) -> AsyncIterator[Serve
 async def test_shutdown_ends_open_streams(
     settings: Settings, config: LiveConfig, db: asyncpg.Pool
 ) -> None:
-    _, auth = await _agent(db)
+    _, auth = await new_agent(db)
     async with _served(settings, config) as served, aiohttp.ClientSession() as session:
         response = await session.get(served.url + EVENTS, headers=auth)
         assert (await EventStream(response).frame()).comments == ["connected"]
@@ -342,7 +325,7 @@ async def test_shutdown_ends_open_streams(
 async def test_a_client_leaving_is_not_an_error(
     settings: Settings, config: LiveConfig, db: asyncpg.Pool, caplog: pytest.LogCaptureFixture
 ) -> None:
-    agent, auth = await _agent(db)
+    agent, auth = await new_agent(db)
     async with _served(settings, config) as served, aiohttp.ClientSession() as session:
         response = await session.get(served.url + EVENTS, headers=auth)
         with contextlib.closing(response):
