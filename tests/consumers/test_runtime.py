@@ -68,7 +68,7 @@ async def test_transient_failure_is_retried_then_dead_lettered_at_the_limit(
         calls.append(event.id)
         raise RuntimeError("downstream exploded")
 
-    await start_runner(Stage("conversations", conversations.STAGE.payloads, failing))
+    await start_runner(Stage("conversations", {EventType.MESSAGE_RECEIVED: failing}))
     event = received_event()
     await bus.publish(event)
     letter = await _dead_letter(settings, event.id)
@@ -86,9 +86,10 @@ async def test_a_failure_that_passes_is_handled_on_redelivery(
         attempts[event.id] = attempts.get(event.id, 0) + 1
         if attempts[event.id] == 1:
             raise RuntimeError("first time unlucky")
+        assert isinstance(payload, MessageReceived)
         return await conversations.handle(event, payload, tx)
 
-    await start_runner(Stage("conversations", conversations.STAGE.payloads, flaky))
+    await start_runner(Stage("conversations", {EventType.MESSAGE_RECEIVED: flaky}))
     customer = new_customer()
     event = received_event(customer=customer)
     await bus.publish(event)
@@ -104,7 +105,7 @@ async def test_dead_letters_replay_to_the_stage_once_it_is_fixed(
     async def broken(event: Envelope, payload: BaseModel, tx: StageTx) -> list[Envelope]:
         raise RuntimeError("bug in this release")
 
-    broken_runner = await start_runner(Stage("conversations", conversations.STAGE.payloads, broken))
+    broken_runner = await start_runner(Stage("conversations", {EventType.MESSAGE_RECEIVED: broken}))
     customer = new_customer()
     event = received_event(customer=customer)
     await bus.publish(event)
@@ -185,5 +186,10 @@ async def test_a_stage_is_bound_only_to_the_keys_its_configuration_needs(
     await bus.publish(queued)
     await bus.publish(closed)  # invalid: dead-lettered, which proves it was routed here
     await _dead_letter(settings, closed.id, stage="lifecycle")
-    await asyncio.sleep(0.3)
+
+    async def counted() -> bool:
+        return _lifecycle_taken() - before >= 1
+
+    # Queued before it, the other event would have been taken first had it been routed here.
+    await wait_for(counted)
     assert _lifecycle_taken() - before == 1  # the closed event only

@@ -177,6 +177,7 @@ async def test_a_message_on_its_way_through_the_stages_is_not_injected_twice(
     config: LiveConfig,
     bus: Bus,
     store: Store,
+    db: asyncpg.Pool,
 ) -> None:
     # No conversations stage runs: what a pass injects waits on the broker, unstored.
     sid = await _lost_customer_message(emulator, new_customer(), "tem alguém?")
@@ -194,7 +195,11 @@ async def test_a_message_on_its_way_through_the_stages_is_not_injected_twice(
     impatient = Settings.model_validate(
         {**twilio_settings.model_dump(), "reconcile_reinject_after": 0.001}
     )
-    await asyncio.sleep(0.01)
+    older = (
+        "SELECT injected_at < now() - interval '1 millisecond'"
+        " FROM reconcile_injections WHERE message_sid = $1"
+    )
+    await wait_for(lambda: db.fetchval(older, sid))
     late = Reconciler(impatient, config, bus, store)
     try:
         third = _number(await late.run_once(account="contoso"))
