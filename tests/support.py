@@ -328,6 +328,27 @@ def about(
     return match
 
 
+async def publish_to_queue(amqp_url: str, queue: str, bodies: list[bytes], **kw: Any) -> None:
+    """Persistent messages straight into ``queue`` (the default exchange), confirmed."""
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        for body in bodies:
+            await channel.default_exchange.publish(
+                aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT, **kw),
+                routing_key=queue,
+            )
+
+
+async def purge_queues(amqp_url: str, *queues: str) -> None:
+    """Empty queues that exist (a missing one is an error)."""
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        for name in queues:
+            await (await channel.declare_queue(name, passive=True)).purge()
+
+
 @contextlib.asynccontextmanager
 async def tap(amqp_url: str, *keys: str) -> AsyncIterator[EventTap]:
     connection = await aio_pika.connect(amqp_url)

@@ -1,54 +1,32 @@
-"""What an operator reads: `omniroute status` (backlog, rates, hints) and
-`omniroute dead-letters show`, against the real broker."""
+"""What an operator reads in `omniroute status` (backlog, rates, hints), against the real
+broker."""
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-import aio_pika
 import asyncpg
 import pytest
 from aiohttp import web
 
-from omniroute.commands.dead_letters import run_dead_letters
 from omniroute.commands.status import StageStatus, collect, database_notes, management_url, render
 from omniroute.infra.bus import Bus
 from omniroute.infra.outbox import add_to_outbox
 from omniroute.infra.settings import Settings
 from omniroute.infra.topology import STAGES
 from schemas.events import EventType
-from tests.support import received_event
+from tests.support import publish_to_queue, purge_queues, received_event
 
 pytestmark = pytest.mark.integration
-
-
-async def _publish_to_queue(settings: Settings, queue: str, bodies: list[bytes], **kw: Any) -> None:
-    connection = await aio_pika.connect(settings.amqp_url.get_secret_value())
-    async with connection:
-        channel = await connection.channel(publisher_confirms=True)
-        for body in bodies:
-            await channel.default_exchange.publish(
-                aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT, **kw),
-                routing_key=queue,
-            )
-
-
-async def _purge(settings: Settings, *queues: str) -> None:
-    connection = await aio_pika.connect(settings.amqp_url.get_secret_value())
-    async with connection:
-        channel = await connection.channel()
-        for name in queues:
-            await (await channel.declare_queue(name, passive=True)).purge()
 
 
 async def test_status_shows_a_backlog_without_consumer_and_says_what_to_do(
     bus: Bus, settings: Settings
 ) -> None:
     queue = STAGES["status"].queue  # no runner of this stage in this test
-    await _purge(settings, queue)
-    await _publish_to_queue(settings, queue, [b"{}"] * 3)
+    await purge_queues(settings.amqp_url.get_secret_value(), queue)
+    await publish_to_queue(settings.amqp_url.get_secret_value(), queue, [b"{}"] * 3)
     try:
         rows = {r.stage: r for r in await collect(settings, interval=0.2)}
         row = rows["status"]
@@ -56,7 +34,7 @@ async def test_status_shows_a_backlog_without_consumer_and_says_what_to_do(
         assert any("omniroute consume status" in h for h in row.hints())
         assert "no consumer" in render(list(rows.values()))
     finally:
-        await _purge(settings, queue)
+        await purge_queues(settings.amqp_url.get_secret_value(), queue)
 
 
 async def test_status_reports_the_outbox_backlog_and_warns_when_autovacuum_is_off(
@@ -130,30 +108,3 @@ async def test_status_adds_rates_and_in_flight_from_the_management_api(
 def test_the_management_api_defaults_to_the_brokers_host_and_credentials() -> None:
     settings = Settings.model_validate({"amqp_url": "amqp://ops:s%40cret@mq.internal:5672/prod"})
     assert management_url(settings) == ("http://mq.internal:15672", "prod", "ops", "s@cret")
-
-
-async def test_dead_letters_show_prints_the_reason_headers_and_body(
-    bus: Bus, settings: Settings, capsys: pytest.CaptureFixture[str]
-) -> None:
-    dead = STAGES["outbound"].dead_queue
-    await _purge(settings, dead)
-    message_id = str(uuid.uuid4())
-    await _publish_to_queue(
-        settings,
-        dead,
-        [b'{"type": "message.send-requested", "data": {"message_id": "nope"}}'],
-        message_id=message_id,
-        headers={
-            "x-omniroute-reason": "invalid message.send-requested payload: message_id: bad",
-            "x-omniroute-routing-key": "message.send-requested",
-            "x-omniroute-dead-at": "2026-11-25T12:00:00+00:00",
-        },
-    )
-    try:
-        assert await run_dead_letters(settings, "show", "outbound", 100, message_id) == 0
-        out = capsys.readouterr().out
-        assert message_id in out and "message_id: bad" in out
-        assert '"message_id": "nope"' in out  # the body, pretty-printed
-        assert await run_dead_letters(settings, "show", "outbound", 100, "no-such-id") == 1
-    finally:
-        await _purge(settings, dead)
