@@ -11,7 +11,7 @@ import yaml
 
 from consumers.registry import STAGES
 
-COMPOSE = Path(__file__).resolve().parents[2] / "compose.yaml"
+COMPOSE = Path(__file__).resolve().parents[1] / "compose.yaml"
 
 
 def _services() -> dict[str, Any]:
