@@ -16,16 +16,12 @@ Bodies are strict: an unknown field, a skill level outside 1..10 or a negative c
 from __future__ import annotations
 
 import functools
-import hashlib
-import hmac
-import json
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
 
 import structlog
 from aiohttp import web
-from pydantic import BaseModel
 
+from omniroute.domain import idempotency
 from omniroute.domain.agents import (
     UnknownQueues,
     agent_out,
@@ -37,15 +33,16 @@ from omniroute.domain.agents import (
     update_agent,
 )
 from omniroute.errors import StoreUnavailable
-from omniroute.infra.store import Connection
-from router.agent_api import _body
 from router.auth import require_admin
+from router.requests import idempotency_key, keyed, not_found, parse_body, refused
 from router.responses import error
+from router.routes import Many, Query, Route
 from router.state import CONFIG, STORE
 from schemas.api import (
     CONVERSATION_STATES,
     AgentCreate,
     AgentCreated,
+    AgentOut,
     AgentUpdate,
     ConversationDetail,
     ConversationOut,
@@ -54,13 +51,11 @@ from schemas.api import (
 
 log = structlog.get_logger("omniroute.admin_api")
 
-M = TypeVar("M", bound=BaseModel)
 Handler = Callable[[web.Request], Awaitable[web.Response]]
 
-IDEMPOTENCY_SCOPE = "admin"
-MAX_IDEMPOTENCY_KEY = 200
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 500
+TAGS = ("admin",)
 
 
 def _admin(handler: Handler) -> Handler:
@@ -78,18 +73,6 @@ def _admin(handler: Handler) -> Handler:
     return guarded
 
 
-async def _parse(request: web.Request, model: type[M]) -> M | web.Response:
-    parsed = await _body(request, model)
-    if isinstance(parsed, web.Response):
-        return parsed
-    assert isinstance(parsed, model)
-    return parsed
-
-
-def _not_found(what: str) -> web.Response:
-    return error(404, "not_found", f"no such {what}")
-
-
 def _known_queues(request: web.Request) -> set[str]:
     return {q.name for q in request.app[CONFIG].current.queues}
 
@@ -105,112 +88,27 @@ def _unknown_queues(exc: UnknownQueues) -> web.Response:
     )
 
 
-# Idempotent creation. The first answer holds the agent's token, and tokens are stored only
-# hashed: the key row keeps the key's hash and the token sealed with the key itself, so a
-# retry that presents the key gets the token back and a database reader does not.
-
-
-def _key_digest(key: str) -> str:
-    return hashlib.sha256(b"omniroute.admin.idempotency\x00" + key.encode()).hexdigest()
-
-
-def _keystream(key: str, length: int) -> bytes:
-    blocks = (length + 31) // 32
-    stream = b"".join(
-        hmac.new(key.encode(), b"agent-token" + n.to_bytes(4, "big"), hashlib.sha256).digest()
-        for n in range(blocks)
-    )
-    return stream[:length]
-
-
-def _seal(token: str, key: str) -> str:
-    raw = token.encode()
-    return bytes(a ^ b for a, b in zip(raw, _keystream(key, len(raw)), strict=True)).hex()
-
-
-def _unseal(sealed: str, key: str) -> str:
-    raw = bytes.fromhex(sealed)
-    return bytes(a ^ b for a, b in zip(raw, _keystream(key, len(raw)), strict=True)).decode()
-
-
-def _fingerprint(body: BaseModel) -> str:
-    canonical = json.dumps(body.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()
-
-
-async def _claim_key(conn: Connection, key: str, fingerprint: str) -> web.Response | None:
-    """Claim the key for this request, or the first answer given for it.
-
-    The claim is an insert: a concurrent request with the same key waits on it until the
-    first transaction ends, then sees its committed answer.
-    """
-    digest = _key_digest(key)
-    claimed = await conn.fetchval(
-        "INSERT INTO idempotency_keys (scope, key, status, body) VALUES ($1, $2, 0, '{}')"
-        " ON CONFLICT (scope, key) DO NOTHING RETURNING key",
-        IDEMPOTENCY_SCOPE,
-        digest,
-    )
-    if claimed is not None:
-        return None
-    row = await conn.fetchrow(
-        "SELECT status, body FROM idempotency_keys WHERE scope = $1 AND key = $2",
-        IDEMPOTENCY_SCOPE,
-        digest,
-    )
-    if row is None or row["status"] == 0:
-        return error(409, "idempotency_key_in_use", "a request with this key is in progress")
-    stored: dict[str, Any] = row["body"]
-    if stored.get("request") != fingerprint:
-        return error(
-            422,
-            "idempotency_key_reused",
-            "this Idempotency-Key was used with a different body",
-        )
-    body = dict(stored["response"])
-    if "sealed_token" in stored:
-        body["token"] = _unseal(stored["sealed_token"], key)
-    return web.json_response(body, status=row["status"])
-
-
-async def _remember(
-    conn: Connection, key: str, fingerprint: str, status: int, body: dict[str, Any]
-) -> None:
-    response = {k: v for k, v in body.items() if k != "token"}
-    stored: dict[str, Any] = {"request": fingerprint, "response": response}
-    if "token" in body:
-        stored["sealed_token"] = _seal(body["token"], key)
-    await conn.execute(
-        "UPDATE idempotency_keys SET status = $3, body = $4 WHERE scope = $1 AND key = $2",
-        IDEMPOTENCY_SCOPE,
-        _key_digest(key),
-        status,
-        stored,
-    )
-
-
 @_admin
 async def create(request: web.Request) -> web.Response:
-    key = request.headers.get("Idempotency-Key")
-    if key is not None and not 0 < len(key) <= MAX_IDEMPOTENCY_KEY:
-        return error(400, "invalid_idempotency_key", f"1 to {MAX_IDEMPOTENCY_KEY} characters")
-    body = await _parse(request, AgentCreate)
-    if isinstance(body, web.Response):
-        return body
-    fingerprint = _fingerprint(body)
+    """Create an agent. With an ``Idempotency-Key`` a retry gets the first answer, token
+    included (stored sealed with the key), and creates nothing."""
+    key = idempotency_key(request)
+    body = await parse_body(request, AgentCreate)
+    once = keyed(request, key, idempotency.ADMIN_SCOPE, body)
     try:
         async with request.app[STORE].transaction() as conn:
-            if key is not None:
-                replay = await _claim_key(conn, key, fingerprint)
-                if replay is not None:
-                    return replay
+            if once is not None and (replay := await idempotency.claim(conn, once)):
+                return web.json_response(replay.body, status=replay.status)
             row, token = await create_agent(conn, body, known_queues=_known_queues(request))
             created = AgentCreated(**agent_out(row).model_dump(), token=token)
             payload = created.model_dump(mode="json")
-            if key is not None:
-                await _remember(conn, key, fingerprint, 201, payload)
+            if once is not None:
+                answer = idempotency.Answer(201, payload)
+                await idempotency.remember(conn, once, answer, sealed=("token",))
     except UnknownQueues as exc:
         return _unknown_queues(exc)
+    except idempotency.IdempotencyError as exc:
+        raise refused(exc) from None
     log.info("admin.agent_created", agent_id=payload["id"], queues=payload["queues"])
     return web.json_response(payload, status=201)
 
@@ -228,7 +126,7 @@ async def show(request: web.Request) -> web.Response:
     async with request.app[STORE].transaction() as conn:
         row = await get_agent(conn, request.match_info["agent_id"])
     if row is None:
-        return _not_found("agent")
+        raise not_found("agent")
     return web.json_response(agent_out(row).model_dump(mode="json"))
 
 
@@ -236,17 +134,15 @@ async def show(request: web.Request) -> web.Response:
 async def change(request: web.Request) -> web.Response:
     agent_id = parse_id(request.match_info["agent_id"])
     if agent_id is None:
-        return _not_found("agent")
-    body = await _parse(request, AgentUpdate)
-    if isinstance(body, web.Response):
-        return body
+        raise not_found("agent")
+    body = await parse_body(request, AgentUpdate)
     try:
         async with request.app[STORE].transaction() as conn:
             changed = await update_agent(conn, agent_id, body, known_queues=_known_queues(request))
     except UnknownQueues as exc:
         return _unknown_queues(exc)
     if changed is None:
-        return _not_found("agent")
+        raise not_found("agent")
     log.info("admin.agent_changed", agent_id=str(agent_id), fields=sorted(body.model_fields_set))
     return web.json_response(agent_out(changed.after).model_dump(mode="json"))
 
@@ -256,7 +152,7 @@ async def remove(request: web.Request) -> web.Response:
     async with request.app[STORE].transaction() as conn:
         removed = await delete_agent(conn, request.match_info["agent_id"])
     if removed is None:
-        return _not_found("agent")
+        raise not_found("agent")
     log.info("admin.agent_removed", agent_id=str(removed.after["id"]))
     return web.Response(status=204)
 
@@ -308,7 +204,7 @@ async def conversations(request: web.Request) -> web.Response:
 async def conversation(request: web.Request) -> web.Response:
     conversation_id = parse_id(request.match_info["conversation_id"])
     if conversation_id is None:
-        return _not_found("conversation")
+        raise not_found("conversation")
     async with request.app[STORE].transaction() as conn:
         row = await conn.fetchrow(
             f"SELECT {_CONVERSATION_COLUMNS} FROM conversations WHERE id = $1", conversation_id
@@ -319,18 +215,101 @@ async def conversation(request: web.Request) -> web.Response:
             conversation_id,
         )
     if row is None:
-        return _not_found("conversation")
+        raise not_found("conversation")
     detail = ConversationDetail(
         **dict(row), messages=[MessageOut.model_validate(dict(m)) for m in messages]
     )
     return web.json_response(detail.model_dump(mode="json"))
 
 
-def add_routes(app: web.Application) -> None:
-    app.router.add_post("/api/admin/agents", create)
-    app.router.add_get("/api/admin/agents", index)
-    app.router.add_get("/api/admin/agents/{agent_id}", show)
-    app.router.add_patch("/api/admin/agents/{agent_id}", change)
-    app.router.add_delete("/api/admin/agents/{agent_id}", remove)
-    app.router.add_get("/api/admin/conversations", conversations)
-    app.router.add_get("/api/admin/conversations/{conversation_id}", conversation)
+ROUTES = [
+    Route(
+        "POST",
+        "/api/admin/agents",
+        create,
+        "createAgent",
+        "Create an agent; the answer holds its token, shown only this once",
+        TAGS,
+        "adminToken",
+        {201: AgentCreated},
+        errors=(400, 409, 422),
+        request=AgentCreate,
+        idempotency_key=True,
+    ),
+    Route(
+        "GET",
+        "/api/admin/agents",
+        index,
+        "listAgents",
+        "List agents",
+        TAGS,
+        "adminToken",
+        {200: Many(AgentOut)},
+        query=(Query("queue", {"type": "string"}, "only the agents in this queue"),),
+    ),
+    Route(
+        "GET",
+        "/api/admin/agents/{agent_id}",
+        show,
+        "getAgent",
+        "An agent",
+        TAGS,
+        "adminToken",
+        {200: AgentOut},
+        errors=(404,),
+    ),
+    Route(
+        "PATCH",
+        "/api/admin/agents/{agent_id}",
+        change,
+        "updateAgent",
+        "Change an agent: only the fields sent change",
+        TAGS,
+        "adminToken",
+        {200: AgentOut},
+        errors=(400, 404, 422),
+        request=AgentUpdate,
+    ),
+    Route(
+        "DELETE",
+        "/api/admin/agents/{agent_id}",
+        remove,
+        "deleteAgent",
+        "Remove an agent",
+        TAGS,
+        "adminToken",
+        {204: "Removed"},
+        errors=(404,),
+    ),
+    Route(
+        "GET",
+        "/api/admin/conversations",
+        conversations,
+        "listConversations",
+        "List conversations, newest first",
+        TAGS,
+        "adminToken",
+        {200: Many(ConversationOut)},
+        errors=(422,),
+        query=(
+            Query("state", {"enum": list(CONVERSATION_STATES)}, "only conversations in this state"),
+            Query("queue", {"type": "string"}, "only conversations of this queue"),
+            Query(
+                "limit",
+                {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT, "default": DEFAULT_LIMIT},
+                "how many at most",
+            ),
+        ),
+    ),
+    Route(
+        "GET",
+        "/api/admin/conversations/{conversation_id}",
+        conversation,
+        "getConversation",
+        "A conversation with its classification trace and messages",
+        TAGS,
+        "adminToken",
+        {200: ConversationDetail},
+        errors=(404,),
+    ),
+]

@@ -4,102 +4,75 @@ is a 404, so existence never leaks."""
 
 from __future__ import annotations
 
-import uuid
-from datetime import datetime, timedelta
-from typing import Any
+from datetime import datetime
 
+import asyncpg
 from aiohttp import web
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
+from omniroute.domain.agents import agent_out
 from omniroute.domain.conversation import (
     ConversationRef,
     WorkConflict,
     accept_offer,
     assign,
     claim_capacity,
-    close_conversation,
+    end_by_agent,
     end_offer,
-    release_assignment,
     transfer_to_agent,
     transfer_to_queue,
+    wait_for_customer,
 )
 from omniroute.domain.window import window
 from omniroute.infra.outbox import add_to_outbox
 from router.auth import current_agent
-from router.responses import error, invalid_body
+from router.requests import not_found, own_conversation, parse_body, path_id
+from router.responses import error
+from router.routes import Many, Route
 from router.state import CONFIG, STORE
-from schemas.api import CloseRequest, PresenceUpdate, TransferRequest
+from schemas.api import (
+    AgentConversation,
+    AgentMessage,
+    AgentProfile,
+    CloseRequest,
+    ConversationMoved,
+    ConversationSummary,
+    Offer,
+    OfferDecision,
+    PresenceUpdate,
+    QueueItem,
+    TemplateChoice,
+    TransferRequest,
+    Window,
+)
 from schemas.events import (
     AgentPresenceChanged,
-    ConversationEnded,
     EventType,
     new_event,
     utcnow,
 )
 
-PRESENCES = ("available", "busy", "dnd", "away", "offline")
+TAGS = ("agent",)
 
 
-def _json(value: Any) -> Any:
-    if isinstance(value, datetime):
-        return value.isoformat()
-    if isinstance(value, uuid.UUID):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: _json(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json(v) for v in value]
-    return value
+def _answer(model: BaseModel, status: int = 200) -> web.Response:
+    """``model`` as the JSON answer; fields the handler did not set are left out."""
+    return web.json_response(model.model_dump(mode="json", exclude_unset=True), status=status)
 
 
-def _uuid(value: str) -> str | None:
-    try:
-        return str(uuid.UUID(value))
-    except ValueError:
-        return None
-
-
-def _not_found(what: str) -> web.Response:
-    return error(404, "not_found", f"no such {what}")
-
-
-async def _body(request: web.Request, model: type[BaseModel]) -> BaseModel | web.Response:
-    try:
-        raw = await request.json() if request.body_exists else {}
-    except ValueError:
-        return error(400, "invalid_json", "the body is not JSON")
-    try:
-        return model.model_validate(raw)
-    except ValidationError as exc:
-        return invalid_body(exc)
-
-
-def _agent_out(agent: Any) -> dict[str, Any]:
-    out: dict[str, Any] = _json(
-        {
-            "id": agent["id"],
-            "name": agent["name"],
-            "language": agent["language"],
-            "queues": list(agent["queues"]),
-            "skills": agent["skills"],
-            "capacity": agent["capacity_units"],
-            "used": agent["used_units"],
-            "presence": agent["presence"],
-        }
-    )
-    return out
+def _profile(agent: asyncpg.Record) -> AgentProfile:
+    """The calling agent's view of itself: the admin's view of it, fewer fields."""
+    fields = agent_out(agent).model_dump(include=set(AgentProfile.model_fields))
+    return AgentProfile.model_validate(fields)
 
 
 async def me(request: web.Request) -> web.Response:
-    return web.json_response(_agent_out(await current_agent(request)))
+    return _answer(_profile(await current_agent(request)))
 
 
 async def set_presence(request: web.Request) -> web.Response:
     agent = await current_agent(request)
-    body = await _body(request, PresenceUpdate)
-    if isinstance(body, web.Response):
-        return body
-    assert isinstance(body, PresenceUpdate)
+    body = await parse_body(request, PresenceUpdate)
     now = utcnow()
     async with request.app[STORE].transaction() as conn:
         previous = await conn.fetchval(
@@ -130,7 +103,8 @@ async def set_presence(request: web.Request) -> web.Response:
                     )
                 ],
             )
-    return web.json_response(_agent_out(row))
+    assert row is not None  # the caller's own row (removal is a soft delete)
+    return _answer(_profile(row))
 
 
 async def my_offers(request: web.Request) -> web.Response:
@@ -142,14 +116,13 @@ async def my_offers(request: web.Request) -> web.Response:
         " WHERE o.agent_id = $1 AND o.state = 'pending' ORDER BY o.created_at",
         agent["id"],
     )
-    return web.json_response([_json(dict(r)) for r in rows])
+    offers = [Offer.model_validate(dict(r)) for r in rows]
+    return web.json_response([offer.model_dump(mode="json") for offer in offers])
 
 
 async def _decide_offer(request: web.Request, outcome: str) -> web.Response:
     agent = await current_agent(request)
-    offer_id = _uuid(request.match_info["offer_id"])
-    if offer_id is None:
-        return _not_found("offer")
+    offer_id = path_id(request, "offer_id", "offer")
     try:
         async with request.app[STORE].transaction() as conn:
             now = utcnow()
@@ -160,11 +133,10 @@ async def _decide_offer(request: web.Request, outcome: str) -> web.Response:
             await add_to_outbox(conn, [event])
     except WorkConflict as exc:
         if exc.code == "not_found":
-            return _not_found("offer")
+            raise not_found("offer") from None
         return error(409, exc.code, str(exc))
-    return web.json_response(
-        {"offer_id": offer_id, "state": outcome, "conversation_id": event.conversation_id}
-    )
+    decision = {"offer_id": offer_id, "state": outcome, "conversation_id": event.conversation_id}
+    return _answer(OfferDecision.model_validate(decision))
 
 
 async def accept(request: web.Request) -> web.Response:
@@ -191,55 +163,50 @@ async def queue_items(request: web.Request) -> web.Response:
     agent = await current_agent(request)
     queue = request.match_info["queue"]
     if queue not in agent["queues"]:
-        return _not_found("queue")
+        raise not_found("queue")
     pool = await request.app[STORE].pool()
     rows = await pool.fetch(_PICKABLE, queue, agent["skills"])
     free = agent["capacity_units"] - agent["used_units"]
-    items = [_json(dict(r)) | {"fits_capacity": r["units"] <= free} for r in rows]
-    return web.json_response(items)
+    items = [QueueItem(**dict(r), fits_capacity=r["units"] <= free) for r in rows]
+    return web.json_response([item.model_dump(mode="json") for item in items])
 
 
 async def pick(request: web.Request) -> web.Response:
     agent = await current_agent(request)
-    conversation_id = _uuid(request.match_info["item_id"])
-    if conversation_id is None:
-        return _not_found("queue item")
+    conversation_id = path_id(request, "item_id", "queue item")
     now = utcnow()
     async with request.app[STORE].transaction() as conn:
         row = await conn.fetchrow(
-            "SELECT id, account, queue, state, units FROM conversations WHERE id = $1"
+            "SELECT id, account, queue, state, units, correlation_id, last_event_id"
+            " FROM conversations WHERE id = $1"
             " AND queue = ANY($2::text[]) FOR UPDATE",
             conversation_id,
             list(agent["queues"]),
         )
         if row is None:
-            return _not_found("queue item")
+            raise not_found("queue item")
         if row["state"] != "queued":
             return error(409, "already_taken", "the conversation is no longer waiting")
         if not await claim_capacity(conn, str(agent["id"]), row["units"], now):
             return error(409, "no_capacity", "you have no free capacity for this conversation")
-        conv = ConversationRef(conversation_id, row["account"], row["queue"])
+        conv = ConversationRef(
+            conversation_id,
+            row["account"],
+            row["queue"],
+            row["correlation_id"],
+            row["last_event_id"],
+        )
         await add_to_outbox(
             conn, [await assign(conn, conv, str(agent["id"]), row["units"], "pick", now)]
         )
-    return web.json_response({"conversation_id": conversation_id, "state": "active"})
-
-
-_CONVERSATION = """
-SELECT c.id, c.account, c.business_number, c.customer, c.workstream, c.state, c.queue,
-       c.agent_id,
-       c.skills, c.priority, c.severity, c.language, c.variables, c.opened_at,
-       c.assigned_at, c.last_customer_message_at, c.window_closed_at, ct.profile_name
-FROM conversations c JOIN contacts ct ON ct.id = c.contact_id
-WHERE c.id = $1 AND c.agent_id = $2 AND c.state IN ('active', 'waiting', 'wrap-up')
-"""
+    return _answer(ConversationMoved(conversation_id=row["id"], state="active"))
 
 
 def _window(
     last_customer_message_at: datetime, now: datetime, closed_at: datetime | None = None
-) -> dict[str, Any]:
+) -> Window:
     current = window(last_customer_message_at, now, closed_at)
-    return {"open": current.open, "closes_at": current.closes_at.isoformat()}
+    return Window(open=current.open, closes_at=current.closes_at)
 
 
 async def my_conversations(request: web.Request) -> web.Response:
@@ -253,46 +220,28 @@ async def my_conversations(request: web.Request) -> web.Response:
         agent["id"],
     )
     now = utcnow()
-    return web.json_response(
-        [
-            _json(dict(r))
-            | {"window": _window(r["last_customer_message_at"], now, r["window_closed_at"])}
-            for r in rows
-        ]
-    )
-
-
-async def _own_conversation(request: web.Request) -> tuple[Any, Any] | web.Response:
-    agent = await current_agent(request)
-    conversation_id = _uuid(request.match_info["conversation_id"])
-    if conversation_id is None:
-        return _not_found("conversation")
-    pool = await request.app[STORE].pool()
-    row = await pool.fetchrow(_CONVERSATION, conversation_id, agent["id"])
-    if row is None:
-        return _not_found("conversation")
-    return agent, row
+    summaries = [
+        ConversationSummary(
+            **dict(r), window=_window(r["last_customer_message_at"], now, r["window_closed_at"])
+        )
+        for r in rows
+    ]
+    return web.json_response([summary.model_dump(mode="json") for summary in summaries])
 
 
 async def conversation(request: web.Request) -> web.Response:
-    found = await _own_conversation(request)
-    if isinstance(found, web.Response):
-        return found
-    _, row = found
+    _, row = await own_conversation(request)
     workstream = request.app[CONFIG].current.workstream(row["workstream"])
     current = _window(row["last_customer_message_at"], utcnow(), row["window_closed_at"])
     templates = [
-        {"name": t.name, "languages": sorted(t.languages)}
+        TemplateChoice(name=t.name, languages=sorted(t.languages))
         for t in (workstream.templates if workstream else [])
     ]
-    return web.json_response(_json(dict(row)) | {"window": current, "templates": templates})
+    return _answer(AgentConversation(**dict(row), window=current, templates=templates))
 
 
 async def conversation_messages(request: web.Request) -> web.Response:
-    found = await _own_conversation(request)
-    if isinstance(found, web.Response):
-        return found
-    _, row = found
+    _, row = await own_conversation(request)
     pool = await request.app[STORE].pool()
     messages = await pool.fetch(
         "SELECT id, direction, body, media, status, received_at FROM messages"
@@ -301,104 +250,56 @@ async def conversation_messages(request: web.Request) -> web.Response:
     )
     workstream = request.app[CONFIG].current.workstream(row["workstream"])
     hide = workstream is not None and not workstream.attachments.customers
-    return web.json_response([_shown(dict(m), hide) for m in messages])
+    shown = [_shown(AgentMessage.model_validate(dict(m)), hide) for m in messages]
+    return web.json_response([m.model_dump(mode="json", exclude_unset=True) for m in shown])
 
 
-def _shown(message: dict[str, Any], hide_customer_media: bool) -> Any:
+def _shown(message: AgentMessage, hide_customer_media: bool) -> AgentMessage:
     """A message as the agent sees it: customers' media hidden where the workstream takes
     none (the customer was told)."""
-    if hide_customer_media and message["direction"] == "inbound" and message["media"]:
-        message = message | {"media": [], "media_hidden": len(message["media"])}
-    return _json(message)
+    if hide_customer_media and message.direction == "inbound" and message.media:
+        hidden = len(message.media)
+        return AgentMessage.model_validate(
+            message.model_dump() | {"media": [], "media_hidden": hidden}
+        )
+    return message
 
 
 async def close(request: web.Request) -> web.Response:
-    found = await _own_conversation(request)
-    if isinstance(found, web.Response):
-        return found
-    _, row = found
-    body = await _body(request, CloseRequest)
-    if isinstance(body, web.Response):
-        return body
-    assert isinstance(body, CloseRequest)
+    _, row = await own_conversation(request)
+    body = await parse_body(request, CloseRequest)
     now = utcnow()
     workstream = request.app[CONFIG].current.workstream(row["workstream"])
     wrap_up = workstream.lifecycle.wrap_up if workstream else 0.0
     async with request.app[STORE].transaction() as conn:
-        state = await conn.fetchval(
-            "SELECT state FROM conversations WHERE id = $1 FOR UPDATE", row["id"]
-        )
-        if state == "closed":
-            return error(409, "already_closed", "the conversation is closed")
-        if wrap_up > 0 and state != "wrap-up":
-            # Ended by the agent: wrap-up holds the capacity until the timer or a second close.
-            until = now + timedelta(seconds=wrap_up)
-            await conn.execute(
-                "UPDATE conversations SET state = 'wrap-up', wrap_up_until = $2,"
-                " close_reason = $3, updated_at = now() WHERE id = $1",
-                row["id"],
-                until,
-                body.reason,
+        try:
+            event = await end_by_agent(
+                conn, str(row["id"]), str(row["agent_id"]), body.reason, wrap_up, now
             )
-            ended = ConversationEnded(
-                agent_id=str(row["agent_id"]), workstream=row["workstream"], until=until
-            )
-            event = new_event(
-                EventType.CONVERSATION_ENDED,
-                account=row["account"],
-                key=(str(row["id"]),),
-                data=ended.model_dump(mode="json"),
-                occurred_at=now,
-                conversation_id=str(row["id"]),
-            )
-            new_state = "wrap-up"
-        else:
-            event = await close_conversation(conn, str(row["id"]), body.reason, now)
-            new_state = "closed"
+        except WorkConflict as exc:
+            return error(409, exc.code, str(exc))
         await add_to_outbox(conn, [event])
-    return web.json_response({"conversation_id": str(row["id"]), "state": new_state})
+    new_state = "wrap-up" if event.type == EventType.CONVERSATION_ENDED else "closed"
+    return _answer(ConversationMoved(conversation_id=row["id"], state=new_state))
 
 
 async def wait(request: web.Request) -> web.Response:
     """Park an active conversation waiting for the customer: capacity released, the
     customer's next message brings it back (offered to this agent first)."""
-    found = await _own_conversation(request)
-    if isinstance(found, web.Response):
-        return found
-    agent, row = found
+    agent, row = await own_conversation(request)
     now = utcnow()
     async with request.app[STORE].transaction() as conn:
-        state = await conn.fetchval(
-            "SELECT state FROM conversations WHERE id = $1 FOR UPDATE", row["id"]
-        )
-        if state != "active":
-            return error(409, "not_active", f"the conversation is {state}, not active")
-        await release_assignment(conn, str(row["id"]), now)
-        await conn.execute(
-            "UPDATE conversations SET state = 'waiting', updated_at = now() WHERE id = $1",
-            row["id"],
-        )
-        event = new_event(
-            EventType.CONVERSATION_WAITING,
-            account=row["account"],
-            key=(str(row["id"]), now.isoformat()),
-            data={"agent_id": str(agent["id"]), "waiting_since": now.isoformat()},
-            occurred_at=now,
-            conversation_id=str(row["id"]),
-        )
+        try:
+            event = await wait_for_customer(conn, str(row["id"]), str(agent["id"]), now)
+        except WorkConflict as exc:
+            return error(409, exc.code, str(exc))
         await add_to_outbox(conn, [event])
-    return web.json_response({"conversation_id": str(row["id"]), "state": "waiting"})
+    return _answer(ConversationMoved(conversation_id=row["id"], state="waiting"))
 
 
 async def transfer(request: web.Request) -> web.Response:
-    found = await _own_conversation(request)
-    if isinstance(found, web.Response):
-        return found
-    agent, row = found
-    body = await _body(request, TransferRequest)
-    if isinstance(body, web.Response):
-        return body
-    assert isinstance(body, TransferRequest)
+    agent, row = await own_conversation(request)
+    body = await parse_body(request, TransferRequest)
     config = request.app[CONFIG].current
     if body.queue is not None and config.queue(body.queue) is None:
         return error(422, "unknown_queue", f"no queue named {body.queue!r}")
@@ -419,22 +320,151 @@ async def transfer(request: web.Request) -> web.Response:
     except WorkConflict as exc:
         status = 404 if exc.code == "not_found" else 409
         return error(status, exc.code, str(exc))
-    target = {"queue": body.queue} if body.queue else {"agent_id": str(body.agent_id)}
-    state = "queued" if body.queue else "offered"
-    return web.json_response({"conversation_id": str(row["id"]), "state": state} | target)
+    if body.queue:
+        moved = ConversationMoved(conversation_id=row["id"], state="queued", queue=body.queue)
+    else:
+        moved = ConversationMoved(
+            conversation_id=row["id"], state="offered", agent_id=body.agent_id
+        )
+    return _answer(moved)
 
 
-def add_routes(app: web.Application) -> None:
-    app.router.add_get("/api/me", me)
-    app.router.add_put("/api/me/presence", set_presence)
-    app.router.add_get("/api/me/offers", my_offers)
-    app.router.add_post("/api/offers/{offer_id}/accept", accept)
-    app.router.add_post("/api/offers/{offer_id}/decline", decline)
-    app.router.add_get("/api/queues/{queue}/items", queue_items)
-    app.router.add_post("/api/queue-items/{item_id}/pick", pick)
-    app.router.add_get("/api/me/conversations", my_conversations)
-    app.router.add_get("/api/conversations/{conversation_id}", conversation)
-    app.router.add_get("/api/conversations/{conversation_id}/messages", conversation_messages)
-    app.router.add_post("/api/conversations/{conversation_id}/close", close)
-    app.router.add_post("/api/conversations/{conversation_id}/transfer", transfer)
-    app.router.add_post("/api/conversations/{conversation_id}/wait", wait)
+ROUTES = [
+    Route(
+        "GET", "/api/me", me, "getMe", "The calling agent", TAGS, "agentToken", {200: AgentProfile}
+    ),
+    Route(
+        "PUT",
+        "/api/me/presence",
+        set_presence,
+        "setMyPresence",
+        "Set the calling agent's presence",
+        TAGS,
+        "agentToken",
+        {200: AgentProfile},
+        errors=(400, 422),
+        request=PresenceUpdate,
+    ),
+    Route(
+        "GET",
+        "/api/me/offers",
+        my_offers,
+        "listMyOffers",
+        "The calling agent's pending offers",
+        TAGS,
+        "agentToken",
+        {200: Many(Offer)},
+    ),
+    Route(
+        "POST",
+        "/api/offers/{offer_id}/accept",
+        accept,
+        "acceptOffer",
+        "Accept an offer",
+        TAGS,
+        "agentToken",
+        {200: OfferDecision},
+        errors=(404, 409),
+    ),
+    Route(
+        "POST",
+        "/api/offers/{offer_id}/decline",
+        decline,
+        "declineOffer",
+        "Decline an offer",
+        TAGS,
+        "agentToken",
+        {200: OfferDecision},
+        errors=(404, 409),
+    ),
+    Route(
+        "GET",
+        "/api/queues/{queue}/items",
+        queue_items,
+        "listQueueItems",
+        "Pick mode: the conversations waiting in one of the agent's queues",
+        TAGS,
+        "agentToken",
+        {200: Many(QueueItem)},
+        errors=(404,),
+    ),
+    Route(
+        "POST",
+        "/api/queue-items/{item_id}/pick",
+        pick,
+        "pickQueueItem",
+        "Pick mode: take a waiting conversation",
+        TAGS,
+        "agentToken",
+        {200: ConversationMoved},
+        errors=(404, 409),
+    ),
+    Route(
+        "GET",
+        "/api/me/conversations",
+        my_conversations,
+        "listMyConversations",
+        "The calling agent's conversations",
+        TAGS,
+        "agentToken",
+        {200: Many(ConversationSummary)},
+    ),
+    Route(
+        "GET",
+        "/api/conversations/{conversation_id}",
+        conversation,
+        "getMyConversation",
+        "A conversation, its window and the templates usable now",
+        TAGS,
+        "agentToken",
+        {200: AgentConversation},
+        errors=(404,),
+    ),
+    Route(
+        "GET",
+        "/api/conversations/{conversation_id}/messages",
+        conversation_messages,
+        "listMyConversationMessages",
+        "A conversation's messages, oldest first",
+        TAGS,
+        "agentToken",
+        {200: Many(AgentMessage)},
+        errors=(404,),
+    ),
+    Route(
+        "POST",
+        "/api/conversations/{conversation_id}/close",
+        close,
+        "closeMyConversation",
+        "End a conversation",
+        TAGS,
+        "agentToken",
+        {200: ConversationMoved},
+        errors=(400, 404, 409, 422),
+        request=CloseRequest,
+        request_required=False,
+    ),
+    Route(
+        "POST",
+        "/api/conversations/{conversation_id}/transfer",
+        transfer,
+        "transferMyConversation",
+        "Transfer a conversation to a queue, or offer it to one agent",
+        TAGS,
+        "agentToken",
+        {200: ConversationMoved},
+        errors=(400, 404, 409, 422),
+        request=TransferRequest,
+    ),
+    Route(
+        "POST",
+        "/api/conversations/{conversation_id}/wait",
+        wait,
+        "parkMyConversation",
+        "Park my active conversation until the customer writes (capacity released)",
+        TAGS,
+        "agentToken",
+        {200: ConversationMoved},
+        errors=(404, 409),
+    ),
+]

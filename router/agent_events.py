@@ -26,6 +26,7 @@ from aiohttp import web
 from omniroute.infra.bus import Bus
 from omniroute.infra.store import Store
 from router.auth import current_agent
+from router.routes import Content, Route
 from router.state import BUS, STORE
 from schemas.events import EXCHANGE, EventType
 
@@ -201,7 +202,19 @@ async def _next_frame(
     return b": keep-alive\n\n"
 
 
-def add_routes(app: web.Application) -> None:
-    app.router.add_get("/api/me/events", stream)
-    # Long-lived responses end on shutdown (aiohttp's documented use of on_shutdown).
-    app.on_shutdown.append(end_streams)
+STREAM_DESCRIPTION = (
+    "One frame per event: `id:` (the event id), `event:` (its type), `data:` (the event "
+    "envelope as JSON), then a blank line; `: keep-alive` comments in between."
+)
+ROUTES = [
+    Route(
+        "GET",
+        "/api/me/events",
+        stream,
+        "streamMyEvents",
+        "Server-Sent Events: offers, assignments, customer messages, delivery updates",
+        ("agent",),
+        "agentToken",
+        {200: Content("text/event-stream", {"type": "string", "description": STREAM_DESCRIPTION})},
+    ),
+]

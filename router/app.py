@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+import orjson
 from aiohttp import web
 
 from omniroute.infra.bus import Bus
@@ -23,7 +24,20 @@ from router import (
     variables_api,
 )
 from router.ingress import running_ingress
+from router.routes import Route, add_routes
 from router.state import BUS, CONFIG, INGRESS, SETTINGS, STORE
+
+# Every route the router serves, declared once: served from here, documented from here.
+ROUTES: list[Route] = [
+    *twilio_webhooks.ROUTES,
+    *health.ROUTES,
+    *admin_api.ROUTES,
+    *agent_api.ROUTES,
+    *agent_events.ROUTES,
+    *messages_api.ROUTES,
+    *variables_api.ROUTES,
+    *openapi.ROUTES,
+]
 
 
 def create_app(
@@ -60,14 +74,11 @@ def create_app(
 
     app.cleanup_ctx.append(resources)
     app.cleanup_ctx.append(agent_events.hub_ctx)
-    twilio_webhooks.add_routes(app)
-    health.add_routes(app)
-    admin_api.add_routes(app)
-    agent_api.add_routes(app)
-    agent_events.add_routes(app)
-    messages_api.add_routes(app)
-    variables_api.add_routes(app)
-    openapi.add_routes(app)
+    app.cleanup_ctx.append(messages_api.media_session_ctx)
+    # Long-lived responses end on shutdown (aiohttp's documented use of on_shutdown).
+    app.on_shutdown.append(agent_events.end_streams)
+    add_routes(app, ROUTES)
+    app[openapi.DOCUMENT] = orjson.dumps(openapi.document(ROUTES, settings.public_base()))
     return app
 
 
@@ -76,5 +87,5 @@ def create_ops_app(bus: Bus, store: Store) -> web.Application:
     app = web.Application()
     app[BUS] = bus
     app[STORE] = store
-    health.add_routes(app)
+    add_routes(app, health.ROUTES)
     return app

@@ -4,7 +4,8 @@
 ``message.send-requested``; the ``outbound`` stage sends it. Outside the 24-hour window a
 free-text or media message is refused at once (422 ``window_closed`` with the templates
 that can be used) and recorded as rejected. An ``Idempotency-Key`` makes a retry return
-the first answer without sending anything new.
+the first answer without sending anything new (``omniroute.domain.idempotency``: the same
+key with another body is a 422 ``idempotency_key_reused``).
 
 ``GET …/messages/{message_id}/media/{n}`` fetches a customer's attachment from Twilio with
 the account's credentials, which are only ever sent to the configured Twilio API host.
@@ -12,22 +13,32 @@ the account's credentials, which are only ever sent to the configured Twilio API
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
+import asyncpg
 from aiohttp import web
-from pydantic import ValidationError
 
+from omniroute.domain import idempotency
 from omniroute.domain.window import gate, window
 from omniroute.infra.ids import new_id
 from omniroute.infra.metrics import GATE_REJECTIONS
 from omniroute.infra.outbox import add_to_outbox
-from omniroute.infra.store import Connection
-from router.agent_api import _own_conversation, _uuid
-from router.responses import error, invalid_body
+from router.requests import (
+    as_uuid,
+    idempotency_key,
+    keyed,
+    own_conversation,
+    parse_body,
+    refused,
+)
+from router.responses import error
+from router.routes import Content, Route
 from router.state import CONFIG, SETTINGS, STORE
+from schemas.api import ErrorBody, ErrorDetail, MessageAccepted, Window
 from schemas.events import (
     EventType,
     MessageRejected,
@@ -38,7 +49,7 @@ from schemas.events import (
 from schemas.messages import SendMessage
 
 HTTP = web.AppKey("media_http", aiohttp.ClientSession)
-MAX_KEY = 200
+TAGS = ("agent",)
 
 
 async def media_session_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -48,57 +59,37 @@ async def media_session_ctx(app: web.Application) -> AsyncIterator[None]:
         yield
 
 
-async def _remembered(conn: Connection, scope: str, key: str | None) -> web.Response | None:
-    if key is None:
-        return None
-    row = await conn.fetchrow(
-        "SELECT status, body FROM idempotency_keys WHERE scope = $1 AND key = $2", scope, key
-    )
-    return web.json_response(row["body"], status=row["status"]) if row else None
-
-
-async def _remember(
-    conn: Connection, scope: str, key: str | None, status: int, body: dict[str, Any]
-) -> None:
-    if key is not None:
-        await conn.execute(
-            "INSERT INTO idempotency_keys (scope, key, status, body) VALUES ($1, $2, $3, $4)",
-            scope,
-            key,
-            status,
-            body,
-        )
-
-
 async def send(request: web.Request) -> web.Response:
-    found = await _own_conversation(request)
-    if isinstance(found, web.Response):
-        return found
-    agent, conv = found
-    key = request.headers.get("Idempotency-Key")
-    if key is not None and not 0 < len(key) <= MAX_KEY:
-        return error(400, "invalid_idempotency_key", f"1 to {MAX_KEY} characters")
+    agent, conv = await own_conversation(request)
+    key = idempotency_key(request)
+    body = await parse_body(request, SendMessage)
+    once = keyed(request, key, idempotency.agent_scope(agent["id"]), body)
     try:
-        body = SendMessage.model_validate(await request.json())
-    except ValueError as exc:
-        if isinstance(exc, ValidationError):
-            return invalid_body(exc)
-        return error(400, "invalid_json", "the body is not JSON")
-    scope = f"send:{agent['id']}:{conv['id']}"
+        return await _send(request, agent["id"], conv, body, once)
+    except idempotency.IdempotencyError as exc:
+        raise refused(exc) from None
+
+
+async def _send(
+    request: web.Request,
+    agent_id: uuid.UUID,
+    conv: asyncpg.Record,
+    body: SendMessage,
+    once: idempotency.IdempotentRequest | None,
+) -> web.Response:
     now = utcnow()
     config = request.app[CONFIG].current
     workstream = config.workstream(conv["workstream"])
     async with request.app[STORE].transaction() as conn:
-        # Serialize an agent's double click on the same key: the conversation row is the lock.
+        # The key first: a double click waits here for the first click's answer.
+        if once is not None and (replay := await idempotency.claim(conn, once)):
+            return web.json_response(replay.body, status=replay.status)
         state = await conn.fetchrow(
             "SELECT last_customer_message_at, window_closed_at, language FROM conversations"
             " WHERE id = $1 FOR UPDATE",
             conv["id"],
         )
         assert state is not None  # the agent's own conversation, just read
-        remembered = await _remembered(conn, scope, key)
-        if remembered is not None:
-            return remembered
         current = window(state["last_customer_message_at"], now, state["window_closed_at"])
         template = body.template
         verdict = gate(
@@ -122,7 +113,7 @@ async def send(request: web.Request) -> web.Response:
             [{"url": u} for u in body.media_urls],
             "requested" if verdict.allowed else "rejected",
             now,
-            agent["id"],
+            agent_id,
             body.kind,
             {
                 "name": rendered.template,
@@ -135,13 +126,16 @@ async def send(request: web.Request) -> web.Response:
             None if verdict.allowed else verdict.reason,
             verdict.message,
         )
-        win = {"open": current.open, "closes_at": current.closes_at.isoformat()}
+        win = Window(open=current.open, closes_at=current.closes_at)
+        answer: MessageAccepted | ErrorBody
         if verdict.allowed:
             data: Any = MessageSendRequested(
-                message_id=message_id, agent_id=str(agent["id"]), kind=body.kind, requested_at=now
+                message_id=message_id, agent_id=str(agent_id), kind=body.kind, requested_at=now
             )
             kind, status = EventType.MESSAGE_SEND_REQUESTED, 202
-            answer = {"id": message_id, "status": "requested", "window": win}
+            answer = MessageAccepted.model_validate(
+                {"id": message_id, "status": "requested", "window": win}
+            )
         else:
             GATE_REJECTIONS.labels(verdict.reason or "rejected").inc()
             data = MessageRejected(
@@ -151,17 +145,17 @@ async def send(request: web.Request) -> web.Response:
                 templates=verdict.templates,
             )
             kind, status = EventType.MESSAGE_REJECTED, 422
-            answer = {
-                "error": {
-                    "code": verdict.reason,
-                    "message": verdict.message,
-                    "details": {
+            answer = ErrorBody(
+                error=ErrorDetail(
+                    code=verdict.reason or "rejected",
+                    message=verdict.message or "",
+                    details={
                         "message_id": message_id,
                         "templates": verdict.templates,
-                        "window": win,
+                        "window": win.model_dump(mode="json"),
                     },
-                }
-            }
+                )
+            )
         await add_to_outbox(
             conn,
             [
@@ -175,16 +169,15 @@ async def send(request: web.Request) -> web.Response:
                 )
             ],
         )
-        await _remember(conn, scope, key, status, answer)
-    return web.json_response(answer, status=status)
+        payload = answer.model_dump(mode="json")
+        if once is not None:
+            await idempotency.remember(conn, once, idempotency.Answer(status, payload))
+    return web.json_response(payload, status=status)
 
 
 async def media(request: web.Request) -> web.StreamResponse:
-    found = await _own_conversation(request)
-    if isinstance(found, web.Response):
-        return found
-    _, conv = found
-    message_id = _uuid(request.match_info["message_id"])
+    _, conv = await own_conversation(request)
+    message_id = as_uuid(request.match_info["message_id"])
     try:
         index = int(request.match_info["n"])
     except ValueError:
@@ -240,9 +233,29 @@ async def _relay(request: web.Request, upstream: aiohttp.ClientResponse) -> web.
     return response
 
 
-def add_routes(app: web.Application) -> None:
-    app.router.add_post("/api/conversations/{conversation_id}/messages", send)
-    app.router.add_get(
-        "/api/conversations/{conversation_id}/messages/{message_id}/media/{n}", media
-    )
-    app.cleanup_ctx.append(media_session_ctx)
+ROUTES = [
+    Route(
+        "POST",
+        "/api/conversations/{conversation_id}/messages",
+        send,
+        "sendMessage",
+        "Send text, media or a template; outside the window only a template (422 otherwise)",
+        TAGS,
+        "agentToken",
+        {202: MessageAccepted},
+        errors=(400, 404, 409, 422),
+        request=SendMessage,
+        idempotency_key=True,
+    ),
+    Route(
+        "GET",
+        "/api/conversations/{conversation_id}/messages/{message_id}/media/{n}",
+        media,
+        "getMessageMedia",
+        "A customer's attachment, fetched from Twilio",
+        TAGS,
+        "agentToken",
+        {200: Content("application/octet-stream", {"type": "string", "format": "binary"})},
+        errors=(404, 502),
+    ),
+]

@@ -27,10 +27,5 @@ def invalid(exc: ValidationError, *, whole: str = "(body)") -> list[dict[str, st
     ]
 
 
-def invalid_body(exc: ValidationError) -> web.Response:
-    """422 ``invalid_body`` naming each field and its problem."""
-    return error(422, "invalid_body", "the body does not match the API", fields=invalid(exc))
-
-
 def empty_twiml() -> web.Response:
     return web.Response(text=EMPTY_TWIML, content_type="text/xml")

@@ -25,11 +25,13 @@ from yarl import query_to_pairs
 from omniroute.domain.webhook_events import inbound_event, status_event
 from omniroute.errors import IngressUnavailable, UnknownAccountSid, UnknownNumber
 from omniroute.infra.metrics import PUBLISH_CONFIRM, WEBHOOK_DURATION, WEBHOOKS
-from router.responses import empty_twiml, error, invalid
+from router.responses import EMPTY_TWIML, empty_twiml, error, invalid
+from router.routes import Content, Route
 from router.signature import SIGNATURE_HEADER, signing_key, valid_signature
 from router.state import CONFIG, INGRESS, SETTINGS
 from schemas.config import Account
 from schemas.events import Envelope
+from schemas.twilio import InboundMessageForm, StatusCallbackForm
 
 log = structlog.get_logger("omniroute.router")
 
@@ -233,6 +235,32 @@ inbound = _webhook("inbound", _inbound_event)
 status = _webhook("status", _status_event)
 
 
-def add_routes(app: web.Application) -> None:
-    app.router.add_post("/twilio/{account}/inbound", inbound)
-    app.router.add_post("/twilio/{account}/status", status)
+TWIML = Content("text/xml", example=EMPTY_TWIML)
+# Signed with the account's auth token (the signature header), no bearer token.
+ERRORS = (400, 403, 404, 413, 415, 503)
+ROUTES = [
+    Route(
+        "POST",
+        "/twilio/{account}/inbound",
+        inbound,
+        "receiveInboundMessage",
+        "A customer's WhatsApp message (Twilio's inbound webhook)",
+        ("twilio",),
+        None,
+        {200: TWIML},
+        errors=ERRORS,
+        form=InboundMessageForm,
+    ),
+    Route(
+        "POST",
+        "/twilio/{account}/status",
+        status,
+        "receiveStatusCallback",
+        "A message's delivery status (Twilio's status callback)",
+        ("twilio",),
+        None,
+        {200: TWIML},
+        errors=ERRORS,
+        form=StatusCallbackForm,
+    ),
+]

@@ -5,51 +5,37 @@ And the survey results for admins."""
 from __future__ import annotations
 
 import uuid
-from typing import Any
 
 from aiohttp import web
 
-from router.agent_api import _body, _own_conversation, _uuid
+from omniroute.domain.conversation import set_variables
 from router.auth import require_admin
-from router.responses import error
+from router.requests import not_found, own_conversation, parse_body, path_id
+from router.routes import Query, Route
 from router.state import STORE
 from schemas.api import SurveyOut, SurveyResults, VariablesOut, VariablesUpdate
 
 
 async def _apply(request: web.Request, conversation_id: str) -> web.Response:
-    update = await _body(request, VariablesUpdate)
-    if isinstance(update, web.Response):
-        return update
-    assert isinstance(update, VariablesUpdate)
+    update = await parse_body(request, VariablesUpdate)
     removed = [k for k, v in update.variables.items() if v is None]
     values = {k: v for k, v in update.variables.items() if v is not None}
     async with request.app[STORE].transaction() as conn:
-        variables: Any = await conn.fetchval(
-            "UPDATE conversations SET variables = (variables || $2::jsonb) - $3::text[],"
-            " updated_at = now() WHERE id = $1 RETURNING variables",
-            conversation_id,
-            values,
-            removed,
-        )
+        variables = await set_variables(conn, conversation_id, values, removed)
     if variables is None:
-        return error(404, "not_found", "no such conversation")
+        raise not_found("conversation")
     out = VariablesOut(conversation_id=uuid.UUID(conversation_id), variables=variables)
     return web.json_response(out.model_dump(mode="json"))
 
 
 async def agent_variables(request: web.Request) -> web.Response:
-    found = await _own_conversation(request)
-    if isinstance(found, web.Response):
-        return found
-    return await _apply(request, str(found[1]["id"]))
+    _, row = await own_conversation(request)
+    return await _apply(request, str(row["id"]))
 
 
 async def admin_variables(request: web.Request) -> web.Response:
     require_admin(request)
-    conversation_id = _uuid(request.match_info["conversation_id"])
-    if conversation_id is None:
-        return error(404, "not_found", "no such conversation")
-    return await _apply(request, conversation_id)
+    return await _apply(request, path_id(request, "conversation_id", "conversation"))
 
 
 async def surveys(request: web.Request) -> web.Response:
@@ -73,7 +59,40 @@ async def surveys(request: web.Request) -> web.Response:
     return web.json_response(results.model_dump(mode="json"))
 
 
-def add_routes(app: web.Application) -> None:
-    app.router.add_patch("/api/conversations/{conversation_id}/variables", agent_variables)
-    app.router.add_patch("/api/admin/conversations/{conversation_id}/variables", admin_variables)
-    app.router.add_get("/api/admin/surveys", surveys)
+ROUTES = [
+    Route(
+        "PATCH",
+        "/api/conversations/{conversation_id}/variables",
+        agent_variables,
+        "setMyConversationVariables",
+        "Set or remove context variables of one of my conversations",
+        ("agent",),
+        "agentToken",
+        {200: VariablesOut},
+        errors=(400, 404, 422),
+        request=VariablesUpdate,
+    ),
+    Route(
+        "PATCH",
+        "/api/admin/conversations/{conversation_id}/variables",
+        admin_variables,
+        "setConversationVariables",
+        "Set or remove a conversation's context variables",
+        ("admin",),
+        "adminToken",
+        {200: VariablesOut},
+        errors=(400, 404, 422),
+        request=VariablesUpdate,
+    ),
+    Route(
+        "GET",
+        "/api/admin/surveys",
+        surveys,
+        "listSurveys",
+        "Post-conversation survey answers and their summary",
+        ("admin",),
+        "adminToken",
+        {200: SurveyResults},
+        query=(Query("workstream", {"type": "string"}, "only this workstream's surveys"),),
+    ),
+]

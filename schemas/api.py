@@ -229,3 +229,145 @@ class SurveyResults(BaseModel):
     answered: int
     average_rating: float | None
     surveys: list[SurveyOut]
+
+
+# What the agent API and the health checks answer: the handlers serialize through these,
+# so the answer and the OpenAPI document cannot drift. Optional fields with a default are
+# the ones an answer may leave out (dumped with ``exclude_unset``).
+
+
+class Window(BaseModel):
+    """WhatsApp's 24-hour customer-service window."""
+
+    open: bool
+    closes_at: datetime
+
+
+class AgentProfile(BaseModel):
+    """The calling agent."""
+
+    id: uuid.UUID
+    name: str
+    language: str | None
+    queues: list[str]
+    skills: dict[str, int]
+    capacity: int
+    used: int
+    presence: Presence
+
+
+class Offer(BaseModel):
+    """A pending offer of a conversation to the calling agent."""
+
+    id: uuid.UUID
+    conversation_id: uuid.UUID
+    expires_at: datetime
+    created_at: datetime
+    queue: str | None
+    customer: str
+    priority: int
+    skills: dict[str, int]
+
+
+class OfferDecision(BaseModel):
+    offer_id: uuid.UUID
+    state: Literal["accepted", "declined"]
+    conversation_id: uuid.UUID | None
+
+
+class QueueItem(BaseModel):
+    """A conversation waiting in a queue that the calling agent has the skills for."""
+
+    id: uuid.UUID
+    queue: str
+    priority: int
+    queued_at: datetime | None
+    skills: dict[str, int]
+    customer: str
+    workstream: str
+    units: int
+    fits_capacity: bool
+
+
+class ConversationMoved(BaseModel):
+    """The state a pick, close, wait or transfer left the conversation in; a transfer also
+    names where it went (the queue, or the agent it is offered to)."""
+
+    conversation_id: uuid.UUID
+    state: ConversationState
+    queue: str | None = None
+    agent_id: uuid.UUID | None = None
+
+
+class ConversationSummary(BaseModel):
+    id: uuid.UUID
+    customer: str
+    state: ConversationState
+    queue: str | None
+    priority: int
+    assigned_at: datetime | None
+    last_customer_message_at: datetime
+    window_closed_at: datetime | None
+    window: Window
+
+
+class TemplateChoice(BaseModel):
+    name: str
+    languages: list[str]
+
+
+class AgentConversation(BaseModel):
+    """One of the calling agent's conversations, with the templates usable in it."""
+
+    id: uuid.UUID
+    account: str
+    business_number: str
+    customer: str
+    workstream: str
+    state: ConversationState
+    queue: str | None
+    agent_id: uuid.UUID
+    skills: dict[str, int]
+    priority: int
+    severity: str
+    language: str | None
+    variables: dict[str, Any]
+    opened_at: datetime
+    assigned_at: datetime | None
+    last_customer_message_at: datetime
+    window_closed_at: datetime | None
+    profile_name: str | None
+    window: Window
+    templates: list[TemplateChoice]
+
+
+class AgentMessage(BaseModel):
+    id: uuid.UUID
+    direction: Literal["inbound", "outbound"]
+    body: str
+    media: list[dict[str, Any]]
+    status: str
+    received_at: datetime
+    media_hidden: int | None = Field(
+        default=None,
+        description="how many attachments the customer sent that this workstream does not"
+        " take (then ``media`` is empty); absent otherwise",
+    )
+
+
+class MessageAccepted(BaseModel):
+    """The message is stored and handed to the outbound stage."""
+
+    id: uuid.UUID
+    status: Literal["requested"]
+    window: Window
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class Readiness(BaseModel):
+    status: Literal["ready", "degraded", "unavailable"]
+    broker: bool
+    database: bool

@@ -21,7 +21,6 @@ from omniroute.domain.agents import agent_by_token
 from omniroute.infra.config_loader import LiveConfig
 from omniroute.infra.settings import Settings
 from omniroute.infra.store import Store
-from router import admin_api
 from router.app import create_app
 from router.auth import current_agent
 from router.state import BUS
@@ -48,7 +47,6 @@ async def _admin_router(
 ) -> AsyncIterator[Client]:
     settings = make_settings(infra, admin_token=admin_token)
     app = create_app(settings, config)
-    admin_api.add_routes(app)
     app.router.add_get(WHOAMI, _whoami)
     async with TestClient(TestServer(app)) as client:
         async with asyncio.timeout(10):
@@ -354,12 +352,13 @@ async def test_idempotency_key_returns_the_first_answer(admin: Client, db: async
 
     # The key row keeps neither the key nor the token in the clear.
     stored = await db.fetchrow(
-        "SELECT key, body::text AS body FROM idempotency_keys WHERE scope = 'admin'"
-        " AND body -> 'response' ->> 'id' = $1",
+        "SELECT key, body::text AS body, sealed::text AS sealed FROM idempotency_keys"
+        " WHERE scope = 'admin' AND body ->> 'id' = $1",
         created["id"],
     )
     assert stored is not None
-    assert key not in stored["key"] and created["token"] not in stored["body"]
+    assert key not in stored["key"]
+    assert created["token"] not in stored["body"] and created["token"] not in stored["sealed"]
 
     other = await admin.post(AGENTS, json=_new_agent(), headers=headers)
     assert (await _error(other, 422))["code"] == "idempotency_key_reused"

@@ -1,6 +1,7 @@
 """The OpenAPI document served at ``/api/openapi.json``: well-formed, complete (every route the
-router serves is in it), self-contained (every ``$ref`` resolves) and faithful to the
-contract's rules (API bodies reject unknown fields, Twilio forms keep them)."""
+router serves is in it, with an operationId, and nothing else), self-contained (every ``$ref``
+resolves), faithful to the contract's rules (API bodies reject unknown fields, Twilio forms keep
+them) and to the answers the handlers really give."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import hashlib
 import secrets
 import uuid
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -19,6 +21,16 @@ from aiohttp.test_utils import TestClient
 from pydantic import BaseModel
 
 from router import openapi
+from router.app import ROUTES
+from router.state import SETTINGS
+from schemas.api import (
+    AgentConversation,
+    AgentMessage,
+    AgentProfile,
+    ConversationSummary,
+    Health,
+    Readiness,
+)
 from tests.support import BUSINESS, new_customer
 
 Client = TestClient[Any, Any]
@@ -110,16 +122,26 @@ async def test_the_document_is_openapi_3_1(document: dict[str, Any]) -> None:
     }
 
 
+async def test_the_document_names_its_server(document: dict[str, Any]) -> None:
+    [server] = document["servers"]
+    assert server["url"] and server["description"]
+
+
 async def test_every_route_is_documented(router: Client, document: dict[str, Any]) -> None:
+    """Walks the aiohttp app's router: every route it serves is an operation of the
+    document, with an operationId, and every operation is a served route."""
     served = {
         (route.method.lower(), route.resource.canonical)
         for route in _app(router).router.routes()
         if route.method != "HEAD" and route.resource is not None
     }
-    served.discard(("get", openapi.PATH))
     documented = {(method, path) for method, path, _ in _operations(document)}
-    assert served - documented == set(), "routes missing from router/openapi.py OPERATIONS"
-    assert documented - served <= {("get", openapi.PATH)}, "documented routes nobody serves"
+    assert served - documented == set(), "served routes missing from the document"
+    assert documented - served == set(), "documented routes nobody serves"
+    assert ("get", openapi.PATH) in served
+    ids = [operation.get("operationId") for _, _, operation in _operations(document)]
+    assert all(isinstance(i, str) and i.isidentifier() for i in ids), ids
+    assert len(set(ids)) == len(ids), "operationIds repeat"
 
 
 async def test_every_ref_resolves(document: dict[str, Any]) -> None:
@@ -191,8 +213,15 @@ async def test_idempotent_posts_take_the_key(document: dict[str, Any]) -> None:
 
 async def test_the_document_is_built_once_per_app(router: Client) -> None:
     served = [await (await router.get(openapi.PATH)).read() for _ in range(2)]
-    assert served[0] is not None and served == [_app(router)[openapi.DOCUMENT]] * 2
-    assert orjson.loads(served[0]) == openapi.document()
+    app = _app(router)
+    assert served[0] is not None and served == [app[openapi.DOCUMENT]] * 2
+    assert orjson.loads(served[0]) == openapi.document(ROUTES, app[SETTINGS].public_base())
+
+
+def test_an_operation_id_is_used_once() -> None:
+    twice = [ROUTES[0], replace(ROUTES[1], operation_id=ROUTES[0].operation_id)]
+    with pytest.raises(ValueError, match=ROUTES[0].operation_id):
+        openapi.document(twice, "/")
 
 
 async def _agent_with_a_conversation(db: asyncpg.Pool) -> tuple[dict[str, str], str, str]:
@@ -237,21 +266,22 @@ async def _agent_with_a_conversation(db: asyncpg.Pool) -> tuple[dict[str, str], 
 
 
 def _documented(body: Any, model: type[BaseModel]) -> None:
-    """The answer validates against the model and has exactly its fields."""
+    """The answer validates against the model, has all its required fields and no other."""
     model.model_validate(body)
-    assert set(body) == set(model.model_fields), model.__name__
+    required = {name for name, field in model.model_fields.items() if field.is_required()}
+    assert required <= set(body) <= set(model.model_fields), model.__name__
 
 
 async def test_agent_answers_are_what_the_document_says(router: Client, db: asyncpg.Pool) -> None:
     auth, queue, conversation_id = await _agent_with_a_conversation(db)
     conversation = f"/api/conversations/{conversation_id}"
     single: list[tuple[str, type[BaseModel]]] = [
-        ("/api/me", openapi.AgentProfile),
-        (conversation, openapi.AgentConversation),
+        ("/api/me", AgentProfile),
+        (conversation, AgentConversation),
     ]
     lists: list[tuple[str, type[BaseModel]]] = [
-        ("/api/me/conversations", openapi.ConversationSummary),
-        (f"{conversation}/messages", openapi.AgentMessage),
+        ("/api/me/conversations", ConversationSummary),
+        (f"{conversation}/messages", AgentMessage),
     ]
     for path, model in single:
         response = await router.get(path, headers=auth)
@@ -265,5 +295,5 @@ async def test_agent_answers_are_what_the_document_says(router: Client, db: asyn
     for path in ["/api/me/offers", f"/api/queues/{queue}/items"]:
         response = await router.get(path, headers=auth)
         assert response.status == 200 and await response.json() == [], path
-    _documented(await (await router.get("/healthz")).json(), openapi.Health)
-    _documented(await (await router.get("/readyz")).json(), openapi.Readiness)
+    _documented(await (await router.get("/healthz")).json(), Health)
+    _documented(await (await router.get("/readyz")).json(), Readiness)
