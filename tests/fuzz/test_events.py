@@ -25,7 +25,7 @@ from consumers.runtime import Stage
 from omniroute.infra.bus import Bus
 from omniroute.infra.settings import Settings
 from omniroute.infra.topology import STAGES
-from schemas.events import ConversationOpened, Envelope, EventType, MessageStatus
+from schemas.events import PAYLOADS, ConversationOpened, Envelope, EventType, MessageStatus
 from tests.conftest import RunnerFactory
 from tests.fuzz.common import STATS, TIMEOUT, fuzz_settings
 from tests.fuzz.strategies import json_values
@@ -125,7 +125,7 @@ def poisons(stage: str) -> st.SearchStrategy[bytes]:
     envelope, an envelope missing a field or with one of the wrong type, or an envelope of
     the stage's own type whose payload lacks a field or has one of the wrong type."""
     valid: dict[str, Any] = orjson.loads(SAMPLES[stage]().model_dump_json())
-    model = STAGE_OBJECTS[stage].payloads[valid["type"]]
+    model = PAYLOADS[valid["type"]]
     required = sorted(n for n, f in model.model_fields.items() if f.is_required())
     broken = st.one_of(st.just(_DELETE), wrong_types)
     not_objects = json_values().filter(lambda v: not isinstance(v, dict))

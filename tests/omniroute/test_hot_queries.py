@@ -41,9 +41,8 @@ from typing import Any, cast
 import asyncpg
 import pytest
 
-from consumers import conversations as conversations_stage
 from consumers import distribute, lifecycle
-from omniroute.domain import timers
+from omniroute.domain import conversation, timers
 from omniroute.infra import outbox
 from omniroute.infra.database import create_database, drop_database
 from omniroute.infra.store import migrate
@@ -404,7 +403,7 @@ def _store_inbound_args(s: Seeded) -> tuple[Any, ...]:
     number, customer = s.returning
     sid = f"SM{uuid.uuid4().hex}"
     return (uuid.uuid4(), ACCOUNT, customer, customer[1:], None, "Cliente", uuid.uuid4(), number,
-            "support", s.now, uuid.uuid4(), sid, "Oi de novo", "[]", "{}")  # fmt: skip
+            "support", s.now, uuid.uuid4(), sid, "Oi de novo", "[]", "{}", sid, None)  # fmt: skip
 
 
 CASES = [
@@ -435,8 +434,8 @@ CASES = [
         (frozenset({"conversations_pkey"}), frozenset({"contacts_pkey"})),
     ),
     Case(
-        "conversations._STORE_INBOUND",
-        conversations_stage._STORE_INBOUND,
+        "conversation._STORE_INBOUND",
+        conversation._STORE_INBOUND,
         _store_inbound_args,
         (frozenset({"messages_twilio_sid_key"}),),
     ),
