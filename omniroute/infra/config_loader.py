@@ -57,9 +57,14 @@ def parse_config(
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data: Any = yaml.safe_load(text)
     except yaml.YAMLError as exc:
+        # One line: the problem and where (PyYAML's str() adds the source snippet).
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else 1
-        raise ConfigError([f"{source}:{line}: not valid YAML: {exc}"]) from None
+        column = f", column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        context = getattr(exc, "context", None)
+        why = f"{context}, {problem}" if context else problem
+        raise ConfigError([f"{source}:{line}: not valid YAML{column}: {why}"]) from None
     if not isinstance(data, dict) or node is None:
         raise ConfigError([f"{source}:1: expected a mapping with an 'accounts' list"])
     lines: dict[Loc, int] = {}
