@@ -25,8 +25,7 @@ BUILDERS = {"new_event", "caused", "Envelope"}
 
 # Sites that still put a hand-written dict into ``data`` (file:function → the event types
 # they build). Convert them to their payload model and drop them from here; never add one.
-HAND_BUILT: dict[str, set[str]] = {
-}
+HAND_BUILT: dict[str, set[str]] = {}
 
 
 @dataclass
