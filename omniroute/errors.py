@@ -1,6 +1,11 @@
-"""Every exception omniroute raises on purpose, in one place."""
+"""Every exception omniroute raises on purpose across a module's edge, in one place.
+
+(A module's private control flow, such as the runner's "not for this stage", stays with it.)
+"""
 
 from __future__ import annotations
+
+from collections.abc import Collection
 
 
 class OmnirouteError(Exception):
@@ -41,3 +46,53 @@ class UnknownNumber(OmnirouteError):
 
 class IngressUnavailable(OmnirouteError):
     """Neither the broker nor the database could take a webhook's event: answer 503."""
+
+
+class WorkConflict(OmnirouteError):
+    """The state changed under the caller (offer gone, no capacity, not yours)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class UnknownQueues(OmnirouteError):
+    """Queue names that the loaded configuration does not define."""
+
+    def __init__(self, unknown: list[str], known: Collection[str]) -> None:
+        self.unknown = unknown
+        self.known = sorted(known)
+        super().__init__(
+            f"unknown queue{'s' if len(unknown) > 1 else ''}: {', '.join(unknown)}"
+            f" (configured: {', '.join(self.known) or 'none'})"
+        )
+
+
+class IdempotencyError(OmnirouteError):
+    """A request's ``Idempotency-Key`` cannot be honoured; ``status`` and ``code`` say how
+    the API answers."""
+
+    status = 400
+    code = "invalid_idempotency_key"
+
+
+class InvalidKey(IdempotencyError):
+    """Empty, or longer than ``MAX_KEY_LENGTH``."""
+
+
+class KeyReused(IdempotencyError):
+    """The key already answered another request."""
+
+    status = 422
+    code = "idempotency_key_reused"
+
+
+class KeyInUse(IdempotencyError):
+    """The request holding the key is still in progress."""
+
+    status = 409
+    code = "idempotency_key_in_use"
+
+
+class ListenFailed(OmnirouteError):
+    """The HTTP port could not be bound (in use, not permitted, no such address)."""

@@ -23,7 +23,6 @@ from aiohttp import web
 
 from omniroute.domain import idempotency
 from omniroute.domain.agents import (
-    UnknownQueues,
     agent_out,
     create_agent,
     delete_agent,
@@ -32,12 +31,12 @@ from omniroute.domain.agents import (
     parse_id,
     update_agent,
 )
-from omniroute.errors import StoreUnavailable
+from omniroute.errors import IdempotencyError, StoreUnavailable, UnknownQueues
 from router.auth import require_admin
 from router.requests import idempotency_key, keyed, not_found, parse_body, refused
 from router.responses import error
 from router.routes import Many, Query, Route
-from router.state import CONFIG, STORE
+from router.state import CONFIG, SETTINGS, STORE
 from schemas.api import (
     CONVERSATION_STATES,
     AgentCreate,
@@ -97,7 +96,11 @@ async def create(request: web.Request) -> web.Response:
     once = keyed(request, key, idempotency.ADMIN_SCOPE, body)
     try:
         async with request.app[STORE].transaction() as conn:
-            if once is not None and (replay := await idempotency.claim(conn, once)):
+            if once is not None and (
+                replay := await idempotency.claim(
+                    conn, once, wait=request.app[SETTINGS].idempotency_wait
+                )
+            ):
                 return web.json_response(replay.body, status=replay.status)
             row, token = await create_agent(conn, body, known_queues=_known_queues(request))
             created = AgentCreated(**agent_out(row).model_dump(), token=token)
@@ -107,7 +110,7 @@ async def create(request: web.Request) -> web.Response:
                 await idempotency.remember(conn, once, answer, sealed=("token",))
     except UnknownQueues as exc:
         return _unknown_queues(exc)
-    except idempotency.IdempotencyError as exc:
+    except IdempotencyError as exc:
         raise refused(exc) from None
     log.info("admin.agent_created", agent_id=payload["id"], queues=payload["queues"])
     return web.json_response(payload, status=201)

@@ -13,7 +13,6 @@ from pydantic import BaseModel
 from omniroute.domain.agents import agent_out
 from omniroute.domain.conversation import (
     ConversationRef,
-    WorkConflict,
     accept_offer,
     assign,
     claim_capacity,
@@ -24,6 +23,7 @@ from omniroute.domain.conversation import (
     wait_for_customer,
 )
 from omniroute.domain.window import window
+from omniroute.errors import WorkConflict
 from omniroute.infra.outbox import add_to_outbox
 from router.auth import current_agent
 from router.requests import not_found, own_conversation, parse_body, path_id

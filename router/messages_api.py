@@ -24,6 +24,7 @@ from aiohttp import web
 
 from omniroute.domain import idempotency
 from omniroute.domain.window import gate, window
+from omniroute.errors import IdempotencyError
 from omniroute.infra.ids import new_id
 from omniroute.infra.metrics import GATE_REJECTIONS
 from omniroute.infra.outbox import add_to_outbox
@@ -66,7 +67,7 @@ async def send(request: web.Request) -> web.Response:
     once = keyed(request, key, idempotency.agent_scope(agent["id"]), body)
     try:
         return await _send(request, agent["id"], conv, body, once)
-    except idempotency.IdempotencyError as exc:
+    except IdempotencyError as exc:
         raise refused(exc) from None
 
 
@@ -82,7 +83,11 @@ async def _send(
     workstream = config.workstream(conv["workstream"])
     async with request.app[STORE].transaction() as conn:
         # The key first: a double click waits here for the first click's answer.
-        if once is not None and (replay := await idempotency.claim(conn, once)):
+        if once is not None and (
+            replay := await idempotency.claim(
+                conn, once, wait=request.app[SETTINGS].idempotency_wait
+            )
+        ):
             return web.json_response(replay.body, status=replay.status)
         state = await conn.fetchrow(
             "SELECT last_customer_message_at, window_closed_at, language FROM conversations"

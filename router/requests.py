@@ -15,6 +15,7 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from omniroute.domain import idempotency
+from omniroute.errors import IdempotencyError
 from router.auth import current_agent, http_error
 from router.responses import invalid
 from router.state import STORE
@@ -94,11 +95,11 @@ def idempotency_key(request: web.Request) -> str | None:
     """The request's ``Idempotency-Key``, or None. Raises 400 ``invalid_idempotency_key``."""
     try:
         return idempotency.checked_key(request.headers.get("Idempotency-Key"))
-    except idempotency.IdempotencyError as exc:
+    except IdempotencyError as exc:
         raise refused(exc) from None
 
 
-def refused(exc: idempotency.IdempotencyError) -> web.HTTPException:
+def refused(exc: IdempotencyError) -> web.HTTPException:
     """The API's answer to a key that cannot be honoured (400, 409 or 422)."""
     return http_error(_REFUSALS[exc.status], exc.code, str(exc))
 

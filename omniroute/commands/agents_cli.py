@@ -20,14 +20,13 @@ import asyncpg
 from pydantic import BaseModel, ValidationError
 
 from omniroute.domain.agents import (
-    UnknownQueues,
     agent_out,
     create_agent,
     delete_agent,
     list_agents,
     update_agent,
 )
-from omniroute.errors import StoreUnavailable
+from omniroute.errors import StoreUnavailable, UnknownQueues
 from omniroute.infra.config_loader import load_config
 from omniroute.infra.settings import Settings
 from omniroute.infra.store import Store

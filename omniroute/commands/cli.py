@@ -64,7 +64,8 @@ def _config(settings: Settings, path: str | None = None) -> LiveConfig:
 
 def cmd_service(args: argparse.Namespace, settings: Settings) -> int:
     from consumers.registry import STAGES as RUNNABLE
-    from omniroute.commands.service import ListenFailed, Service, run_service
+    from omniroute.commands.service import Service, run_service
+    from omniroute.errors import ListenFailed
 
     stages: list[str] = []
     children: list[str] = []

@@ -21,7 +21,7 @@ from aiohttp import web
 
 from omniroute.commands.stage_process import StageProcess
 from omniroute.domain.reconcile import running_reconciler
-from omniroute.errors import ConfigError
+from omniroute.errors import ConfigError, ListenFailed
 from omniroute.infra.bus import Bus
 from omniroute.infra.config_loader import LiveConfig
 from omniroute.infra.outbox import OutboxRelay
@@ -31,10 +31,6 @@ from omniroute.infra.topology import StageQueue
 from schemas.events import EXCHANGE, Envelope, EventType, event_id, utcnow
 
 log = structlog.get_logger("omniroute.service")
-
-
-class ListenFailed(Exception):
-    """The HTTP port could not be bound (in use, not permitted, no such address)."""
 
 
 def _listen(host: str, port: int) -> socket.socket:

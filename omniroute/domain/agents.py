@@ -24,7 +24,7 @@ from typing import Any
 
 import asyncpg
 
-from omniroute.errors import OmnirouteError
+from omniroute.errors import UnknownQueues
 from omniroute.infra.ids import new_id
 from omniroute.infra.outbox import add_to_outbox
 from omniroute.infra.store import Connection
@@ -43,18 +43,6 @@ _COLUMNS = {
     "language": "language",
     "presence": "presence",
 }
-
-
-class UnknownQueues(OmnirouteError):
-    """Queue names that the loaded configuration does not define."""
-
-    def __init__(self, unknown: list[str], known: Collection[str]) -> None:
-        self.unknown = unknown
-        self.known = sorted(known)
-        super().__init__(
-            f"unknown queue{'s' if len(unknown) > 1 else ''}: {', '.join(unknown)}"
-            f" (configured: {', '.join(self.known) or 'none'})"
-        )
 
 
 @dataclass(frozen=True)

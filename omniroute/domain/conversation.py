@@ -24,6 +24,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from omniroute.errors import WorkConflict
 from omniroute.infra.ids import new_id
 from omniroute.infra.store import Connection
 from schemas.events import (
@@ -40,14 +41,6 @@ from schemas.events import (
     event_id,
     new_event,
 )
-
-
-class WorkConflict(Exception):
-    """The state changed under the caller (offer gone, no capacity, not yours)."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,8 @@ answer is remembered, in the same transaction as the request's effects; then:
 - the same key with another request is refused: ``KeyReused`` (422
   ``idempotency_key_reused``);
 - the same key while the first request is still in progress waits for it (a double click
-  gets the first answer); past ``IN_PROGRESS_WAIT`` it is refused: ``KeyInUse`` (409
-  ``idempotency_key_in_use``);
+  gets the first answer); past ``wait`` (the setting ``idempotency_wait``) it is refused:
+  ``KeyInUse`` (409 ``idempotency_key_in_use``);
 - an empty key or one longer than ``MAX_KEY_LENGTH`` is ``InvalidKey`` (400
   ``invalid_idempotency_key``).
 
@@ -33,7 +33,7 @@ from typing import Any
 import asyncpg
 import orjson
 
-from omniroute.errors import OmnirouteError
+from omniroute.errors import InvalidKey, KeyInUse, KeyReused
 from omniroute.infra.store import Connection
 
 MAX_KEY_LENGTH = 200
@@ -41,32 +41,6 @@ MAX_KEY_LENGTH = 200
 IN_PROGRESS_WAIT = 5.0
 ADMIN_SCOPE = "admin"
 _IN_PROGRESS = 0  # the status of a claimed key whose answer is not written yet
-
-
-class IdempotencyError(OmnirouteError):
-    """A request's ``Idempotency-Key`` cannot be honoured; ``status`` and ``code`` say how
-    the API answers."""
-
-    status = 400
-    code = "invalid_idempotency_key"
-
-
-class InvalidKey(IdempotencyError):
-    """Empty, or longer than ``MAX_KEY_LENGTH``."""
-
-
-class KeyReused(IdempotencyError):
-    """The key already answered another request."""
-
-    status = 422
-    code = "idempotency_key_reused"
-
-
-class KeyInUse(IdempotencyError):
-    """The request holding the key is still in progress."""
-
-    status = 409
-    code = "idempotency_key_in_use"
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,14 @@ class Settings(BaseSettings):
         default=None, description="management API for `omniroute status` (default: host:15672)"
     )
 
+    # API
+    idempotency_wait: float = Field(
+        default=5.0,
+        gt=0,
+        description="a retry waits this long, s, for the request holding its Idempotency-Key"
+        " (a double click gets the first answer), then 409",
+    )
+
     # Ingress
     max_body_bytes: int = Field(default=64 * 1024, gt=0)
     publish_timeout: float = Field(

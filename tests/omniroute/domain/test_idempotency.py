@@ -9,6 +9,7 @@ import uuid
 
 import pytest
 
+from omniroute import errors
 from omniroute.domain import idempotency
 from omniroute.domain.idempotency import Answer, IdempotentRequest
 from omniroute.infra.store import Store
@@ -30,7 +31,7 @@ def test_a_key_has_one_to_the_maximum_characters() -> None:
     assert idempotency.checked_key("k") == "k"
     assert idempotency.checked_key("k" * idempotency.MAX_KEY_LENGTH)
     for bad in ("", "k" * (idempotency.MAX_KEY_LENGTH + 1)):
-        with pytest.raises(idempotency.InvalidKey) as raised:
+        with pytest.raises(errors.InvalidKey) as raised:
             idempotency.checked_key(bad)
         assert (raised.value.status, raised.value.code) == (400, "invalid_idempotency_key")
 
@@ -56,7 +57,7 @@ async def test_another_request_with_the_key_is_refused(store: Store) -> None:
     async with store.transaction() as conn:
         assert await idempotency.claim(conn, _request(key)) is None
         await idempotency.remember(conn, _request(key), Answer(201, {"id": "a1"}))
-    with pytest.raises(idempotency.KeyReused) as raised:
+    with pytest.raises(errors.KeyReused) as raised:
         async with store.transaction() as conn:
             await idempotency.claim(conn, _request(key, {"text": "other"}))
     assert (raised.value.status, raised.value.code) == (422, "idempotency_key_reused")
@@ -111,7 +112,7 @@ async def test_a_request_still_in_progress_past_the_wait_is_a_conflict(store: St
     request = _request(_key())
     async with store.transaction() as holder:
         assert await idempotency.claim(holder, request) is None
-        with pytest.raises(idempotency.KeyInUse) as raised:
+        with pytest.raises(errors.KeyInUse) as raised:
             async with store.transaction() as conn:
                 await idempotency.claim(conn, request, wait=0.1)
         assert (raised.value.status, raised.value.code) == (409, "idempotency_key_in_use")

@@ -10,7 +10,7 @@ from omniroute.commands.contract import asyncapi
 from omniroute.infra.topology import STAGES
 from schemas.events import PAYLOADS, Envelope, EventType
 
-CHECKED_IN = Path(__file__).resolve().parents[2] / "docs" / "asyncapi.json"
+CHECKED_IN = Path(__file__).resolve().parents[3] / "docs" / "asyncapi.json"
 ENVELOPE = [
     "id",
     "type",
