@@ -17,16 +17,19 @@ from typing import Any
 import phonenumbers
 import structlog
 
+from consumers import overflow
 from consumers.hours import is_open, local_fields
 from consumers.rules import Classification, CompiledWorkstream, classify, compile_workstream
 from consumers.runtime import Stage, StageTx
 from omniroute.domain.conversation import Classified, apply_classification
 from omniroute.errors import TransientError
+from omniroute.infra.store import Connection
 from schemas.config import Config
 from schemas.events import (
     ConversationClassified,
     ConversationClosed,
     ConversationOpened,
+    ConversationOverflowed,
     ConversationQueued,
     Envelope,
     EventType,
@@ -91,6 +94,38 @@ class Decision:
     out_of_hours_action: str | None = None
     automated_message: str | None = None
     notes: list[str] = field(default_factory=list)
+    close_reason: str = "out_of_hours"
+    overflowed: ConversationOverflowed | None = None
+
+
+async def check_overflow(
+    conn: Connection, config: Config, decision: Decision, now: datetime
+) -> None:
+    """A conversation arriving in an overflowing queue (too many waiting, or nobody of the
+    queue available): the queue's overflow action changes the decision."""
+    queue = config.queue(decision.queue)
+    rule = queue.overflow if queue is not None else None
+    if decision.state != "queued" or rule is None:
+        return
+    load = await overflow.load(conn, decision.queue, rule)
+    condition = overflow.on_arrival(rule, load)
+    if condition is None:
+        return
+    decision.overflowed = ConversationOverflowed(
+        queue=decision.queue,
+        condition=condition,
+        action=rule.action,
+        to_queue=rule.queue if rule.action == "transfer" else None,
+        waiting=load.waiting,
+        overflowed_at=now,
+    )
+    decision.notes.append(f"{decision.queue} overflowed ({condition}): {rule.action}")
+    if rule.action == "transfer" and rule.queue is not None:
+        decision.queue = rule.queue
+    elif rule.action == "end":
+        decision.state = "closed"
+        decision.close_reason = "overflow"
+        decision.automated_message = rule.message
 
 
 def decide(
@@ -165,6 +200,7 @@ async def handle(event: Envelope, payload: ConversationOpened, tx: StageTx) -> l
     decision = decide(
         config, tx.config.derive("classify", compile_config), event.account, payload, tx.now
     )
+    await check_overflow(tx.conn, config, decision, tx.now)
     result = decision.result
     trace = {**result.trace(), "notes": decision.notes, "out_of_hours": decision.out_of_hours}
     for note in decision.notes:
@@ -186,9 +222,15 @@ async def handle(event: Envelope, payload: ConversationOpened, tx: StageTx) -> l
         classified_at=tx.now,
     )
     events = [event.caused(EventType.CONVERSATION_CLASSIFIED, classified.model_dump(mode="json"))]
+    if decision.overflowed is not None:
+        events.append(
+            event.caused(
+                EventType.CONVERSATION_OVERFLOWED, decision.overflowed.model_dump(mode="json")
+            )
+        )
     if decision.state == "closed":
         closed = ConversationClosed(
-            reason="out_of_hours",
+            reason=decision.close_reason,
             workstream=payload.workstream,
             automated_message=decision.automated_message,
             closed_at=tx.now,
@@ -218,6 +260,8 @@ async def handle(event: Envelope, payload: ConversationOpened, tx: StageTx) -> l
             variables=result.variables,
             trace=trace,
             out_of_hours=decision.out_of_hours,
+            close_reason=decision.close_reason,
+            overflowed=decision.overflowed is not None,
         ),
         tx.now,
         events[-1].id,

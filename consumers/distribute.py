@@ -18,6 +18,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+from consumers import overflow
 from consumers.assignment import AgentView, QueuePolicy, WorkItem, eligible, plan
 from consumers.runtime import Stage, StageTx
 from omniroute.domain.conversation import (
@@ -48,10 +49,13 @@ WHERE presence = 'available' AND deleted_at IS NULL AND used_units < capacity_un
 # The head of each queue that has an agent with room, walked on ``conversations_queue``
 # (queue, priority DESC, queued_at WHERE state = 'queued'): a cycle's cost follows the
 # agents' free room, never the backlog or the stored history. Affinity is the contact's
-# row in ``contact_agents``, read by primary key.
+# row in ``contact_agents``, read by primary key, unless that agent declined, let expire or
+# transferred away this conversation (``not_preferred``).
 ITEMS = """
 SELECT c.id, c.account, c.queue, c.priority, c.queued_at, c.skills, c.declined_by,
-       c.workstream, c.correlation_id, c.last_event_id, ca.agent_id AS previous_agent
+       c.workstream, c.correlation_id, c.last_event_id,
+       CASE WHEN ca.agent_id = ANY(c.not_preferred) THEN NULL ELSE ca.agent_id END
+           AS previous_agent
 FROM unnest($1::text[], $2::int[]) AS q(name, take)
 CROSS JOIN LATERAL (
     SELECT * FROM conversations c
@@ -147,7 +151,7 @@ async def cycle(tx: StageTx, queues: list[str] | None) -> list[Envelope]:
                     affinity=decision.affinity,
                 )
             )
-    await _restart_exhausted_rounds(tx.conn, items, agents, config, result.unmatched, tx.now)
+    await _restart_exhausted_rounds(tx.conn, items, agents, config, result.unmatched, by_id, tx.now)
     return events
 
 
@@ -157,9 +161,11 @@ async def _restart_exhausted_rounds(
     agents: list[AgentView],
     config: Config,
     unmatched: list[str],
+    rows: dict[str, Any],
     now: datetime,
 ) -> None:
-    """When every eligible agent has declined an item, start a new round of offers."""
+    """When every eligible agent has declined an item, start a new round of offers once
+    the workstream's ``reoffer_after`` has passed (until then it waits in its queue)."""
     policies = _policies(config)
     for item in items:
         if item.conversation_id not in unmatched or not item.declined_by:
@@ -167,7 +173,9 @@ async def _restart_exhausted_rounds(
         fresh = WorkItem(**{**item.__dict__, "declined_by": frozenset()})
         candidates = eligible(fresh, agents, policies.get(item.queue, QueuePolicy()), now)
         if candidates and all(a.id in item.declined_by for a in candidates):
-            await restart_offer_round(conn, item.conversation_id)
+            distribution = _distribution(config, rows[item.conversation_id]["workstream"])
+            wait = distribution.reoffer_after if distribution else 30.0
+            await restart_offer_round(conn, item.conversation_id, wait, now)
 
 
 def _distribution(config: Config, workstream: str) -> Any:
@@ -205,9 +213,11 @@ def _agent(row: Any) -> AgentView:
 
 
 async def tick(tx: StageTx) -> list[Envelope]:
-    """Expire due offers (durable timers), then a cycle over every queue."""
+    """Expire due offers (durable timers), apply the queues' overflow to conversations that
+    waited too long, then a cycle over every queue."""
     due = await tx.conn.fetch(DUE_OFFERS, tx.now)
     events = [await end_offer(tx.conn, str(r["id"]), None, "expired", tx.now) for r in due]
+    events += await overflow.sweep(tx.conn, tx.config.current, tx.now)
     return events + await cycle(tx, None)
 
 

@@ -12,7 +12,7 @@ goes through ``consumers.automated`` and the outbound gate.
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from pydantic import BaseModel
@@ -30,6 +30,7 @@ from schemas.events import (
     ConversationAssigned,
     ConversationClosed,
     ConversationEnded,
+    ConversationOverflowed,
     ConversationQueued,
     Envelope,
     EventType,
@@ -38,11 +39,15 @@ from schemas.events import (
 
 IDLE_TIMERS = ("idle_reminder", "auto_close")
 OPEN_STATES = ("open", "queued", "offered", "active", "waiting")
+# Idleness is the customer's silence while an agent waits on them. While the customer waits
+# on us (open, queued, offered) nobody is idle: the idle timers do not fire, and the
+# assignment starts them again from its own time.
+AGENT_WAITS = ("active", "waiting")
 
 _CONVERSATION = """
 SELECT c.id, c.account, c.workstream, c.state, c.language, c.queue, c.queued_at, c.priority,
        c.last_customer_message_at, c.window_closed_at, c.business_number, c.customer,
-       c.variables,
+       c.variables, c.assigned_at,
        ct.profile_name, a.name AS agent_name
 FROM conversations c JOIN contacts ct ON ct.id = c.contact_id
 LEFT JOIN agents a ON a.id = c.agent_id
@@ -109,9 +114,18 @@ def needs(config: Config) -> frozenset[str]:
         keys.add(EventType.MESSAGE_RECEIVED)
     if _has_messages(config, ("greeting", "queued", "out_of_hours")):
         keys.add(EventType.CONVERSATION_QUEUED)
-    if _has_messages(config, ("agent_joined",)):
+    if timed or _has_messages(config, ("agent_joined",)):
         keys.add(EventType.CONVERSATION_ASSIGNED)
+    if any(q.overflow is not None and q.overflow.message for q in config.queues):
+        keys.add(EventType.CONVERSATION_OVERFLOWED)
     return frozenset(keys)
+
+
+def _timed(workstream: Workstream | None) -> bool:
+    if workstream is None:
+        return False
+    life = workstream.lifecycle
+    return life.idle_reminder_after is not None or life.auto_close_after is not None
 
 
 def wants(event: Envelope, payload: BaseModel, config: Config) -> bool:
@@ -119,17 +133,22 @@ def wants(event: Envelope, payload: BaseModel, config: Config) -> bool:
     the others without opening a transaction (most events, when no automated message or
     idle timer is configured)."""
     if isinstance(payload, MessageReceived):
-        workstream = config.workstream(payload.workstream)
-        if workstream is None:
-            return False
-        life = workstream.lifecycle
-        timed = life.idle_reminder_after is not None or life.auto_close_after is not None
+        timed = _timed(config.workstream(payload.workstream))
         return timed and not (payload.sandbox and SANDBOX_JOIN.match(payload.body))
     if isinstance(payload, ConversationQueued):
         return _has_messages(config, ("greeting", "queued", "out_of_hours"), payload.workstream)
     if isinstance(payload, ConversationAssigned):
-        return _has_messages(config, ("agent_joined",))
+        return any(_timed(ws) for ws in config.workstreams) or _has_messages(
+            config, ("agent_joined",)
+        )
+    if isinstance(payload, ConversationOverflowed):
+        return payload.action != "end" and bool(_overflow_message(config, payload.queue))
     return True
+
+
+def _overflow_message(config: Config, queue: str) -> str | None:
+    found = config.queue(queue)
+    return found.overflow.message if found and found.overflow else None
 
 
 # Conversations ahead in the order distribution serves (priority, then time queued), each
@@ -226,6 +245,7 @@ async def on_assigned(
     if not wants(event, payload, tx.config.current):
         return []
     row = await _conversation(tx.conn, _id(event))
+    await _start_idle_timers(tx, row, payload.assigned_at)
     return await automated(tx, row, "agent_joined", event.id)
 
 
@@ -240,19 +260,51 @@ async def on_closed(event: Envelope, payload: ConversationClosed, tx: StageTx) -
     """Timers cancelled; the closing message, and the survey where the workstream asks."""
     row = await _conversation(tx.conn, _id(event))
     await cancel(tx.conn, str(row["id"]), [*IDLE_TIMERS, "wrap_up_end"])
-    if payload.reason == "out_of_hours":
-        return await automated(tx, row, payload.automated_message or "out_of_hours", event.id)
+    if payload.reason in ("out_of_hours", "overflow"):
+        # Closed without reaching an agent: the reason's own message, and no survey.
+        kind = payload.automated_message or payload.reason
+        return await automated(tx, row, kind, event.id)
     events = await automated(tx, row, "closed", event.id)
     workstream = tx.config.current.workstream(row["workstream"])
-    if workstream is not None:
+    if workstream is not None and row["assigned_at"] is not None:
+        # Only a conversation an agent served is asked about its service.
         events += await _survey(tx, row, workstream)
     return events
+
+
+async def on_overflowed(
+    event: Envelope, payload: ConversationOverflowed, tx: StageTx
+) -> list[Envelope]:
+    """The queue overflowed: tell the customer (transferred, or still waiting); an overflow
+    that ends the conversation says it with the closing event."""
+    kind = _overflow_message(tx.config.current, payload.queue)
+    if payload.action == "end" or kind is None:
+        return []
+    row = await _conversation(tx.conn, _id(event))
+    return await automated(tx, row, kind, event.id)
 
 
 def _id(event: Envelope) -> str:
     if event.conversation_id is None:
         raise InvalidEvent(f"{event.type} without a conversation_id")
     return event.conversation_id
+
+
+async def _start_idle_timers(tx: StageTx, row: Any, assigned_at: datetime) -> None:
+    """An agent took the conversation: the customer's silence counts from the later of
+    their last message and the assignment."""
+    workstream = tx.config.current.workstream(row["workstream"])
+    if workstream is None:
+        return
+    since = max(row["last_customer_message_at"], assigned_at)
+    life = workstream.lifecycle
+    for kind, after in (
+        ("idle_reminder", life.idle_reminder_after),
+        ("auto_close", life.auto_close_after),
+    ):
+        if after is not None:
+            due = since + timedelta(seconds=after)
+            await schedule(tx.conn, str(row["id"]), kind, due, later_only=True)
 
 
 async def _customer_activity(payload: MessageReceived, account: str, tx: StageTx) -> list[Envelope]:
@@ -290,9 +342,9 @@ async def tick(tx: StageTx) -> list[Envelope]:
         if row is None:
             continue
         key = f"timer:{timer['id']}"
-        if timer["kind"] == "idle_reminder" and row["state"] in OPEN_STATES:
+        if timer["kind"] == "idle_reminder" and row["state"] in AGENT_WAITS:
             events += await automated(tx, row, "idle_reminder", key)
-        elif timer["kind"] == "auto_close" and row["state"] in OPEN_STATES:
+        elif timer["kind"] == "auto_close" and row["state"] in AGENT_WAITS:
             events.append(await close_conversation(tx.conn, str(row["id"]), "idle", tx.now))
         elif timer["kind"] == "wrap_up_end" and row["state"] == "wrap-up":
             events.append(await close_conversation(tx.conn, str(row["id"]), "agent", tx.now))
@@ -307,6 +359,7 @@ STAGE = Stage(
         EventType.CONVERSATION_ENDED: on_ended,
         EventType.CONVERSATION_CLOSED: on_closed,
         EventType.MESSAGE_RECEIVED: on_message,
+        EventType.CONVERSATION_OVERFLOWED: on_overflowed,
     },
     tick=tick,
     wants=wants,

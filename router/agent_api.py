@@ -10,7 +10,7 @@ import asyncpg
 from aiohttp import web
 from pydantic import BaseModel
 
-from omniroute.domain.agents import agent_out
+from omniroute.domain.agents import agent_out, offline_requeue, update_agent
 from omniroute.domain.conversation import (
     ConversationRef,
     accept_offer,
@@ -34,6 +34,7 @@ from schemas.api import (
     AgentConversation,
     AgentMessage,
     AgentProfile,
+    AgentUpdate,
     CloseRequest,
     ConversationMoved,
     ConversationSummary,
@@ -46,9 +47,7 @@ from schemas.api import (
     Window,
 )
 from schemas.events import (
-    AgentPresenceChanged,
     EventType,
-    new_event,
     utcnow,
 )
 
@@ -71,40 +70,21 @@ async def me(request: web.Request) -> web.Response:
 
 
 async def set_presence(request: web.Request) -> web.Response:
+    """Going offline ends the agent's pending offers (and, where the workstream's policy is
+    ``requeue``, sends its conversations back to their queues)."""
     agent = await current_agent(request)
     body = await parse_body(request, PresenceUpdate)
-    now = utcnow()
+    requeue = offline_requeue(request.app[CONFIG].current)
     async with request.app[STORE].transaction() as conn:
-        previous = await conn.fetchval(
-            "SELECT presence FROM agents WHERE id = $1 FOR UPDATE", agent["id"]
+        changed = await update_agent(
+            conn,
+            str(agent["id"]),
+            AgentUpdate(presence=body.presence),
+            now=utcnow(),
+            requeue_workstreams=requeue,
         )
-        row = await conn.fetchrow(
-            "UPDATE agents SET presence = $2, updated_at = $3 WHERE id = $1 RETURNING *",
-            agent["id"],
-            body.presence,
-            now,
-        )
-        if previous != body.presence:
-            data = AgentPresenceChanged(
-                agent_id=str(agent["id"]),
-                presence=body.presence,
-                previous=previous,
-                queues=list(agent["queues"]),
-            )
-            await add_to_outbox(
-                conn,
-                [
-                    new_event(
-                        EventType.AGENT_PRESENCE_CHANGED,
-                        account="*",
-                        key=(str(agent["id"]), now.isoformat()),
-                        data=data.model_dump(mode="json"),
-                        occurred_at=now,
-                    )
-                ],
-            )
-    assert row is not None  # the caller's own row (removal is a soft delete)
-    return _answer(_profile(row))
+    assert changed is not None  # the caller's own row (removal is a soft delete)
+    return _answer(_profile(changed.after))
 
 
 async def my_offers(request: web.Request) -> web.Response:

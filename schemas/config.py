@@ -129,8 +129,19 @@ class Distribution(Strict):
     units: int = Field(default=1, ge=1)
     keep_same_agent: bool = True
     auto_accept: bool = False
+    reoffer_after: Duration = Field(
+        default=30.0,
+        description="when every eligible agent has declined (or let expire) the offer, the"
+        " conversation waits in its queue this long before they are offered it again; an"
+        " agent who has not declined it gets it at once",
+    )
+    on_agent_offline: Literal["keep", "requeue"] = Field(
+        default="keep",
+        description="an agent going offline keeps its conversations (keep), or they go back"
+        " to their queues ahead of others (requeue); removing an agent always requeues",
+    )
 
-    @field_validator("offer_timeout", mode="before")
+    @field_validator("offer_timeout", "reoffer_after", mode="before")
     @classmethod
     def _duration(cls, value: str | int | float) -> float:
         return parse_duration(value)
@@ -164,6 +175,7 @@ AutomatedMessageKind = Literal[
     "idle_reminder",
     "closed",
     "attachments_not_allowed",
+    "overflow",
 ]
 
 
@@ -314,6 +326,42 @@ def _minutes(hhmm: str) -> int:
     return int(hours) * 60 + int(minutes)
 
 
+class Overflow(Strict):
+    """What a queue does when it overflows, as in unified routing: checked when work
+    arrives (``max_waiting``, ``no_agents``) and periodically (``max_wait``)."""
+
+    max_waiting: int | None = Field(
+        default=None, ge=0, description="more than this many waiting when a conversation arrives"
+    )
+    max_wait: Duration | None = Field(
+        default=None, description="a conversation has waited in the queue longer than this"
+    )
+    no_agents: bool = Field(
+        default=False, description="no agent of the queue is available when it arrives"
+    )
+    action: Literal["transfer", "message", "end"] = Field(
+        description="transfer: to ``queue``; message: send ``message`` and keep waiting;"
+        " end: send ``message`` and close"
+    )
+    queue: Name | None = Field(default=None, description="for transfer: the queue to use")
+    message: AutomatedMessageKind | None = Field(
+        default="overflow", description="automated message sent to the customer"
+    )
+
+    @field_validator("max_wait", mode="before")
+    @classmethod
+    def _duration(cls, value: str | int | float | None) -> float | None:
+        return None if value is None else parse_duration(value)
+
+    @model_validator(mode="after")
+    def _complete(self) -> Overflow:
+        if self.max_waiting is None and self.max_wait is None and not self.no_agents:
+            raise ValueError("overflow needs a condition: max_waiting, max_wait or no_agents")
+        if self.action == "transfer" and self.queue is None:
+            raise ValueError("action transfer needs a queue")
+        return self
+
+
 class Queue(Strict):
     name: Name
     assignment: Literal["highest_capacity", "round_robin", "least_active"] = "highest_capacity"
@@ -323,6 +371,7 @@ class Queue(Strict):
         default=None, description="after this wait, any agent of the queue may take it"
     )
     hours: Hours | None = None
+    overflow: Overflow | None = None
 
     @field_validator("relax_skills_after", mode="before")
     @classmethod
@@ -379,6 +428,16 @@ class Config(Strict):
                     (
                         ("queues", q, "hours", "out_of_hours", "queue"),
                         f"queue {target!r} is not defined under queues",
+                    )
+                )
+            spill = queue.overflow.queue if queue.overflow else None
+            if spill is not None and (spill not in queues or spill == queue.name):
+                problems.append(
+                    (
+                        ("queues", q, "overflow", "queue"),
+                        f"queue {spill!r} is not defined under queues"
+                        if spill not in queues
+                        else "a queue cannot overflow into itself",
                     )
                 )
         if self.fallback_queue is not None and self.fallback_queue not in queues:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -46,6 +46,8 @@ class EventType(StrEnum):
     CONVERSATION_WAITING = "conversation.waiting"
     SURVEY_ANSWERED = "survey.answered"
     SANDBOX_JOINED = "sandbox.joined"
+    CONVERSATION_OVERFLOWED = "conversation.overflowed"
+    SUPERVISOR_ACTED = "supervisor.acted"
 
 
 def event_id(*natural_key: str) -> str:
@@ -303,6 +305,9 @@ class OfferEnded(BaseModel):
     offer_id: str
     agent_id: str
     queue: str | None = None
+    ended_by: str | None = Field(
+        default=None, description="the supervisor who ended the offer (then offer.expired)"
+    )
 
 
 class OfferDeclined(OfferEnded):
@@ -323,6 +328,46 @@ class ConversationTransferred(BaseModel):
     from_agent: str | None = None
     to_agent: str | None = None
     transferred_at: datetime
+    reason: str | None = Field(
+        default=None,
+        description="why, when not the agent's own choice: agent_removed, agent_offline,"
+        " overflow, supervisor",
+    )
+    by: str | None = Field(default=None, description="the supervisor who moved it, if one did")
+
+
+class ConversationOverflowed(BaseModel):
+    """``conversation.overflowed``: a queue's overflow rule applied to the conversation."""
+
+    model_config = ConfigDict(extra="allow")
+
+    queue: str = Field(description="the queue that overflowed")
+    condition: Literal["max_waiting", "max_wait", "no_agents"] = Field(
+        description="max_waiting: too many waiting when it arrived; max_wait: it waited"
+        " too long; no_agents: nobody of the queue was available when it arrived"
+    )
+    action: Literal["transfer", "message", "end"]
+    to_queue: str | None = Field(default=None, description="for transfer: where it went")
+    waiting: int | None = Field(default=None, description="conversations waiting, counted")
+    waited_seconds: float | None = None
+    overflowed_at: datetime
+
+
+class SupervisorActed(BaseModel):
+    """``supervisor.acted``: the audit record of a supervisor's action."""
+
+    model_config = ConfigDict(extra="allow")
+
+    actor: str = Field(description="who: the X-Omniroute-Actor header, or 'admin'")
+    action: Literal["transfer", "close", "end_offer", "set_presence", "remove_agent"]
+    conversation_id: str | None = None
+    offer_id: str | None = None
+    agent_id: str | None = None
+    to_queue: str | None = None
+    to_agent: str | None = None
+    presence: str | None = None
+    reason: str | None = None
+    acted_at: datetime
 
 
 class AgentPresenceChanged(BaseModel):
@@ -476,4 +521,6 @@ PAYLOADS: dict[str, type[BaseModel]] = {
     EventType.CONVERSATION_REOPENED: ConversationReopened,
     EventType.CONVERSATION_WAITING: ConversationWaiting,
     EventType.SANDBOX_JOINED: SandboxJoined,
+    EventType.CONVERSATION_OVERFLOWED: ConversationOverflowed,
+    EventType.SUPERVISOR_ACTED: SupervisorActed,
 }

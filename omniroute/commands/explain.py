@@ -9,9 +9,15 @@ import uuid
 from datetime import UTC, datetime
 
 from consumers.classify import build_context, compile_config, decide
+from consumers.overflow import describe
 from schemas.config import Config
 from schemas.events import ConversationOpened
 from schemas.twilio import split_address
+
+
+def _overflow(config: Config, queue_name: str) -> str | None:
+    queue = config.queue(queue_name)
+    return describe(queue.overflow) if queue is not None and queue.overflow else None
 
 
 def explain(config: Config, args: argparse.Namespace) -> int:
@@ -60,6 +66,7 @@ def explain(config: Config, args: argparse.Namespace) -> int:
                     "language": result.language,
                     "variables": result.variables,
                     "out_of_hours": decision.out_of_hours,
+                    "overflow": _overflow(config, decision.queue),
                     "notes": decision.notes,
                     **result.trace(),
                 },
@@ -84,6 +91,10 @@ def explain(config: Config, args: argparse.Namespace) -> int:
         )
     else:
         print(f"queue: {decision.queue} (open) → state {decision.state}")
+    rule = _overflow(config, decision.queue)
+    if rule is not None:
+        # Overflow depends on the queue's live load: it is checked when the work arrives.
+        print(f"{decision.queue}: {rule} (checked on arrival against the live queue)")
     skills = ", ".join(f"{k}≥{v}" for k, v in result.skills.items()) or "none"
     print(
         f"skills: {skills}; priority {result.priority}; severity {result.severity}; "

@@ -24,11 +24,13 @@ from typing import Any
 
 import asyncpg
 
+from omniroute.domain.conversation import requeue_agent_work
 from omniroute.errors import UnknownQueues
 from omniroute.infra.ids import new_id
 from omniroute.infra.outbox import add_to_outbox
 from omniroute.infra.store import Connection
 from schemas.api import AgentCreate, AgentOut, AgentUpdate
+from schemas.config import Config
 from schemas.events import AgentPresenceChanged, Envelope, EventType, new_event, utcnow
 
 TOKEN_PREFIX = "omr_"
@@ -183,19 +185,32 @@ async def update_agent(
     *,
     known_queues: Collection[str] | None = None,
     now: datetime | None = None,
+    requeue_workstreams: Collection[str] = (),
 ) -> AgentChange | None:
     """Change the fields sent in ``body``; None when the agent does not exist (or was removed).
 
     Raises UnknownQueues (nothing written) for a queue the configuration does not define.
-    A presence that actually changed puts ``agent.presence-changed`` in the outbox.
+    A presence that actually changed puts ``agent.presence-changed`` in the outbox. Going
+    offline ends the agent's pending offers, and sends its conversations of
+    ``requeue_workstreams`` (the workstreams whose ``on_agent_offline`` is ``requeue``) back
+    to their queues.
     """
     changes = body.changes()
     if "queues" in changes:
         check_queues(changes["queues"], known_queues)
+    now = now or utcnow()
+    moved: list[Envelope] = []
+    if changes.get("presence") == "offline":
+        current = await get_agent(conn, agent_id)
+        if current is None:
+            return None
+        if current["presence"] != "offline":
+            moved = await requeue_agent_work(
+                conn, str(current["id"]), "agent_offline", now, workstreams=requeue_workstreams
+            )
     before = await get_agent(conn, agent_id, lock=True)
     if before is None:
         return None
-    now = now or utcnow()
     values: list[Any] = [before["id"], now]
     assignments = ["updated_at = $2"]
     for name, value in changes.items():
@@ -205,24 +220,35 @@ async def update_agent(
         f"UPDATE agents SET {', '.join(assignments)} WHERE id = $1 RETURNING *", *values
     )
     assert after is not None
-    events: list[Envelope] = []
+    events = moved
     if after["presence"] != before["presence"]:
-        events = await add_to_outbox(conn, [presence_event(before, after, now)])
-    return AgentChange(before, after, events)
+        events = [*events, presence_event(before, after, now)]
+    return AgentChange(before, after, await add_to_outbox(conn, events))
 
 
 async def delete_agent(
-    conn: Connection, agent_id: str | uuid.UUID, *, now: datetime | None = None
+    conn: Connection,
+    agent_id: str | uuid.UUID,
+    *,
+    now: datetime | None = None,
+    by: str | None = None,
 ) -> AgentChange | None:
     """Remove an agent (soft delete, presence ``offline``); None when there is none.
 
-    Its token stops authenticating at once. An agent that was not offline gets an
-    ``agent.presence-changed`` in the outbox, so distribution stops counting on it.
+    Its token stops authenticating at once. Nothing stays with it: its pending offers end,
+    its conversations go back to their queues ahead of others (``requeue_agent_work``). An
+    agent that was not offline gets an ``agent.presence-changed`` in the outbox, so
+    distribution stops counting on it.
     """
+    current = await get_agent(conn, agent_id)
+    if current is None:
+        return None
+    now = now or utcnow()
+    # Before the agent's row is locked: offers and conversations first (the lock order).
+    moved = await requeue_agent_work(conn, str(current["id"]), "agent_removed", now, by=by)
     before = await get_agent(conn, agent_id, lock=True)
     if before is None:
         return None
-    now = now or utcnow()
     after = await conn.fetchrow(
         "UPDATE agents SET deleted_at = $2, presence = 'offline', updated_at = $2"
         " WHERE id = $1 RETURNING *",
@@ -230,14 +256,21 @@ async def delete_agent(
         now,
     )
     assert after is not None
-    events: list[Envelope] = []
+    events = moved
     if before["presence"] != "offline":
-        events = await add_to_outbox(conn, [presence_event(before, after, now)])
-    return AgentChange(before, after, events)
+        events = [*events, presence_event(before, after, now)]
+    return AgentChange(before, after, await add_to_outbox(conn, events))
 
 
 async def agent_by_token(conn: Connection, token: str) -> asyncpg.Record | None:
     """The agent whose token this is, or None (unknown token, or the agent was removed)."""
     return await conn.fetchrow(
         "SELECT * FROM agents WHERE token_hash = $1 AND deleted_at IS NULL", hash_token(token)
+    )
+
+
+def offline_requeue(config: Config) -> frozenset[str]:
+    """The workstreams whose conversations leave an agent who goes offline."""
+    return frozenset(
+        ws.name for ws in config.workstreams if ws.distribution.on_agent_offline == "requeue"
     )

@@ -18,6 +18,7 @@ indexes, so none can assign a conversation twice.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -32,6 +33,7 @@ from schemas.events import (
     ConversationClosed,
     ConversationEnded,
     ConversationOffered,
+    ConversationOverflowed,
     ConversationTransferred,
     ConversationWaiting,
     Envelope,
@@ -80,6 +82,8 @@ class Classified:
     variables: dict[str, Any]
     trace: dict[str, Any]  # why: matched rules, notes
     out_of_hours: bool
+    close_reason: str = "out_of_hours"  # when closed: out_of_hours, or overflow
+    overflowed: bool = False
 
 
 _CLASSIFY = """
@@ -88,7 +92,8 @@ UPDATE conversations SET
     variables = $8, classification = $9, out_of_hours = $10, classified_at = $11::timestamptz,
     queued_at = CASE WHEN $2::text = 'queued' THEN $11::timestamptz END,
     closed_at = CASE WHEN $2::text = 'closed' THEN $11::timestamptz END,
-    close_reason = CASE WHEN $2::text = 'closed' THEN 'out_of_hours' END,
+    close_reason = CASE WHEN $2::text = 'closed' THEN $13 END,
+    overflowed_at = CASE WHEN $14 THEN $11::timestamptz END,
     last_event_id = $12, updated_at = now()
 WHERE id = $1
 """
@@ -113,6 +118,8 @@ async def apply_classification(
         c.out_of_hours,
         now,
         event_id,
+        c.close_reason,
+        c.overflowed,
     )
 
 
@@ -386,10 +393,17 @@ async def accept_offer(conn: Connection, offer_id: str, agent_id: str, now: date
 
 
 async def end_offer(
-    conn: Connection, offer_id: str, agent_id: str | None, outcome: str, now: datetime
+    conn: Connection,
+    offer_id: str,
+    agent_id: str | None,
+    outcome: str,
+    now: datetime,
+    *,
+    ended_by: str | None = None,
 ) -> Envelope:
-    """Decline (agent) or expire (timer) a pending offer: capacity back, work back to queue,
-    and this agent is not offered the same conversation again."""
+    """Decline (agent), expire (timer) or end (supervisor, as ``expired``) a pending offer:
+    capacity back, work back to its queue, and this agent is not offered the same
+    conversation again in this round (``restart_offer_round``)."""
     offer = await _lock_offer(conn, offer_id, agent_id)
     if offer["state"] != "pending":
         raise WorkConflict("offer_closed", f"the offer is {offer['state']}, not pending")
@@ -398,23 +412,38 @@ async def end_offer(
     )
     conv = await _conversation(conn, str(offer["conversation_id"]))
     kind = EventType.OFFER_DECLINED if outcome == "declined" else EventType.OFFER_EXPIRED
-    data = OfferEnded(offer_id=offer_id, agent_id=str(offer["agent_id"]), queue=conv.queue)
+    data = OfferEnded(
+        offer_id=offer_id, agent_id=str(offer["agent_id"]), queue=conv.queue, ended_by=ended_by
+    )
     event = conv.event(kind, (offer_id,), data, now)
     await conn.execute(
         "UPDATE conversations SET state = 'queued', agent_id = NULL,"
-        " declined_by = array_append(declined_by, $2), last_event_id = $3, updated_at = now()"
-        " WHERE id = $1",
+        " declined_by = array_append(declined_by, $2), last_declined_at = $4,"
+        " not_preferred = array_append(not_preferred, $2),"
+        " last_event_id = $3, updated_at = now() WHERE id = $1",
         conv.id,
         offer["agent_id"],
         event.id,
+        now,
     )
     await release_capacity(conn, str(offer["agent_id"]), offer["units"], now)
     return event
 
 
-async def restart_offer_round(conn: Connection, conversation_id: str) -> None:
-    """Every eligible agent declined: forget the declines, so offers start again."""
-    await conn.execute("UPDATE conversations SET declined_by = '{}' WHERE id = $1", conversation_id)
+async def restart_offer_round(
+    conn: Connection, conversation_id: str, reoffer_after: float, now: datetime
+) -> bool:
+    """Every eligible agent declined (or let expire) the offer: once ``reoffer_after`` has
+    passed since the last one, forget the declines so offers start again. Until then the
+    conversation waits in its queue (an agent who has not declined it still gets it at
+    once). Whether a new round started."""
+    row = await conn.fetchval(
+        "UPDATE conversations SET declined_by = '{}' WHERE id = $1 AND state = 'queued'"
+        " AND (last_declined_at IS NULL OR last_declined_at <= $2) RETURNING id",
+        conversation_id,
+        now - timedelta(seconds=reoffer_after),
+    )
+    return row is not None
 
 
 async def release_assignment(conn: Connection, conversation_id: str, now: datetime) -> str | None:
@@ -432,20 +461,18 @@ async def release_assignment(conn: Connection, conversation_id: str, now: dateti
 
 
 async def close_conversation(
-    conn: Connection, conversation_id: str, reason: str, now: datetime
+    conn: Connection,
+    conversation_id: str,
+    reason: str,
+    now: datetime,
+    *,
+    automated_message: str | None = None,
 ) -> Envelope:
     """Close a conversation: pending offers cancelled and assignment released (capacity
     back), state closed. A reason recorded earlier (the agent's, at the start of wrap-up)
     is kept; the event carries the reason that stands."""
     conv = await _conversation(conn, conversation_id, lock=True)
-    offers = await conn.fetch(
-        "UPDATE offers SET state = 'cancelled', decided_at = $2 WHERE conversation_id = $1"
-        " AND state = 'pending' RETURNING agent_id, units",
-        conversation_id,
-        now,
-    )
-    for offer in offers:
-        await release_capacity(conn, str(offer["agent_id"]), offer["units"], now)
+    await _cancel_offers(conn, conversation_id, now)
     await release_assignment(conn, conversation_id, now)
     closed_id = event_id(EventType.CONVERSATION_CLOSED, conversation_id)
     row = await conn.fetchrow(
@@ -459,9 +486,58 @@ async def close_conversation(
     )
     assert row is not None  # locked above
     data = ConversationClosed(
-        reason=row["close_reason"], workstream=row["workstream"], closed_at=now
+        reason=row["close_reason"],
+        workstream=row["workstream"],
+        automated_message=automated_message,
+        closed_at=now,
     )
     return conv.event(EventType.CONVERSATION_CLOSED, (conversation_id,), data, now)
+
+
+async def overflow(
+    conn: Connection,
+    conversation_id: str,
+    data: ConversationOverflowed,
+    message: str | None,
+    now: datetime,
+) -> list[Envelope]:
+    """A waiting conversation's queue overflowed (``data`` says why and what applies):
+    moved to the overflow queue (its wait so far kept), left waiting, or closed with
+    ``message``. Once per conversation (``overflowed_at``)."""
+    conv = await _conversation(conn, conversation_id, lock=True)
+    if conv.state != "queued":
+        return []
+    event = conv.event(EventType.CONVERSATION_OVERFLOWED, (conversation_id, "overflow"), data, now)
+    await conn.execute(
+        "UPDATE conversations SET overflowed_at = $2, last_event_id = $3 WHERE id = $1",
+        conversation_id,
+        now,
+        event.id,
+    )
+    events = [event]
+    if data.action == "transfer" and data.to_queue:
+        moved = replace(conv, last_event_id=event.id)
+        moved_data = ConversationTransferred(
+            from_queue=conv.queue, to_queue=data.to_queue, transferred_at=now, reason="overflow"
+        )
+        transferred = moved.event(
+            EventType.CONVERSATION_TRANSFERRED, (conversation_id, now.isoformat()), moved_data, now
+        )
+        await conn.execute(
+            "UPDATE conversations SET queue = $2, declined_by = '{}', last_declined_at = NULL,"
+            " last_event_id = $3, updated_at = now() WHERE id = $1",
+            conversation_id,
+            data.to_queue,
+            transferred.id,
+        )
+        events.append(transferred)
+    elif data.action == "end":
+        events.append(
+            await close_conversation(
+                conn, conversation_id, "overflow", now, automated_message=message
+            )
+        )
+    return events
 
 
 async def end_by_agent(
@@ -518,24 +594,44 @@ async def wait_for_customer(
 
 
 async def transfer_to_queue(
-    conn: Connection, conversation_id: str, queue: str, by_agent: str, now: datetime
+    conn: Connection,
+    conversation_id: str,
+    queue: str,
+    by_agent: str | None,
+    now: datetime,
+    *,
+    reason: str | None = None,
+    by: str | None = None,
 ) -> Envelope:
-    """Put an agent's active conversation back into (another) queue."""
+    """Put a conversation back into (another) queue: its pending offer ends and its
+    assignment is released (capacity back). The agent it leaves (``by_agent``, or the one
+    holding it) is not offered it again in this offer round."""
     conv = await _conversation(conn, conversation_id, lock=True)
+    if conv.state == "closed":
+        raise WorkConflict("already_closed", "the conversation is closed")
+    source = by_agent or conv.agent_id
+    await _cancel_offers(conn, conversation_id, now)
     await release_assignment(conn, conversation_id, now)
     data = ConversationTransferred(
-        from_queue=conv.queue, to_queue=queue, from_agent=by_agent, transferred_at=now
+        from_queue=conv.queue,
+        to_queue=queue,
+        from_agent=source,
+        transferred_at=now,
+        reason=reason,
+        by=by,
     )
     event = conv.event(
         EventType.CONVERSATION_TRANSFERRED, (conversation_id, now.isoformat()), data, now
     )
     await conn.execute(
         "UPDATE conversations SET state = 'queued', queue = $2, agent_id = NULL,"
-        " queued_at = $3, declined_by = '{}', last_event_id = $4, updated_at = now()"
-        " WHERE id = $1",
+        " queued_at = $3, declined_by = $4::uuid[], last_declined_at = NULL,"
+        " not_preferred = not_preferred || $4::uuid[],"
+        " wrap_up_until = NULL, last_event_id = $5, updated_at = now() WHERE id = $1",
         conversation_id,
         queue,
         now,
+        [source] if source else [],
         event.id,
     )
     return event
@@ -545,26 +641,45 @@ async def transfer_to_agent(
     conn: Connection,
     conversation_id: str,
     agent_id: str,
-    by_agent: str,
+    by_agent: str | None,
     offer_seconds: float,
     now: datetime,
+    *,
+    by: str | None = None,
 ) -> list[Envelope]:
-    """Offer an agent's active conversation to another agent, who must have the capacity."""
+    """Offer a conversation to one agent, who must exist, be available, serve the
+    conversation's queue and have the capacity; otherwise WorkConflict says which, and
+    nothing changed (the caller's transaction is left as it was)."""
     conv = await _conversation(conn, conversation_id, lock=True)
-    exists = await conn.fetchval(
-        "SELECT 1 FROM agents WHERE id = $1 AND deleted_at IS NULL", agent_id
+    if conv.state == "closed":
+        raise WorkConflict("already_closed", "the conversation is closed")
+    target = await conn.fetchrow(
+        "SELECT presence, queues, capacity_units - used_units AS free FROM agents"
+        " WHERE id = $1 AND deleted_at IS NULL FOR UPDATE",
+        agent_id,
     )
-    if not exists or agent_id == by_agent:
+    if target is None or agent_id == (by_agent or conv.agent_id):
         raise WorkConflict("not_found", "no such agent to transfer to")
+    if target["presence"] != "available":
+        raise WorkConflict("agent_unavailable", f"that agent is {target['presence']}")
+    if conv.queue is not None and conv.queue not in target["queues"]:
+        raise WorkConflict(
+            "agent_not_in_queue", f"that agent does not serve the queue {conv.queue}"
+        )
+    if target["free"] < conv.units:
+        raise WorkConflict("no_capacity", "that agent has no free capacity")
+    await _cancel_offers(conn, conversation_id, now)
     await release_assignment(conn, conversation_id, now)
     if not await claim_capacity(conn, agent_id, conv.units, now):
         raise WorkConflict("no_capacity", "that agent has no free capacity")
     data = ConversationTransferred(
         from_queue=conv.queue,
         to_queue=conv.queue,
-        from_agent=by_agent,
+        from_agent=by_agent or conv.agent_id,
         to_agent=agent_id,
         transferred_at=now,
+        reason="supervisor" if by else None,
+        by=by,
     )
     transferred = conv.event(
         EventType.CONVERSATION_TRANSFERRED, (conversation_id, now.isoformat()), data, now
@@ -573,6 +688,70 @@ async def transfer_to_agent(
         conn, replace(conv, last_event_id=transferred.id), agent_id, conv.units, offer_seconds, now
     )
     return [transferred, offered]
+
+
+async def requeue_agent_work(
+    conn: Connection,
+    agent_id: str,
+    reason: str,
+    now: datetime,
+    *,
+    by: str | None = None,
+    workstreams: Collection[str] | None = None,
+) -> list[Envelope]:
+    """Nothing stays with an agent who cannot answer (removed, or offline under the
+    ``requeue`` policy): pending offers end, active and waiting conversations go back to
+    their queues ahead of others of their priority (their first queue time kept, priority
+    raised by one) with ``reason``, and conversations in wrap-up close. ``workstreams``
+    limits the conversations moved to those workstreams (None: all); offers always end.
+
+    Lock order as everywhere (offer → conversation → agent): call it before locking the
+    agent's row."""
+    events: list[Envelope] = []
+    offers = await conn.fetch(
+        "SELECT id FROM offers WHERE agent_id = $1 AND state = 'pending' ORDER BY id",
+        agent_id,
+    )
+    for offer in offers:
+        events.append(await end_offer(conn, str(offer["id"]), None, "cancelled", now, ended_by=by))
+    if workstreams is not None and not workstreams:
+        return events  # nobody's policy moves the conversations: only the offers end
+    held = await conn.fetch(
+        "SELECT id, state, queue FROM conversations WHERE agent_id = $1"
+        " AND state IN ('active', 'waiting', 'wrap-up')"
+        " AND ($2::text[] IS NULL OR workstream = ANY($2::text[])) ORDER BY id",
+        agent_id,
+        None if workstreams is None else sorted(workstreams),
+    )
+    for row in held:
+        cid = str(row["id"])
+        if row["state"] == "wrap-up":
+            events.append(await close_conversation(conn, cid, "agent", now))
+            continue
+        conv = await _conversation(conn, cid, lock=True)
+        await release_assignment(conn, cid, now)
+        data = ConversationTransferred(
+            from_queue=conv.queue,
+            to_queue=conv.queue,
+            from_agent=agent_id,
+            transferred_at=now,
+            reason=reason,
+            by=by,
+        )
+        event = conv.event(EventType.CONVERSATION_TRANSFERRED, (cid, now.isoformat()), data, now)
+        await conn.execute(
+            "UPDATE conversations SET state = 'queued', agent_id = NULL, declined_by = $2,"
+            " not_preferred = not_preferred || $2::uuid[],"
+            " last_declined_at = NULL, priority = priority + 1,"
+            " queued_at = LEAST(COALESCE(queued_at, $3), $3), last_event_id = $4,"
+            " updated_at = now() WHERE id = $1",
+            cid,
+            [agent_id],
+            now,
+            event.id,
+        )
+        events.append(event)
+    return events
 
 
 async def set_variables(
@@ -599,6 +778,18 @@ async def note_window_closed(conn: Connection, conversation_id: str, at: datetim
     )
 
 
+async def _cancel_offers(conn: Connection, conversation_id: str, now: datetime) -> None:
+    """End the conversation's pending offer, if any, giving the capacity back."""
+    offers = await conn.fetch(
+        "UPDATE offers SET state = 'cancelled', decided_at = $2 WHERE conversation_id = $1"
+        " AND state = 'pending' RETURNING agent_id, units",
+        conversation_id,
+        now,
+    )
+    for offer in offers:
+        await release_capacity(conn, str(offer["agent_id"]), offer["units"], now)
+
+
 async def _lock_offer(conn: Connection, offer_id: str, agent_id: str | None) -> Any:
     row = await conn.fetchrow(
         "SELECT * FROM offers WHERE id = $1 AND ($2::uuid IS NULL OR agent_id = $2) FOR UPDATE",
@@ -617,11 +808,12 @@ async def _lock_offer(conn: Connection, offer_id: str, agent_id: str | None) -> 
 class _Locked(ConversationRef):
     state: str = ""
     units: int = 1
+    agent_id: str | None = None
 
 
 async def _conversation(conn: Connection, conversation_id: str, *, lock: bool = False) -> _Locked:
     row = await conn.fetchrow(
-        "SELECT id, account, queue, correlation_id, last_event_id, state, units"
+        "SELECT id, account, queue, correlation_id, last_event_id, state, units, agent_id"
         " FROM conversations WHERE id = $1" + (" FOR UPDATE" if lock else ""),
         conversation_id,
     )
@@ -635,4 +827,5 @@ async def _conversation(conn: Connection, conversation_id: str, *, lock: bool = 
         row["last_event_id"],
         state=row["state"],
         units=row["units"] or 1,
+        agent_id=str(row["agent_id"]) if row["agent_id"] else None,
     )

@@ -64,6 +64,7 @@ STAGES: dict[str, StageQueue] = {
                 EventType.CONVERSATION_ENDED,
                 EventType.CONVERSATION_CLOSED,
                 EventType.MESSAGE_RECEIVED,
+                EventType.CONVERSATION_OVERFLOWED,
             ),
             # Classified: the greeting waits for the queue message (nothing to do on it).
             retired=(EventType.CONVERSATION_OPENED, EventType.CONVERSATION_CLASSIFIED),
@@ -72,6 +73,7 @@ STAGES: dict[str, StageQueue] = {
                 EventType.CONVERSATION_QUEUED,
                 EventType.CONVERSATION_ASSIGNED,
                 EventType.MESSAGE_RECEIVED,
+                EventType.CONVERSATION_OVERFLOWED,
             ),
         ),
         StageQueue("status", (EventType.MESSAGE_STATUS,)),

@@ -30,7 +30,7 @@ from consumers.automated import fill, text_for
 from consumers.conversations import RATING, SANDBOX_JOIN
 from consumers.runtime import Stage, StageRunner, StageTx
 from omniroute.commands.service import Service
-from omniroute.domain import conversation
+from omniroute.domain import conversation, supervisor
 from omniroute.infra.bus import Bus, declare_stage
 from omniroute.infra.config_loader import LiveConfig, parse_config
 from omniroute.infra.settings import Settings
@@ -450,6 +450,16 @@ async def _idle_timers(db: asyncpg.Pool, conversation_id: str) -> dict[str, date
     return found
 
 
+async def _served(db: asyncpg.Pool, conversation_id: str, at: datetime | None = None) -> None:
+    """An agent is on the conversation (straight in the database): idle timers apply only
+    while an agent waits on the customer, never while the customer waits in a queue."""
+    await db.execute(
+        "UPDATE conversations SET state = 'active', assigned_at = $2 WHERE id = $1",
+        conversation_id,
+        at or datetime.now(UTC),
+    )
+
+
 async def _conversation(db: asyncpg.Pool, conversation_id: str) -> asyncpg.Record:
     row = await db.fetchrow("SELECT * FROM conversations WHERE id = $1", conversation_id)
     assert row is not None
@@ -787,7 +797,9 @@ async def test_idle_reminder_then_auto_close_fire_once_and_release_capacity(
     await _pick(router, auth, cid)
     await _automated(events, db, cid, "agent_joined")
     assert await _used_units(db, agent) == 1
-    last = (await _conversation(db, cid))["last_customer_message_at"]
+    # The customer's silence counts from the later of their message and the assignment.
+    row = await _conversation(db, cid)
+    last = max(row["last_customer_message_at"], row["assigned_at"])
     assert await _idle_timers(db, cid) == {
         "idle_reminder": last + IDLE_REMINDER,
         "auto_close": last + AUTO_CLOSE,
@@ -819,6 +831,34 @@ async def test_idle_reminder_then_auto_close_fire_once_and_release_capacity(
     assert await _pending(db, cid) == {}
 
 
+async def test_a_customer_waiting_in_the_queue_is_never_idle_and_gets_no_survey(
+    router: TestClient[Any, Any], rig: Rig, events: Events, db: asyncpg.Pool, store: Store
+) -> None:
+    """Waiting is not idleness: while the customer waits on us (queued), no idle reminder,
+    no auto-close; the queue message still goes (once served, the silence counts from the
+    assignment: ``test_idle_reminder_then_auto_close_fire_once_and_release_capacity``).
+    Closed without ever reaching an agent: no survey."""
+    waiting = await _queued(router, events, new_customer(), "Olá, preciso de ajuda")
+    assert (await _automated(events, db, waiting, "queued"))["kind"] == "system"
+    last = (await _conversation(db, waiting))["last_customer_message_at"]
+    await rig.ticks.past(rig.clock.advance_to(last + AUTO_CLOSE * 3), count=3)
+    row = await _conversation(db, waiting)
+    assert row["state"] == "queued"
+    assert await _bodies(db, waiting, IDLE["pt-BR"]) == 0
+    assert events.matching(_is("conversation.closed", waiting)) == []
+
+    # Another customer who never reaches an agent: closed by a supervisor, no survey.
+    unserved = await _queued(router, events, new_customer(), "Alguém aí?")
+    async with store.transaction() as conn:
+        await supervisor.close(conn, unserved, "supervisor@test", datetime.now(UTC))
+    await events.wait(_is("conversation.closed", unserved))
+    await _automated(events, db, unserved, "closed")
+    await events.expect_none(_is("message.send-requested", unserved, automated="survey"), 0.5)
+    assert (
+        await db.fetchval("SELECT count(*) FROM surveys WHERE conversation_id = $1", unserved) == 0
+    )
+
+
 async def test_a_new_customer_message_reschedules_the_idle_timers(
     stages: Rig, events: Events, db: asyncpg.Pool, bus: Bus
 ) -> None:
@@ -827,6 +867,7 @@ async def test_a_new_customer_message_reschedules_the_idle_timers(
     first = received_event(customer=customer, body="Oi", received_at=t0)
     await bus.publish(first)
     cid = (await events.wait(_is("conversation.opened", customer=customer)))["conversation_id"]
+    await _served(db, cid, t0)
     await stages.start_lifecycle()
     assert await _idle_timers(db, cid) == {
         "idle_reminder": t0 + IDLE_REMINDER,
@@ -875,6 +916,7 @@ async def test_a_redelivered_customer_message_does_not_repeat_the_idle_reminder(
     message = received_event(customer=customer, body="Oi", received_at=t0)
     await bus.publish(message)
     cid = (await events.wait(_is("conversation.opened", customer=customer)))["conversation_id"]
+    await _served(db, cid, t0)
     await stages.start_lifecycle()
     await _idle_timers(db, cid)
     await stages.ticks.past(stages.clock.advance_to(t0 + IDLE_REMINDER + timedelta(seconds=1)))
@@ -979,6 +1021,8 @@ async def test_two_replicas_fire_each_timer_exactly_once(
         (await events.wait(_is("conversation.opened", customer=c)))["conversation_id"]
         for c in customers
     ]
+    for cid in cids:
+        await _served(db, cid, t0)
     for ticks in replicas:
         await _start_lifecycle(start_runner, clock, ticks)
     for cid in cids:
@@ -1015,6 +1059,7 @@ async def test_timers_survive_a_restart_of_every_runner(
     customer = new_customer()
     await bus.publish(received_event(customer=customer, received_at=t0))
     cid = (await events.wait(_is("conversation.opened", customer=customer)))["conversation_id"]
+    await _served(db, cid, t0)
     first.append(await _start_lifecycle(start_runner, clock, Ticks()))
     await _idle_timers(db, cid)
     for runner in first:
@@ -1168,6 +1213,7 @@ async def test_outside_the_window_only_templates_go_and_the_rest_is_skipped(
     await stages.start_lifecycle()
     await _automated(events, db, cid, "queued")
     last = (await _conversation(db, cid))["last_customer_message_at"]
+    await _served(db, cid, last)
     await _idle_timers(db, cid)
     # Twilio answered 63016 to a send after the customer's last message: the window is shut.
     await db.execute("UPDATE conversations SET window_closed_at = now() WHERE id = $1", cid)

@@ -64,13 +64,22 @@ async def _next(spy: EventTap, kind: str, conversation_id: str | None = None) ->
 
 
 async def _isolate(db: asyncpg.Pool) -> None:
-    """Earlier tests leave agents and waiting work in 'billing': clear them out of the way."""
-    await db.execute("UPDATE agents SET presence = 'offline' WHERE 'billing' = ANY(queues)")
-    await db.execute("UPDATE offers SET state = 'cancelled' WHERE state = 'pending'")
-    await db.execute(
+    """Earlier tests leave agents and waiting work in 'billing': clear them out of the way.
+    (Bulk updates beside a running distribute stage may deadlock with it: PostgreSQL aborts
+    one side, and this side tries again.)"""
+    for statement in (
+        "UPDATE agents SET presence = 'offline' WHERE 'billing' = ANY(queues)",
+        "UPDATE offers SET state = 'cancelled' WHERE state = 'pending'",
         "UPDATE conversations SET state = 'closed' WHERE state IN ('queued', 'offered')"
-        " AND queue IN ('billing', 'sales')"
-    )
+        " AND queue IN ('billing', 'sales')",
+    ):
+        for attempt in range(5):
+            try:
+                await db.execute(statement)
+                break
+            except asyncpg.DeadlockDetectedError:
+                if attempt == 4:
+                    raise
 
 
 async def test_offer_accept_reply_close(
@@ -275,6 +284,21 @@ async def test_transfer_to_another_agent_offers_it_to_them(
         json={"queue": "general", "agent_id": second},
     )
     assert both.status == 422
+    # Refused with the reason, and the conversation stays with its agent: offline, then not
+    # in the conversation's queue.
+    for fix, code in (
+        ("UPDATE agents SET presence = 'available' WHERE id = $1", "agent_unavailable"),
+        ("UPDATE agents SET queues = '{billing}' WHERE id = $1", "agent_not_in_queue"),
+    ):
+        refused = await router.post(
+            f"/api/conversations/{cid}/transfer", headers=first_auth, json={"agent_id": second}
+        )
+        assert refused.status == 409
+        assert (await refused.json())["error"]["code"] == code
+        still = await db.fetchrow("SELECT state, agent_id FROM conversations WHERE id = $1", cid)
+        assert still is not None
+        assert (still["state"], str(still["agent_id"])) == ("active", first)
+        await db.execute(fix, second)
     moved = await router.post(
         f"/api/conversations/{cid}/transfer", headers=first_auth, json={"agent_id": second}
     )
