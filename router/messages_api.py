@@ -105,6 +105,7 @@ async def _send(
             template=template.name if template else None,
             language=(template.language if template else None) or state["language"],
             variables=template.variables if template else {},
+            language_asked=template is not None and template.language is not None,
         )
         message_id = str(new_id())
         rendered = verdict.rendered
@@ -157,6 +158,7 @@ async def _send(
                     details={
                         "message_id": message_id,
                         "templates": verdict.templates,
+                        **({"languages": verdict.languages} if verdict.languages else {}),
                         "window": win.model_dump(mode="json"),
                     },
                 )

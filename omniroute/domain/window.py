@@ -81,6 +81,7 @@ class Verdict:
     message: str | None = None
     templates: list[str] = field(default_factory=list)
     rendered: Rendered | None = None
+    languages: list[str] = field(default_factory=list)  # a template's, when one was asked
 
 
 def placeholders(text: str) -> list[str]:
@@ -142,14 +143,29 @@ def gate(
     template: str | None,
     language: str | None,
     variables: dict[str, str],
+    language_asked: bool = False,
 ) -> Verdict:
-    """May this message be sent now? Free text/media inside the window, templates always."""
+    """May this message be sent now? Free text/media inside the window, templates always.
+
+    ``language_asked``: the sender named the template's language; one the template does
+    not define is refused (``unknown_template_language``, naming those it has) instead of
+    falling back, which is for the conversation's language only.
+    """
     names = [t.name for t in workstream.templates] if workstream else []
     if template is not None:
         found = workstream.template(template) if workstream else None
         if found is None:
             return Verdict(
                 False, "unknown_template", f"no template named {template!r}", templates=names
+            )
+        if language_asked and language not in found.languages:
+            has = sorted(found.languages)
+            return Verdict(
+                False,
+                "unknown_template_language",
+                f"template {template} has no language {language!r}; it has {', '.join(has)}",
+                templates=names,
+                languages=has,
             )
         rendered = render(found, language, variables)
         if isinstance(rendered, str):

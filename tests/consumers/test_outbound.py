@@ -522,6 +522,16 @@ async def test_template_language_and_variables_through_the_api(
         {"template": {"name": "order_update", "language": "en", "variables": {"1": "A", "2": "1"}}},
     )
     assert code == 202 and (await _message(db, answer["id"]))["template"]["language"] == "en"
+    # A language the agent names that the template does not define: refused, naming those it
+    # has (the conversation's language falls back; an explicit choice is never swapped).
+    code, answer = await _send(
+        router,
+        chat,
+        {"template": {"name": "order_update", "language": "es", "variables": {"1": "A", "2": "1"}}},
+    )
+    assert code == 422, answer
+    assert answer["error"]["code"] == "unknown_template_language"
+    assert answer["error"]["details"]["languages"] == ["en", "pt-BR"]
     # Repeated and spaced placeholders.
     code, answer = await _send(
         router, chat, {"template": {"name": "hello", "variables": {"name": "Bo"}}}

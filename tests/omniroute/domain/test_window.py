@@ -236,6 +236,26 @@ def test_an_unknown_template_is_refused(current: Window) -> None:
     assert verdict.message and "nope" in verdict.message
 
 
+@pytest.mark.parametrize("asked", ["de", "fr-FR", "pt"])
+def test_a_language_the_template_does_not_define_is_refused_naming_its_languages(
+    asked: str,
+) -> None:
+    """Asked for by name, a language is not silently swapped for another."""
+    verdict = gate(
+        _workstream(),
+        CLOSED,
+        text=None,
+        media_urls=[],
+        template="order_update",
+        language=asked,
+        variables={"1": "Ana", "2": "7"},
+        language_asked=True,
+    )
+    assert (verdict.allowed, verdict.reason) == (False, "unknown_template_language")
+    assert verdict.languages == ["en", "pt-BR"]
+    assert verdict.message and asked in verdict.message and "en, pt-BR" in verdict.message
+
+
 def test_bad_template_variables_are_refused_as_invalid_variables() -> None:
     verdict = _gate(CLOSED, template="order_update", language="en", variables={"1": "Ana"})
     assert (verdict.allowed, verdict.reason) == (False, "invalid_variables")
