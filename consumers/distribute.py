@@ -27,6 +27,7 @@ from omniroute.domain.conversation import (
     claim_capacity,
     end_offer,
     make_offer,
+    rescue_orphans,
     restart_offer_round,
 )
 from omniroute.infra.metrics import ASSIGNMENTS
@@ -214,10 +215,12 @@ def _agent(row: Any) -> AgentView:
 
 async def tick(tx: StageTx) -> list[Envelope]:
     """Expire due offers (durable timers), apply the queues' overflow to conversations that
-    waited too long, then a cycle over every queue."""
+    waited too long, hand back what a removed agent still holds, then a cycle over every
+    queue."""
     due = await tx.conn.fetch(DUE_OFFERS, tx.now)
     events = [await end_offer(tx.conn, str(r["id"]), None, "expired", tx.now) for r in due]
     events += await overflow.sweep(tx.conn, tx.config.current, tx.now)
+    events += await rescue_orphans(tx.conn, tx.now)
     return events + await cycle(tx, None)
 
 

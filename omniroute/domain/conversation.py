@@ -709,7 +709,8 @@ async def requeue_agent_work(
     agent's row."""
     events: list[Envelope] = []
     offers = await conn.fetch(
-        "SELECT id FROM offers WHERE agent_id = $1 AND state = 'pending' ORDER BY id",
+        "SELECT id FROM offers WHERE agent_id = $1 AND state = 'pending' ORDER BY id"
+        " FOR UPDATE SKIP LOCKED",
         agent_id,
     )
     for offer in offers:
@@ -719,7 +720,8 @@ async def requeue_agent_work(
     held = await conn.fetch(
         "SELECT id, state, queue FROM conversations WHERE agent_id = $1"
         " AND state IN ('active', 'waiting', 'wrap-up')"
-        " AND ($2::text[] IS NULL OR workstream = ANY($2::text[])) ORDER BY id",
+        " AND ($2::text[] IS NULL OR workstream = ANY($2::text[])) ORDER BY id"
+        " FOR UPDATE SKIP LOCKED",
         agent_id,
         None if workstreams is None else sorted(workstreams),
     )
@@ -751,6 +753,33 @@ async def requeue_agent_work(
             event.id,
         )
         events.append(event)
+    return events
+
+
+# Agents removed while something still names them (an offer or a conversation committed by
+# a replica at the moment of the removal): few rows, each found through ``conversations_agent``
+# or ``offers_agent``.
+ORPHANED = """
+SELECT a.id FROM agents a
+WHERE a.deleted_at IS NOT NULL
+  AND (EXISTS (SELECT 1 FROM conversations c WHERE c.agent_id = a.id
+               AND c.state IN ('offered', 'active', 'waiting', 'wrap-up'))
+       OR EXISTS (SELECT 1 FROM offers o WHERE o.agent_id = a.id AND o.state = 'pending'))
+ORDER BY a.id LIMIT $1
+"""
+
+
+async def rescue_orphans(conn: Connection, now: datetime, limit: int = 10) -> list[Envelope]:
+    """Nothing stays with someone who cannot answer, even work that reached an agent in
+    the instant it was removed: the distribution tick hands it back (one replica per agent
+    at a time)."""
+    events: list[Envelope] = []
+    for row in await conn.fetch(ORPHANED, limit):
+        agent_id = str(row["id"])
+        if await conn.fetchval(
+            "SELECT pg_try_advisory_xact_lock(hashtext($1))", f"rescue:{agent_id}"
+        ):
+            events += await requeue_agent_work(conn, agent_id, "agent_removed", now)
     return events
 
 

@@ -41,7 +41,7 @@ from typing import Any, cast
 import asyncpg
 import pytest
 
-from consumers import distribute, lifecycle
+from consumers import distribute, lifecycle, overflow
 from omniroute.domain import conversation, timers
 from omniroute.infra import outbox
 from omniroute.infra.database import create_database, drop_database
@@ -446,6 +446,25 @@ CASES = [
         (frozenset({"timers_fired"}),),
     ),
     Case("timers.TAKE_DUE", timers.TAKE_DUE, lambda s: (s.now, 100), (frozenset({"timers_due"}),)),
+    Case(
+        "overflow.WAITED",
+        overflow.WAITED,
+        lambda s: ("general", s.now - timedelta(minutes=5), 100),
+        (frozenset({"conversations_queue"}),),
+    ),
+    Case(
+        "overflow.LOAD",
+        overflow.LOAD,
+        lambda s: ("billing", 21),
+        (frozenset({"conversations_queue"}),),
+    ),
+    Case(
+        "conversation.ORPHANED",
+        conversation.ORPHANED,
+        lambda s: (10,),
+        # Pending offers: by agent, or the (small) set of pending ones through offers_due.
+        (frozenset({"conversations_agent"}), frozenset({"offers_agent", "offers_due"})),
+    ),
     Case(
         "outbox.TAIL",
         outbox.TAIL,
