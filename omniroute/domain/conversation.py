@@ -55,6 +55,10 @@ class ConversationRef:
     correlation_id: str | None = None  # None: rows from before the trace was kept
     last_event_id: str | None = None
 
+    def transferred(self, data: ConversationTransferred, now: datetime) -> Envelope:
+        """``conversation.transferred`` (one per conversation and moment)."""
+        return self.event(EventType.CONVERSATION_TRANSFERRED, (self.id, now.isoformat()), data, now)
+
     def event(self, type: str, key: tuple[str, ...], data: BaseModel, now: datetime) -> Envelope:
         """The event of a transition of this conversation, carrying its trace."""
         return new_event(
@@ -520,9 +524,7 @@ async def overflow(
         moved_data = ConversationTransferred(
             from_queue=conv.queue, to_queue=data.to_queue, transferred_at=now, reason="overflow"
         )
-        transferred = moved.event(
-            EventType.CONVERSATION_TRANSFERRED, (conversation_id, now.isoformat()), moved_data, now
-        )
+        transferred = moved.transferred(moved_data, now)
         await conn.execute(
             "UPDATE conversations SET queue = $2, declined_by = '{}', last_declined_at = NULL,"
             " last_event_id = $3, updated_at = now() WHERE id = $1",
@@ -620,9 +622,7 @@ async def transfer_to_queue(
         reason=reason,
         by=by,
     )
-    event = conv.event(
-        EventType.CONVERSATION_TRANSFERRED, (conversation_id, now.isoformat()), data, now
-    )
+    event = conv.transferred(data, now)
     await conn.execute(
         "UPDATE conversations SET state = 'queued', queue = $2, agent_id = NULL,"
         " queued_at = $3, declined_by = $4::uuid[], last_declined_at = NULL,"
@@ -681,9 +681,7 @@ async def transfer_to_agent(
         reason="supervisor" if by else None,
         by=by,
     )
-    transferred = conv.event(
-        EventType.CONVERSATION_TRANSFERRED, (conversation_id, now.isoformat()), data, now
-    )
+    transferred = conv.transferred(data, now)
     offered = await make_offer(
         conn, replace(conv, last_event_id=transferred.id), agent_id, conv.units, offer_seconds, now
     )
@@ -740,7 +738,7 @@ async def requeue_agent_work(
             reason=reason,
             by=by,
         )
-        event = conv.event(EventType.CONVERSATION_TRANSFERRED, (cid, now.isoformat()), data, now)
+        event = conv.transferred(data, now)
         await conn.execute(
             "UPDATE conversations SET state = 'queued', agent_id = NULL, declined_by = $2,"
             " not_preferred = not_preferred || $2::uuid[],"
