@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import aio_pika
 import structlog
@@ -198,12 +198,29 @@ class Bus:
                 delay = min(delay * 2, self._retry_max)
 
     async def _connect(self) -> None:
-        connection = await aio_pika.connect_robust(
-            self._url,
-            timeout=self._connect_timeout,
-            client_properties={"connection_name": "omniroute"},
-            reconnect_interval=self._reconnect_interval,
-        )
+        # aio-pika's RobustConnection keeps reconnecting in a task of its own when the
+        # first connect is cancelled, and nothing but close() on that object stops it
+        # (mosquito/aio-pika#414): a process closing while the broker is unreachable never
+        # exited. Keep the object from its construction, and close it if connecting fails.
+        made: list[aio_pika.RobustConnection] = []
+
+        def tracked(*args: Any, **kwargs: Any) -> aio_pika.RobustConnection:
+            made.append(aio_pika.RobustConnection(*args, **kwargs))
+            return made[-1]
+
+        try:
+            connection = await aio_pika.connect_robust(
+                self._url,
+                timeout=self._connect_timeout,
+                client_properties={"connection_name": "omniroute"},
+                reconnect_interval=self._reconnect_interval,
+                connection_class=cast(type[aio_pika.RobustConnection], tracked),
+            )
+        except BaseException:
+            for pending in made:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(pending.close())
+            raise
         self._connection = connection
         channel = await connection.channel(publisher_confirms=True)
         for name in self._declare_stages:
