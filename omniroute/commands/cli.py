@@ -324,7 +324,7 @@ def cmd_contract(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
-    from omniroute.commands.status import run_status
+    from omniroute.commands.status_report import run_status
 
     _quiet_drivers(settings)
     return _run(run_status(settings, args.json, args.interval))

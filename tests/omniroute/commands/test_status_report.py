@@ -10,7 +10,13 @@ import asyncpg
 import pytest
 from aiohttp import web
 
-from omniroute.commands.status import StageStatus, collect, database_notes, management_url, render
+from omniroute.commands.status_report import (
+    StageStatus,
+    collect,
+    database_notes,
+    management_url,
+    render,
+)
 from omniroute.infra.bus import Bus
 from omniroute.infra.outbox import add_to_outbox
 from omniroute.infra.settings import Settings
