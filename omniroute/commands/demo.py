@@ -2,8 +2,9 @@
 simulated WhatsApp customers, told as it happens.
 
 It uses the example configuration, its own emulator and the configured database and
-broker; it checks its own outcome (each message stored once, the right conversations) and
-exits non-zero if anything did not happen as it should.
+broker; it checks its own outcome (each message stored once, the right conversations, and
+the routing scenarios: an overflow, a decline, a transfer, a supervisor's rescue, each read
+back from PostgreSQL) and exits non-zero, saying why, if anything did not happen as it should.
 """
 
 from __future__ import annotations
@@ -25,12 +26,17 @@ import asyncpg
 import orjson
 
 from omniroute.commands.demo_agents import (
+    DemoAgent,
     close,
     converse,
     create_demo_agents,
+    decide,
     go_available,
+    offer_for,
+    remove_as_supervisor,
     retire_demo_agents,
     take_work,
+    transfer,
 )
 from omniroute.commands.service import Service
 from omniroute.infra.config_loader import LiveConfig, load_config
@@ -59,6 +65,8 @@ class Step:
     repeat: int = 1
     expect_status: int = 200
     routed: bool = True  # a sandbox join is acknowledged, not stored in a conversation
+    scenario: str | None = None  # the routing scenario this customer's conversation shows
+    settle: bool = False  # classified before the next customer writes (the queue's order)
 
 
 @dataclass
@@ -68,6 +76,53 @@ class Outcome:
     problems: list[str] = field(default_factory=list)
     outbound: set[str] = field(default_factory=set)
     sends: dict[str, dict[str, Any]] = field(default_factory=dict)  # sender → first send
+    scenarios: dict[str, list[str]] = field(default_factory=dict)  # scenario → message sids
+
+
+@dataclass
+class Customers:
+    """The demo's customers: they write through the emulator, which signs like Twilio."""
+
+    http: aiohttp.ClientSession
+    emulator_url: str
+    router_url: str
+    account: Account
+    numbers: Mapping[str, str]
+    store: Store
+    outcome: Outcome
+
+    async def write(self, step: Step) -> list[str]:
+        """Send the step's message(s); for a ``settle`` step, wait until each is classified."""
+        sids = await _send(
+            self.http,
+            self.emulator_url,
+            self.router_url,
+            self.account,
+            step,
+            self.numbers,
+            self.outcome,
+        )
+        if step.settle:
+            try:
+                for sid in sids:
+                    await self.conversation(sid)
+            except TimeoutError:
+                self.outcome.problems.append(f"{step.who}: not classified in time")
+        return sids
+
+    async def conversation(self, sid: str) -> str:
+        """The conversation the message landed in, once classified (raises TimeoutError)."""
+        query = (
+            "SELECT c.id FROM conversations c JOIN messages m ON m.conversation_id = c.id"
+            " WHERE m.twilio_sid = $1 AND c.state <> 'open'"
+        )
+        pool = await self.store.pool()
+        async with asyncio.timeout(WAIT_SECONDS):
+            while True:
+                found = await pool.fetchval(query, sid)
+                if found is not None:
+                    return str(found)
+                await asyncio.sleep(0.05)
 
 
 DEMO_LIFECYCLE = Lifecycle(wrap_up=2, idle_reminder_after=4, auto_close_after=8)
@@ -124,6 +179,19 @@ def _script(account: Account) -> list[Step]:
             "John (joins the sandbox)", f"whatsapp:{john}", other, "join brave-tiger", routed=False
         ),
         Step("John", f"whatsapp:{john}", other, "Hello! I need help with my order."),
+        # Urgent cases go to a small queue whose overflow rule (more than 1 waiting) sends
+        # the third to general: one after another, as the queue sees them.
+        *(
+            Step(
+                f"{name} (urgent, {n} of 3)",
+                f"whatsapp:+55319660{n}{run}",
+                main,
+                "URGENTE: não consigo acessar minha conta!",
+                scenario="overflow",
+                settle=True,
+            )
+            for n, name in enumerate(("Paulo", "Rita", "Sofia"), start=1)
+        ),
         Step(
             "a number nobody configured",
             "whatsapp:+5511911112222",
@@ -142,7 +210,8 @@ async def _send(
     step: Step,
     numbers: Mapping[str, str],
     outcome: Outcome,
-) -> list[asyncio.Task[Any]]:
+) -> list[str]:
+    """One customer's message(s) through the emulator; the MessageSids the router took."""
     to = numbers.get(step.to_name, "+5511000000000")
     body: dict[str, Any] = {
         "account_sid": account.account_sid,
@@ -162,6 +231,7 @@ async def _send(
             one["body"] = f"photo {n + 1}"
         sends.append(http.post(f"{emulator_url}/_emulator/customers/send", json=one))
     answers = await asyncio.gather(*sends)  # an album arrives at once
+    sids = []
     for answer in answers:
         result = await answer.json()
         statuses = result.get("statuses") or [result.get("status")]
@@ -171,7 +241,10 @@ async def _send(
             outcome.problems.append(f"{step.who}: expected {step.expect_status}, got {statuses}")
         if step.expect_status == 200 and step.routed:
             outcome.sids.add(result["message_sid"])
-    return []
+            sids.append(result["message_sid"])
+    if step.scenario:
+        outcome.scenarios.setdefault(step.scenario, []).extend(sids)
+    return sids
 
 
 async def _forged(
@@ -214,7 +287,8 @@ async def _count_events(amqp_url: str, outcome: Outcome, ready: asyncio.Event) -
                 outcome.events[kind] = outcome.events.get(kind, 0) + 1
 
 
-async def _report(dsn: str, outcome: Outcome) -> None:
+async def _report(dsn: str, outcome: Outcome, config: Config) -> None:
+    """What landed in PostgreSQL and on the exchange, and the routing scenarios, checked."""
     store = Store(dsn, max_size=1)
     try:
         pool = await store.pool()
@@ -231,8 +305,17 @@ async def _report(dsn: str, outcome: Outcome) -> None:
             list(outcome.sids),
             list(outcome.outbound),
         )
+        _conversations(rows, outcome)
+        print(
+            "\nEvents on omniroute.events: "
+            + ", ".join(f"{k} ×{v}" for k, v in sorted(outcome.events.items()))
+        )
+        await _routing_report(pool, outcome, config)
     finally:
         await store.close()
+
+
+def _conversations(rows: list[Any], outcome: Outcome) -> None:
     stored = [r["twilio_sid"] for r in rows if r["twilio_sid"] in outcome.sids]
     if sorted(stored) != sorted(outcome.sids):
         outcome.problems.append(
@@ -329,22 +412,21 @@ async def run_demo(
         print("\nCustomers write on WhatsApp (through the emulator, signed like Twilio):")
         dsn = settings.database_url.get_secret_value()
         store = Store(dsn, max_size=2)
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as http:
-            script = _script(account)
-            for step in script:
-                await _send(http, emulator.url, router_url, account, step, numbers, outcome)
-            await _forged(http, router_url, account, outcome)
-            await _wait_stored(dsn, outcome.sids)
-            try:
-                await _agents_at_work(http, router_url, store, config, script, outcome)
-            finally:
-                await store.close()
+        try:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as http:
+                customers = Customers(
+                    http, emulator.url, router_url, account, numbers, store, outcome
+                )
+                script = _script(account)
+                for step in script:
+                    await customers.write(step)
+                await _forged(http, router_url, account, outcome)
+                await _wait_stored(dsn, outcome.sids)
+                await _agents_at_work(customers, config, script)
+        finally:
+            await store.close()
         await asyncio.sleep(0.5)  # let the last events reach the tap
-        await _report(dsn, outcome)
-        print(
-            "\nEvents on omniroute.events: "
-            + ", ".join(f"{k} ×{v}" for k, v in sorted(outcome.events.items()))
-        )
+        await _report(dsn, outcome, config)
         if keep_running:
             print(
                 f"\nStill running (Ctrl-C to stop): router {router_url}, "
@@ -358,19 +440,26 @@ async def run_demo(
         await emulator.close()
     for problem in outcome.problems:
         print(f"PROBLEM: {problem}")
-    print("\ndemo " + ("FAILED" if outcome.problems else "finished: every message stored once"))
+    print(
+        "\ndemo "
+        + (
+            "FAILED"
+            if outcome.problems
+            else "finished: every message stored once, every routing scenario as described"
+        )
+    )
     return 1 if outcome.problems else 0
 
 
-async def _agents_at_work(
-    http: aiohttp.ClientSession,
-    url: str,
-    store: Store,
-    config: Config,
-    script: list[Step],
-    outcome: Outcome,
-) -> None:
-    """Agents take the conversations, one replies and closes; then they are retired."""
+async def _agents_at_work(customers: Customers, config: Config, script: list[Step]) -> None:
+    """Agents take the conversations, one replies and closes; then the routing scenarios
+    with new customers; then the agents are retired."""
+    http, url, store, outcome = (
+        customers.http,
+        customers.router_url,
+        customers.store,
+        customers.outcome,
+    )
     run = script[0].sender[-4:]
     agents = await create_demo_agents(store, config, run)
     try:
@@ -390,6 +479,11 @@ async def _agents_at_work(
         except TimeoutError:
             outcome.problems.append("not every conversation was taken by an agent in time")
             return
+        except aiohttp.ClientResponseError as exc:
+            outcome.problems.append(
+                f"the agent API answered {exc.status} to {exc.request_info.url}"
+            )
+            return
         maria = next(str(r["id"]) for r in rows if script[0].sender.endswith(r["customer"]))
         agent = next(a for a in agents if a.name == taken[maria])
         print(f"\n{agent.name} talks to Maria (through the 24-hour window gate):")
@@ -401,6 +495,7 @@ async def _agents_at_work(
             f" → wrap-up ({DEMO_LIFECYCLE.wrap_up:.0f} s, capacity still held)"
         )
         await _life_after_close(http, pool, maria, script, outcome)
+        await _routing(customers, agents, run)
     finally:
         await retire_demo_agents(store, agents)
 
@@ -481,6 +576,233 @@ async def _wait_read(pool: Any, ids: list[str], outcome: Outcome) -> None:
         print("  Twilio's receipts arrived (signed callbacks): sent → delivered → read")
     except TimeoutError:
         outcome.problems.append("the agent's messages were not read in time")
+
+
+# The routing scenarios: where an agent moves an order question (any other queue of the
+# example both demo agents serve), and who removes an agent.
+TRANSFER_QUEUE = "billing"
+SUPERVISOR = "Marta (supervisor)"
+
+
+async def _arrives(customers: Customers, step: Step) -> str:
+    """The customer writes; the conversation, once classified."""
+    [sid] = await customers.write(step)
+    return await customers.conversation(sid)
+
+
+async def _routing(customers: Customers, agents: list[DemoAgent], run: str) -> None:
+    """New customers in push mode, the agents acting through the agent API: an offer
+    declined, a conversation transferred to another queue, a conversation rescued when a
+    supervisor removes its agent. What happened is read back in ``_routing_report``."""
+    http, url = customers.http, customers.router_url
+    main = next(iter(customers.numbers))
+
+    def customer(n: int, name: str, body: str, scenario: str) -> Step:
+        return Step(name, f"whatsapp:+55419770{n}{run}", main, body, scenario=scenario)
+
+    print("\nRouting (new customers; the agents decide through the agent API):")
+    try:
+        cid = await _arrives(
+            customers, customer(1, "Carlos", "Meu pedido 555 veio errado.", "decline")
+        )
+        first, offer = await offer_for(http, url, agents, cid)
+        declined = await decide(http, url, first, offer, "decline")
+        print(f"  {first.name} declines the offer for Carlos: {declined}")
+        second, offer = await offer_for(http, url, agents, cid)
+        accepted = await decide(http, url, second, offer, "accept")
+        print(f"  the offer goes to {second.name}, who accepts: {accepted}")
+        print(f"  {second.name} ends the conversation: {await close(http, url, second, cid)}")
+
+        cid = await _arrives(
+            customers, customer(2, "Diego", "Quero trocar o pedido 777.", "transfer")
+        )
+        holder, offer = await offer_for(http, url, agents, cid)
+        accepted = await decide(http, url, holder, offer, "accept")
+        moved = await transfer(http, url, holder, cid, TRANSFER_QUEUE)
+        print(f"  {holder.name} accepts Diego ({accepted}), transfers to {TRANSFER_QUEUE}: {moved}")
+        second, offer = await offer_for(http, url, agents, cid)
+        accepted = await decide(http, url, second, offer, "accept")
+        print(f"  the offer in {TRANSFER_QUEUE} goes to {second.name}, who accepts: {accepted}")
+        print(f"  {second.name} ends the conversation: {await close(http, url, second, cid)}")
+
+        cid = await _arrives(customers, customer(3, "Elisa", "Cadê o meu pedido 999?", "rescue"))
+        holder, offer = await offer_for(http, url, agents, cid)
+        print(f"  {holder.name} accepts Elisa: {await decide(http, url, holder, offer, 'accept')}")
+        removed = await remove_as_supervisor(customers.store, holder, SUPERVISOR)
+        print(f"  {SUPERVISOR} removes {holder.name}, who holds Elisa: {removed}")
+        rest = [a for a in agents if a is not holder]
+        second, offer = await offer_for(http, url, rest, cid)
+        accepted = await decide(http, url, second, offer, "accept")
+        print(f"  back in its queue, the offer goes to {second.name}, who accepts: {accepted}")
+        print(f"  {second.name} ends the conversation: {await close(http, url, second, cid)}")
+    except (TimeoutError, aiohttp.ClientError) as exc:
+        customers.outcome.problems.append(
+            f"the routing scenarios stopped: {type(exc).__name__} {exc}".rstrip()
+        )
+
+
+@dataclass(frozen=True)
+class History:
+    """One conversation's routing, read back from PostgreSQL."""
+
+    customer: str
+    queue: str
+    priority: int
+    offers: list[tuple[str, str]]  # (agent, offer state), oldest first
+    holders: list[str]  # the agents it was assigned to, in order
+    events: list[dict[str, Any]]  # its events in the outbox
+
+    def data(self, kind: str) -> list[dict[str, Any]]:
+        return [e["data"] for e in self.events if e["type"] == kind]
+
+    def trail(self, start: int = 0) -> str:
+        return ", ".join(f"{a} ({state})" for a, state in self.offers[start:]) or "nobody"
+
+
+async def _history(pool: Any, conversation_id: str) -> History:
+    row = await pool.fetchrow(
+        "SELECT ct.profile_name, c.customer, c.queue, c.priority FROM conversations c"
+        " JOIN contacts ct ON ct.id = c.contact_id WHERE c.id = $1",
+        conversation_id,
+    )
+    offers = await pool.fetch(
+        "SELECT a.name, o.state FROM offers o JOIN agents a ON a.id = o.agent_id"
+        " WHERE o.conversation_id = $1 ORDER BY o.created_at, o.id",
+        conversation_id,
+    )
+    holders = await pool.fetch(
+        "SELECT a.name FROM assignments s JOIN agents a ON a.id = s.agent_id"
+        " WHERE s.conversation_id = $1 ORDER BY s.assigned_at, s.id",
+        conversation_id,
+    )
+    events = await pool.fetch(
+        "SELECT body FROM outbox WHERE body->>'conversation_id' = $1 ORDER BY created_at",
+        conversation_id,
+    )
+    return History(
+        customer=row["profile_name"] or row["customer"],
+        queue=row["queue"],
+        priority=row["priority"],
+        offers=[(r["name"], r["state"]) for r in offers],
+        holders=[r["name"] for r in holders],
+        events=[r["body"] for r in events],
+    )
+
+
+def _decline(h: History) -> tuple[bool, str]:
+    """The first agent offered it declined; the next one took it."""
+    ok = (
+        len(h.offers) >= 2
+        and h.offers[0][1] == "declined"
+        and h.holders == [h.offers[-1][0]]
+        and h.holders[0] != h.offers[0][0]
+    )
+    served = ", ".join(h.holders) or "nobody"
+    return ok, f"decline: {h.customer}'s conversation offered to {h.trail()}; served by {served}"
+
+
+def _transfer(h: History) -> tuple[bool, str]:
+    """The agent who took it moved it to another queue; it went to someone else there."""
+    moves = h.data("conversation.transferred")
+    accepted = next((i for i, (_, state) in enumerate(h.offers) if state == "accepted"), None)
+    if not moves or not h.holders or accepted is None:
+        return False, f"transfer: {h.customer} was not transferred (offers: {h.trail()})"
+    first, move = h.holders[0], moves[0]
+    again = [a for a, _ in h.offers[accepted + 1 :]]
+    ok = move["to_queue"] == h.queue and first not in again and h.holders[-1] != first
+    return ok, (
+        f"transfer: {first} took {h.customer} in {move['from_queue']} and moved it to"
+        f" {move['to_queue']}; there it was offered to {h.trail(accepted + 1)}; served by"
+        f" {h.holders[-1]}; offered back to {first}: {'yes' if first in again else 'no'}"
+    )
+
+
+def _overflow(hs: list[History], config: Config, counted: int) -> tuple[bool, str]:
+    """Customers arriving one after another into a small queue: those beyond its
+    ``max_waiting`` overflowed where its rule says."""
+    queue = next((q for q in config.queues if q.overflow and q.overflow.max_waiting), None)
+    if queue is None or queue.overflow is None or queue.overflow.max_waiting is None:
+        return False, "overflow: no queue of the demo configuration has overflow max_waiting"
+    rule = queue.overflow
+    assert rule.max_waiting is not None
+    parts, spilled = [], []
+    for h in hs:
+        spill = h.data("conversation.overflowed")
+        spilled.append(bool(spill) and spill[0]["to_queue"] == rule.queue == h.queue)
+        if spill:
+            e = spill[0]
+            parts.append(
+                f"{h.customer} found {e['waiting']} waiting ({e['condition']}):"
+                f" {e['action']} to {e['to_queue']}"
+            )
+        else:
+            parts.append(f"{h.customer} waited in {h.queue}")
+    kept = min(len(hs), rule.max_waiting + 1)
+    # The demo promises an overflow: a burst no bigger than the queue's limit shows none.
+    ok = len(hs) > kept and spilled == [False] * kept + [True] * (len(hs) - kept)
+    ok = ok and all(h.queue == queue.name for h in hs[:kept])
+    return ok, (
+        f"overflow: {len(hs)} urgent customers one after another into {queue.name}"
+        f" (max_waiting {rule.max_waiting}, then {rule.action} to {rule.queue}): "
+        + "; ".join(parts)
+        + f" — conversation.overflowed ×{counted} on the exchange"
+    )
+
+
+def _rescue(h: History, audits: list[dict[str, Any]]) -> tuple[bool, str]:
+    """Its agent was removed by a supervisor: back in its queue ahead of others, then
+    another agent took it."""
+    moves = [m for m in h.data("conversation.transferred") if m.get("reason") == "agent_removed"]
+    classified = h.data("conversation.classified")
+    if not moves or not h.holders or not classified:
+        return False, f"rescue: {h.customer} was not moved off a removed agent"
+    move = moves[0]
+    audit = next((a for a in audits if a.get("agent_id") == move["from_agent"]), None)
+    before = classified[0]["priority"]
+    ok = (
+        audit is not None
+        and audit["action"] == "remove_agent"
+        and len(h.holders) == 2
+        and h.holders[1] != h.holders[0]
+        and h.priority == before + 1
+    )
+    who = f"{audit['actor']} (supervisor.acted {audit['action']})" if audit else "? (no audit)"
+    return ok, (
+        f"rescue: {h.holders[0]} held {h.customer} and was removed by {who}; back in"
+        f" {move['to_queue']} at priority {h.priority} (was {before}), offered to"
+        f" {h.trail(1)}; served by {h.holders[-1]}"
+    )
+
+
+async def _routing_report(pool: Any, outcome: Outcome, config: Config) -> None:
+    """One line per routing scenario, from the offers, assignments and outbox; a scenario
+    that did not happen as it says is a problem."""
+    histories: dict[str, list[History]] = {}
+    for scenario, sids in outcome.scenarios.items():
+        for sid in sids:
+            cid = await pool.fetchval(
+                "SELECT conversation_id FROM messages WHERE twilio_sid = $1", sid
+            )
+            if cid is not None:
+                histories.setdefault(scenario, []).append(await _history(pool, str(cid)))
+    audits = [
+        r["body"]["data"]
+        for r in await pool.fetch("SELECT body FROM outbox WHERE routing_key = 'supervisor.acted'")
+    ]
+    counted = outcome.events.get("conversation.overflowed", 0)
+    checks: dict[str, Any] = {
+        "overflow": lambda hs: _overflow(hs, config, counted),
+        "decline": lambda hs: _decline(hs[0]),
+        "transfer": lambda hs: _transfer(hs[0]),
+        "rescue": lambda hs: _rescue(hs[0], audits),
+    }
+    print("\nRouting scenarios (read back from offers, assignments and the outbox):")
+    for scenario, check in checks.items():
+        found = histories.get(scenario)
+        ok, line = check(found) if found else (False, f"{scenario}: did not run")
+        print(f"  {'✓' if ok else '✗'} {line}")
+        if not ok:
+            outcome.problems.append(f"routing scenario not as described — {line}")
 
 
 async def _until_interrupted() -> None:

@@ -1,20 +1,25 @@
 """The agents' half of ``omniroute demo``: agents created through the same code as the admin
 API, going available, accepting offers (push) or picking (pick mode) through the agent API,
-replying inside the window, sending a template, closing — then retired."""
+replying inside the window, sending a template, declining an offer, transferring to another
+queue, closing; a supervisor removing one of them — then retired."""
 
 from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import aiohttp
 
+from omniroute.domain import supervisor
 from omniroute.domain.agents import create_agent, delete_agent
+from omniroute.infra.outbox import add_to_outbox
 from omniroute.infra.store import Store
 from schemas.api import AgentCreate
 from schemas.config import Config
+from schemas.events import utcnow
 
 WORK_SECONDS = 20.0
 
@@ -31,21 +36,22 @@ class DemoAgent:
 
 
 async def create_demo_agents(store: Store, config: Config, run: str) -> list[DemoAgent]:
-    """Two agents in every queue of the example (one a billing specialist), available."""
+    """Two agents in every queue of the example (one a billing specialist), offline until
+    they sign in; together they have room for every conversation of the demo's script."""
     queues = [q.name for q in config.queues]
     specs = [
         AgentCreate(
             name=f"Ana Souza ({run})",
             queues=queues,
             skills={"billing": 8, "orders": 5},
-            capacity=3,
+            capacity=5,
             language="pt-BR",
         ),
         AgentCreate(
             name=f"Bruno Lima ({run})",
             queues=queues,
             skills={"orders": 7},
-            capacity=2,
+            capacity=3,
             language="pt-BR",
         ),
     ]
@@ -65,6 +71,7 @@ async def retire_demo_agents(store: Store, agents: list[DemoAgent]) -> None:
 
 async def _json(response: aiohttp.ClientResponse) -> Any:
     async with response:
+        response.raise_for_status()
         return await response.json()
 
 
@@ -154,3 +161,52 @@ async def converse(
 async def close(http: aiohttp.ClientSession, url: str, agent: DemoAgent, cid: str) -> int:
     async with http.post(f"{url}/api/conversations/{cid}/close", headers=agent.auth) as r:
         return r.status
+
+
+async def offer_for(
+    http: aiohttp.ClientSession, url: str, agents: Sequence[DemoAgent], conversation_id: str
+) -> tuple[DemoAgent, dict[str, Any]]:
+    """Wait for the conversation's pending offer to reach one of ``agents``: that agent and
+    the offer, as ``GET /api/me/offers`` shows it."""
+    async with asyncio.timeout(WORK_SECONDS):
+        while True:
+            for agent in agents:
+                offers = await _json(await http.get(f"{url}/api/me/offers", headers=agent.auth))
+                for offer in offers:
+                    if offer["conversation_id"] == conversation_id:
+                        return agent, offer
+            await asyncio.sleep(0.1)
+
+
+async def decide(
+    http: aiohttp.ClientSession,
+    url: str,
+    agent: DemoAgent,
+    offer: dict[str, Any],
+    decision: Literal["accept", "decline"],
+) -> int:
+    async with http.post(f"{url}/api/offers/{offer['id']}/{decision}", headers=agent.auth) as r:
+        return r.status
+
+
+async def transfer(
+    http: aiohttp.ClientSession, url: str, agent: DemoAgent, cid: str, queue: str
+) -> int:
+    """The agent moves its conversation to another queue (``POST …/transfer``)."""
+    async with http.post(
+        f"{url}/api/conversations/{cid}/transfer", headers=agent.auth, json={"queue": queue}
+    ) as r:
+        return r.status
+
+
+async def remove_as_supervisor(store: Store, agent: DemoAgent, actor: str) -> bool:
+    """A supervisor removes the agent, as the composition root may: its offers end and its
+    conversations go back to their queues ahead of others (``delete_agent``), audited as
+    ``supervisor.acted``. False when there was no such agent (nothing written)."""
+    now = utcnow()
+    async with store.transaction() as conn:
+        if await delete_agent(conn, agent.id, now=now, by=actor) is None:
+            return False
+        record = supervisor.audit(actor, now, action="remove_agent", agent_id=agent.id)
+        await add_to_outbox(conn, [record])
+    return True
