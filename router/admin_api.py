@@ -4,10 +4,13 @@ conversation with its classification trace and messages.
 - ``POST /api/admin/agents`` → 201 with the agent's token, the only time it is shown. An
   ``Idempotency-Key`` makes a retry return the first answer (token included) instead of
   creating a second agent; the key row is written in the agent's transaction.
-- ``GET /api/admin/agents[?queue=]``, ``GET/PATCH/DELETE /api/admin/agents/{id}``: an unknown,
-  removed or malformed id is a 404. A PATCH that changes presence (and a DELETE of an agent
-  that was not offline) publishes ``agent.presence-changed`` through the outbox.
-- ``GET /api/admin/conversations[?state=&queue=&limit=]``, ``GET …/conversations/{id}``.
+- ``GET /api/admin/agents[?queue=]``, ``GET/PATCH /api/admin/agents/{id}``: an unknown,
+  removed or malformed id is a 404. A PATCH that changes presence publishes
+  ``agent.presence-changed`` through the outbox; to offline, it ends the agent's offers and
+  requeues its conversations where the workstream's ``on_agent_offline`` says so. (Removing
+  an agent is a supervisor action: ``router.supervisor_api``.)
+- ``GET /api/admin/conversations[?state=&queue=&agent=&limit=]``, ``GET …/conversations/{id}``:
+  each with how long it has waited and who declined it this round.
 
 Bodies are strict: an unknown field, a skill level outside 1..10 or a negative capacity is a
 422 naming the field; a queue the configuration does not define is a 422 ``unknown_queue``.
@@ -17,7 +20,10 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Awaitable, Callable
+from datetime import datetime
+from typing import Any, cast
 
+import asyncpg
 import structlog
 from aiohttp import web
 
@@ -25,15 +31,16 @@ from omniroute.domain import idempotency
 from omniroute.domain.agents import (
     agent_out,
     create_agent,
-    delete_agent,
     get_agent,
     list_agents,
+    offline_requeue,
     parse_id,
     update_agent,
 )
 from omniroute.errors import IdempotencyError, StoreUnavailable, UnknownQueues
+from omniroute.infra.store import Connection
 from router.auth import require_admin
-from router.requests import idempotency_key, keyed, not_found, parse_body, refused
+from router.requests import as_uuid, idempotency_key, keyed, not_found, parse_body, refused
 from router.responses import error
 from router.routes import Many, Query, Route
 from router.state import CONFIG, SETTINGS, STORE
@@ -45,8 +52,10 @@ from schemas.api import (
     AgentUpdate,
     ConversationDetail,
     ConversationOut,
+    ConversationState,
     MessageOut,
 )
+from schemas.events import utcnow
 
 log = structlog.get_logger("omniroute.admin_api")
 
@@ -57,7 +66,7 @@ MAX_LIMIT = 500
 TAGS = ("admin",)
 
 
-def _admin(handler: Handler) -> Handler:
+def admin_only(handler: Handler) -> Handler:
     """Admin token first; a database outage is a 503, not a 500."""
 
     @functools.wraps(handler)
@@ -72,7 +81,7 @@ def _admin(handler: Handler) -> Handler:
     return guarded
 
 
-def _known_queues(request: web.Request) -> set[str]:
+def known_queues(request: web.Request) -> set[str]:
     return {q.name for q in request.app[CONFIG].current.queues}
 
 
@@ -87,7 +96,7 @@ def _unknown_queues(exc: UnknownQueues) -> web.Response:
     )
 
 
-@_admin
+@admin_only
 async def create(request: web.Request) -> web.Response:
     """Create an agent. With an ``Idempotency-Key`` a retry gets the first answer, token
     included (stored sealed with the key), and creates nothing."""
@@ -102,7 +111,7 @@ async def create(request: web.Request) -> web.Response:
                 )
             ):
                 return web.json_response(replay.body, status=replay.status)
-            row, token = await create_agent(conn, body, known_queues=_known_queues(request))
+            row, token = await create_agent(conn, body, known_queues=known_queues(request))
             created = AgentCreated(**agent_out(row).model_dump(), token=token)
             payload = created.model_dump(mode="json")
             if once is not None:
@@ -116,7 +125,7 @@ async def create(request: web.Request) -> web.Response:
     return web.json_response(payload, status=201)
 
 
-@_admin
+@admin_only
 async def index(request: web.Request) -> web.Response:
     queue = request.query.get("queue") or None
     async with request.app[STORE].transaction() as conn:
@@ -124,7 +133,7 @@ async def index(request: web.Request) -> web.Response:
     return web.json_response([agent_out(r).model_dump(mode="json") for r in rows])
 
 
-@_admin
+@admin_only
 async def show(request: web.Request) -> web.Response:
     async with request.app[STORE].transaction() as conn:
         row = await get_agent(conn, request.match_info["agent_id"])
@@ -133,7 +142,7 @@ async def show(request: web.Request) -> web.Response:
     return web.json_response(agent_out(row).model_dump(mode="json"))
 
 
-@_admin
+@admin_only
 async def change(request: web.Request) -> web.Response:
     agent_id = parse_id(request.match_info["agent_id"])
     if agent_id is None:
@@ -141,7 +150,13 @@ async def change(request: web.Request) -> web.Response:
     body = await parse_body(request, AgentUpdate)
     try:
         async with request.app[STORE].transaction() as conn:
-            changed = await update_agent(conn, agent_id, body, known_queues=_known_queues(request))
+            changed = await update_agent(
+                conn,
+                agent_id,
+                body,
+                known_queues=known_queues(request),
+                requeue_workstreams=offline_requeue(request.app[CONFIG].current),
+            )
     except UnknownQueues as exc:
         return _unknown_queues(exc)
     if changed is None:
@@ -150,21 +165,62 @@ async def change(request: web.Request) -> web.Response:
     return web.json_response(agent_out(changed.after).model_dump(mode="json"))
 
 
-@_admin
-async def remove(request: web.Request) -> web.Response:
-    async with request.app[STORE].transaction() as conn:
-        removed = await delete_agent(conn, request.match_info["agent_id"])
-    if removed is None:
-        raise not_found("agent")
-    log.info("admin.agent_removed", agent_id=str(removed.after["id"]))
-    return web.Response(status=204)
-
-
 _CONVERSATION_COLUMNS = """
 id, account, business_number, customer, workstream, state, queue, skills, priority, severity,
 language, variables, classification, agent_id, opened_at, queued_at, assigned_at, closed_at,
-close_reason, last_customer_message_at
+close_reason, last_customer_message_at, declined_by
 """
+# The states in which a conversation is someone's: the partial index conversations_agent.
+HELD = ("offered", "active", "waiting", "wrap-up")
+
+
+def conversation_out(row: asyncpg.Record, now: datetime) -> ConversationOut:
+    """A conversation row as admins see it, with how long it has waited (queued or
+    offered) at ``now``."""
+    waited = row["queued_at"] if row["state"] in ("queued", "offered") else None
+    wait = None if waited is None else round(max((now - waited).total_seconds(), 0.0), 3)
+    return ConversationOut.model_validate({**dict(row), "wait_seconds": wait})
+
+
+async def list_conversations(
+    conn: Connection,
+    *,
+    state: ConversationState | None = None,
+    queue: str | None = None,
+    agent: str | None = None,
+    limit: int = DEFAULT_LIMIT,
+    now: datetime | None = None,
+) -> list[ConversationOut]:
+    """Conversations newest first: in ``state``, of ``queue``, held by ``agent`` (without a
+    ``state``, those it holds now: offered, active, waiting, wrap-up).
+
+    Only the filters given are in the statement, and the state as a literal (one of
+    CONVERSATION_STATES, checked), so the planner can use the partial indexes
+    (``conversations_queue``: queued by queue; ``conversations_agent``: held by agent)
+    in a generic plan as in a custom one."""
+    conditions: list[str] = []
+    values: list[Any] = []
+    if state is not None:
+        if state not in CONVERSATION_STATES:
+            raise ValueError(f"no conversation state {state!r}")
+        conditions.append(f"state = '{state}'")
+    elif agent is not None:
+        conditions.append("state IN (" + ", ".join(f"'{s}'" for s in HELD) + ")")
+    if queue is not None:
+        values.append(queue)
+        conditions.append(f"queue = ${len(values)}")
+    if agent is not None:
+        values.append(agent)
+        conditions.append(f"agent_id = ${len(values)}::uuid")
+    where = f" WHERE {' AND '.join(conditions)}" if conditions else ""
+    values.append(limit)
+    rows = await conn.fetch(
+        f"SELECT {_CONVERSATION_COLUMNS} FROM conversations{where}"
+        f" ORDER BY opened_at DESC, id LIMIT ${len(values)}",
+        *values,
+    )
+    now = now or utcnow()
+    return [conversation_out(row, now) for row in rows]
 
 
 def _limit(raw: str | None) -> int | None:
@@ -177,33 +233,32 @@ def _limit(raw: str | None) -> int | None:
     return limit if 1 <= limit <= MAX_LIMIT else None
 
 
-@_admin
+@admin_only
 async def conversations(request: web.Request) -> web.Response:
     state = request.query.get("state") or None
     problems = []
     if state is not None and state not in CONVERSATION_STATES:
         problems.append({"field": "state", "problem": f"one of {', '.join(CONVERSATION_STATES)}"})
+    agent = request.query.get("agent") or None
+    if agent is not None and (agent := as_uuid(agent)) is None:
+        problems.append({"field": "agent", "problem": "an agent id (uuid)"})
     limit = _limit(request.query.get("limit"))
     if limit is None:
         problems.append({"field": "limit", "problem": f"an integer from 1 to {MAX_LIMIT}"})
-    if problems:
+    if problems or limit is None:
         return error(422, "invalid_query", "the query does not match the API", fields=problems)
     async with request.app[STORE].transaction() as conn:
-        rows = await conn.fetch(
-            f"SELECT {_CONVERSATION_COLUMNS} FROM conversations"
-            " WHERE ($1::text IS NULL OR state = $1::text)"
-            " AND ($2::text IS NULL OR queue = $2::text)"
-            " ORDER BY opened_at DESC, id LIMIT $3",
-            state,
-            request.query.get("queue") or None,
-            limit,
+        found = await list_conversations(
+            conn,
+            state=cast(ConversationState | None, state),
+            queue=request.query.get("queue") or None,
+            agent=agent,
+            limit=limit,
         )
-    return web.json_response(
-        [ConversationOut.model_validate(dict(r)).model_dump(mode="json") for r in rows]
-    )
+    return web.json_response([c.model_dump(mode="json") for c in found])
 
 
-@_admin
+@admin_only
 async def conversation(request: web.Request) -> web.Response:
     conversation_id = parse_id(request.match_info["conversation_id"])
     if conversation_id is None:
@@ -220,7 +275,8 @@ async def conversation(request: web.Request) -> web.Response:
     if row is None:
         raise not_found("conversation")
     detail = ConversationDetail(
-        **dict(row), messages=[MessageOut.model_validate(dict(m)) for m in messages]
+        **conversation_out(row, utcnow()).model_dump(),
+        messages=[MessageOut.model_validate(dict(m)) for m in messages],
     )
     return web.json_response(detail.model_dump(mode="json"))
 
@@ -274,17 +330,6 @@ ROUTES = [
         request=AgentUpdate,
     ),
     Route(
-        "DELETE",
-        "/api/admin/agents/{agent_id}",
-        remove,
-        "deleteAgent",
-        "Remove an agent",
-        TAGS,
-        "adminToken",
-        {204: "Removed"},
-        errors=(404,),
-    ),
-    Route(
         "GET",
         "/api/admin/conversations",
         conversations,
@@ -297,6 +342,12 @@ ROUTES = [
         query=(
             Query("state", {"enum": list(CONVERSATION_STATES)}, "only conversations in this state"),
             Query("queue", {"type": "string"}, "only conversations of this queue"),
+            Query(
+                "agent",
+                {"type": "string", "format": "uuid"},
+                "only conversations this agent holds (without state: offered, active,"
+                " waiting or in wrap-up)",
+            ),
             Query(
                 "limit",
                 {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT, "default": DEFAULT_LIMIT},

@@ -20,6 +20,7 @@ from router import (
     messages_api,
     nul_guard,
     openapi,
+    supervisor_api,
     twilio_webhooks,
     variables_api,
 )
@@ -32,6 +33,7 @@ ROUTES: list[Route] = [
     *twilio_webhooks.ROUTES,
     *health.ROUTES,
     *admin_api.ROUTES,
+    *supervisor_api.ROUTES,
     *agent_api.ROUTES,
     *agent_events.ROUTES,
     *messages_api.ROUTES,

@@ -129,14 +129,15 @@ def _parameters(route: Route) -> list[dict[str, Any]]:
         elif name.endswith("_id"):
             schema["format"] = "uuid"
         parameters.append({"name": name, "in": "path", "required": True, "schema": schema})
-    for query in route.query:
+    optional = [("query", q) for q in route.query] + [("header", h) for h in route.headers]
+    for where, parameter in optional:
         parameters.append(
             {
-                "name": query.name,
-                "in": "query",
+                "name": parameter.name,
+                "in": where,
                 "required": False,
-                "schema": dict(query.schema),
-                "description": query.description,
+                "schema": dict(parameter.schema),
+                "description": parameter.description,
             }
         )
     if route.idempotency_key:

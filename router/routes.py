@@ -48,6 +48,15 @@ class Query:
 
 
 @dataclass(frozen=True)
+class Header:
+    """An optional request header the operation reads."""
+
+    name: str
+    schema: Mapping[str, Any]
+    description: str
+
+
+@dataclass(frozen=True)
 class Route:
     """One operation: where it is served, who may call it, what it takes and answers.
 
@@ -70,6 +79,7 @@ class Route:
     request_required: bool = True
     form: type[BaseModel] | None = None  # a Twilio webhook's signed url-encoded form
     query: tuple[Query, ...] = ()
+    headers: tuple[Header, ...] = ()
     idempotency_key: bool = False  # takes ``Idempotency-Key`` (omniroute.domain.idempotency)
 
 

@@ -157,6 +157,13 @@ class ConversationOut(BaseModel):
     closed_at: datetime | None
     close_reason: str | None = None
     last_customer_message_at: datetime
+    wait_seconds: float | None = Field(
+        description="queued or offered: how long since it was queued; otherwise null"
+    )
+    declined_by: list[uuid.UUID] = Field(
+        description="the agents not offered it again this round: they declined it or let the"
+        " offer expire, or it was moved away from them"
+    )
 
 
 class ConversationDetail(ConversationOut):
@@ -188,6 +195,32 @@ class TransferRequest(BaseModel):
         if (self.queue is None) == (self.agent_id is None):
             raise ValueError("name either the queue or the agent_id to transfer to")
         return self
+
+
+Reason = Annotated[str, Field(min_length=1, max_length=500, description="why, for the audit")]
+
+
+class SupervisorTransfer(TransferRequest):
+    """``POST /api/admin/conversations/{id}/transfer``: any open conversation to a queue, or
+    offered to one agent."""
+
+    reason: Reason | None = None
+
+
+class SupervisorClose(BaseModel):
+    """``POST /api/admin/conversations/{id}/close``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reason: Reason | None = None
+
+
+class EndedOffer(BaseModel):
+    """An offer a supervisor ended: the conversation is back in its queue."""
+
+    offer_id: uuid.UUID
+    conversation_id: uuid.UUID
+    state: Literal["queued"]
 
 
 class CloseRequest(BaseModel):

@@ -19,6 +19,7 @@ from aiormq.exceptions import AMQPConnectionError
 from pydantic import ValidationError
 
 from omniroute.commands.agents_cli import add_agents_parser, cmd_agents
+from omniroute.commands.supervise_cli import add_supervise_parser, cmd_supervise
 from omniroute.errors import ConfigError
 from omniroute.infra.config_loader import LiveConfig, load_config
 from omniroute.infra.logging import configure_logging
@@ -447,6 +448,7 @@ def parser() -> argparse.ArgumentParser:
     )
     reconcile.add_argument("--account", help="only this account (default: every account)")
     add_agents_parser(sub)
+    add_supervise_parser(sub)
     return p
 
 
@@ -460,6 +462,7 @@ COMMANDS = {
     "emulator": cmd_emulator,
     "classify": cmd_classify,
     "agents": cmd_agents,
+    "supervise": cmd_supervise,
     "demo": cmd_demo,
     "dead-letters": cmd_dead_letters,
     "reconcile": cmd_reconcile,

@@ -40,6 +40,8 @@ API_BODIES = {
     "AgentUpdate",
     "SendMessage",
     "PresenceUpdate",
+    "SupervisorClose",
+    "SupervisorTransfer",
     "TransferRequest",
     "VariablesUpdate",
 }
@@ -208,6 +210,28 @@ async def test_idempotent_posts_take_the_key(document: dict[str, Any]) -> None:
     assert takes_key == {
         ("post", "/api/admin/agents"),
         ("post", "/api/conversations/{conversation_id}/messages"),
+        ("post", "/api/admin/conversations/{conversation_id}/transfer"),
+        ("post", "/api/admin/conversations/{conversation_id}/close"),
+        ("post", "/api/admin/offers/{offer_id}/end"),
+        ("put", "/api/admin/agents/{agent_id}/presence"),
+    }
+
+
+async def test_supervisor_actions_name_the_actor(document: dict[str, Any]) -> None:
+    names_actor = {
+        (method, path)
+        for method, path, operation in _operations(document)
+        if any(
+            p["name"] == "X-Omniroute-Actor" and p["in"] == "header" and not p["required"]
+            for p in operation.get("parameters", [])
+        )
+    }
+    assert names_actor == {
+        ("post", "/api/admin/conversations/{conversation_id}/transfer"),
+        ("post", "/api/admin/conversations/{conversation_id}/close"),
+        ("post", "/api/admin/offers/{offer_id}/end"),
+        ("put", "/api/admin/agents/{agent_id}/presence"),
+        ("delete", "/api/admin/agents/{agent_id}"),
     }
 
 
