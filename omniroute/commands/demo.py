@@ -629,7 +629,10 @@ async def _routing(customers: Customers, agents: list[DemoAgent], run: str) -> N
         holder, offer = await offer_for(http, url, agents, cid)
         print(f"  {holder.name} accepts Elisa: {await decide(http, url, holder, offer, 'accept')}")
         removed = await remove_as_supervisor(customers.store, holder, SUPERVISOR)
-        print(f"  {SUPERVISOR} removes {holder.name}, who holds Elisa: {removed}")
+        print(
+            f"  {SUPERVISOR} removes {holder.name}, who holds Elisa: "
+            + ("removed (offers ended, conversations requeued)" if removed else "no such agent")
+        )
         rest = [a for a in agents if a is not holder]
         second, offer = await offer_for(http, url, rest, cid)
         accepted = await decide(http, url, second, offer, "accept")
