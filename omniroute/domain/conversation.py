@@ -607,7 +607,8 @@ async def transfer_to_queue(
 ) -> Envelope:
     """Put a conversation back into (another) queue: its pending offer ends and its
     assignment is released (capacity back). The agent it leaves (``by_agent``, or the one
-    holding it) is not offered it again in this offer round."""
+    holding it) is not offered it again in this offer round: when it is the only eligible
+    one, the conversation waits ``reoffer_after`` for another (as after a decline)."""
     conv = await _conversation(conn, conversation_id, lock=True)
     if conv.state == "closed":
         raise WorkConflict("already_closed", "the conversation is closed")
@@ -625,7 +626,8 @@ async def transfer_to_queue(
     event = conv.transferred(data, now)
     await conn.execute(
         "UPDATE conversations SET state = 'queued', queue = $2, agent_id = NULL,"
-        " queued_at = $3, declined_by = $4::uuid[], last_declined_at = NULL,"
+        " queued_at = $3, declined_by = $4::uuid[],"
+        " last_declined_at = CASE WHEN cardinality($4::uuid[]) > 0 THEN $3::timestamptz END,"
         " not_preferred = not_preferred || $4::uuid[],"
         " wrap_up_until = NULL, last_event_id = $5, updated_at = now() WHERE id = $1",
         conversation_id,
@@ -672,6 +674,14 @@ async def transfer_to_agent(
     await release_assignment(conn, conversation_id, now)
     if not await claim_capacity(conn, agent_id, conv.units, now):
         raise WorkConflict("no_capacity", "that agent has no free capacity")
+    source = by_agent or conv.agent_id
+    if source is not None:  # handed on: affinity never brings it back to them
+        await conn.execute(
+            "UPDATE conversations SET not_preferred = array_append(not_preferred, $2::uuid)"
+            " WHERE id = $1",
+            conversation_id,
+            source,
+        )
     data = ConversationTransferred(
         from_queue=conv.queue,
         to_queue=conv.queue,

@@ -828,8 +828,6 @@ AFFINITY = cases(
                 offered("C", affinity=False),
             ),
         },
-        bug="transfer_to_agent does not add the source agent to not_preferred: after the"
-        " target declines, affinity offers the conversation back to the agent who handed it on",
     ),
 )
 
@@ -888,8 +886,6 @@ TRANSFER_TO_QUEUE = cases(
             Offered("c", "A"),
         ),
         {"c": (*served("A"), transferred(from_agent=Ag("A")), offered("A"))},
-        bug="transfer_to_queue sets last_declined_at = NULL, so restart_offer_round starts a"
-        " new round at once and the conversation bounces straight back to its source",
     ),
     Case(
         "supervisor-moves-it-to-the-queue-its-agent-left-out",
