@@ -555,7 +555,8 @@ async def end_by_agent(
     conv = await _conversation(conn, conversation_id, lock=True)
     if conv.state == "closed":
         raise WorkConflict("already_closed", "the conversation is closed")
-    if wrap_up_seconds <= 0 or conv.state == "wrap-up":
+    if wrap_up_seconds <= 0 or conv.state in ("wrap-up", "waiting"):
+        # A parked conversation holds no capacity: there is nothing for wrap-up to hold.
         return await close_conversation(conn, conversation_id, reason, now)
     until = now + timedelta(seconds=wrap_up_seconds)
     row = await conn.fetchrow("SELECT workstream FROM conversations WHERE id = $1", conversation_id)

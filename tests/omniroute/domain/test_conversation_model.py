@@ -8,9 +8,9 @@ transfer to a queue or to an agent (which may be refused: then nothing changed),
 waiting for the customer, the agent ends it (into wrap-up or closed), close it, requeue an
 agent's work, an agent going offline (with or without the requeue policy), an agent removed.
 
-One known gap is tolerated, not hidden: ending a conversation parked waiting (no assignment:
-its capacity was released) puts it in wrap-up holding no capacity, though wrap-up is meant to
-hold it; a wrap-up conversation may therefore hold its agent's assignment or none.
+A conversation ended while parked waiting (its capacity released) closes at once: wrap-up
+always holds its agent's assignment (found by this model: it used to go to wrap-up holding
+nothing).
 
 Each hypothesis example runs on its own event loop and connection, inside one transaction
 rolled back at teardown: examples never see each other's rows, and nothing is left behind.
@@ -376,7 +376,7 @@ class ConversationModel(RuleBasedStateMachine):
             expected: tuple[list[str], list[str]] = {
                 "offered": ([agent], []),
                 "active": ([], [agent]),
-                "wrap-up": ([], held and [agent]),  # none when it was ended while waiting
+                "wrap-up": ([], [agent]),
             }.get(state, ([], []))
             assert (offers, held) == expected, dict(c)
             if state == "queued":
