@@ -20,14 +20,12 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Awaitable, Callable
-from datetime import datetime
-from typing import Any, cast
+from typing import cast
 
-import asyncpg
 import structlog
 from aiohttp import web
 
-from omniroute.domain import idempotency
+from omniroute.domain import idempotency, supervisor
 from omniroute.domain.agents import (
     agent_out,
     create_agent,
@@ -37,13 +35,13 @@ from omniroute.domain.agents import (
     parse_id,
     update_agent,
 )
-from omniroute.errors import IdempotencyError, StoreUnavailable, UnknownQueues
+from omniroute.errors import StoreUnavailable, UnknownQueues
 from omniroute.infra.store import Connection
 from router.auth import require_admin
-from router.requests import as_uuid, idempotency_key, keyed, not_found, parse_body, refused
+from router.requests import as_uuid, not_found, once, parse_body
 from router.responses import error
 from router.routes import Many, Query, Route
-from router.state import CONFIG, SETTINGS, STORE
+from router.state import CONFIG, STORE
 from schemas.api import (
     CONVERSATION_STATES,
     AgentCreate,
@@ -100,29 +98,19 @@ def _unknown_queues(exc: UnknownQueues) -> web.Response:
 async def create(request: web.Request) -> web.Response:
     """Create an agent. With an ``Idempotency-Key`` a retry gets the first answer, token
     included (stored sealed with the key), and creates nothing."""
-    key = idempotency_key(request)
     body = await parse_body(request, AgentCreate)
-    once = keyed(request, key, idempotency.ADMIN_SCOPE, body)
+
+    async def act(conn: Connection) -> AgentCreated:
+        row, token = await create_agent(conn, body, known_queues=known_queues(request))
+        log.info("admin.agent_created", agent_id=str(row["id"]), queues=list(row["queues"]))
+        return AgentCreated(**agent_out(row).model_dump(), token=token)
+
     try:
-        async with request.app[STORE].transaction() as conn:
-            if once is not None and (
-                replay := await idempotency.claim(
-                    conn, once, wait=request.app[SETTINGS].idempotency_wait
-                )
-            ):
-                return web.json_response(replay.body, status=replay.status)
-            row, token = await create_agent(conn, body, known_queues=known_queues(request))
-            created = AgentCreated(**agent_out(row).model_dump(), token=token)
-            payload = created.model_dump(mode="json")
-            if once is not None:
-                answer = idempotency.Answer(201, payload)
-                await idempotency.remember(conn, once, answer, sealed=("token",))
+        return await once(
+            request, body, idempotency.ADMIN_SCOPE, act, status=201, sealed=("token",)
+        )
     except UnknownQueues as exc:
         return _unknown_queues(exc)
-    except IdempotencyError as exc:
-        raise refused(exc) from None
-    log.info("admin.agent_created", agent_id=payload["id"], queues=payload["queues"])
-    return web.json_response(payload, status=201)
 
 
 @admin_only
@@ -165,64 +153,6 @@ async def change(request: web.Request) -> web.Response:
     return web.json_response(agent_out(changed.after).model_dump(mode="json"))
 
 
-_CONVERSATION_COLUMNS = """
-id, account, business_number, customer, workstream, state, queue, skills, priority, severity,
-language, variables, classification, agent_id, opened_at, queued_at, assigned_at, closed_at,
-close_reason, last_customer_message_at, declined_by
-"""
-# The states in which a conversation is someone's: the partial index conversations_agent.
-HELD = ("offered", "active", "waiting", "wrap-up")
-
-
-def conversation_out(row: asyncpg.Record, now: datetime) -> ConversationOut:
-    """A conversation row as admins see it, with how long it has waited (queued or
-    offered) at ``now``."""
-    waited = row["queued_at"] if row["state"] in ("queued", "offered") else None
-    wait = None if waited is None else round(max((now - waited).total_seconds(), 0.0), 3)
-    return ConversationOut.model_validate({**dict(row), "wait_seconds": wait})
-
-
-async def list_conversations(
-    conn: Connection,
-    *,
-    state: ConversationState | None = None,
-    queue: str | None = None,
-    agent: str | None = None,
-    limit: int = DEFAULT_LIMIT,
-    now: datetime | None = None,
-) -> list[ConversationOut]:
-    """Conversations newest first: in ``state``, of ``queue``, held by ``agent`` (without a
-    ``state``, those it holds now: offered, active, waiting, wrap-up).
-
-    Only the filters given are in the statement, and the state as a literal (one of
-    CONVERSATION_STATES, checked), so the planner can use the partial indexes
-    (``conversations_queue``: queued by queue; ``conversations_agent``: held by agent)
-    in a generic plan as in a custom one."""
-    conditions: list[str] = []
-    values: list[Any] = []
-    if state is not None:
-        if state not in CONVERSATION_STATES:
-            raise ValueError(f"no conversation state {state!r}")
-        conditions.append(f"state = '{state}'")
-    elif agent is not None:
-        conditions.append("state IN (" + ", ".join(f"'{s}'" for s in HELD) + ")")
-    if queue is not None:
-        values.append(queue)
-        conditions.append(f"queue = ${len(values)}")
-    if agent is not None:
-        values.append(agent)
-        conditions.append(f"agent_id = ${len(values)}::uuid")
-    where = f" WHERE {' AND '.join(conditions)}" if conditions else ""
-    values.append(limit)
-    rows = await conn.fetch(
-        f"SELECT {_CONVERSATION_COLUMNS} FROM conversations{where}"
-        f" ORDER BY opened_at DESC, id LIMIT ${len(values)}",
-        *values,
-    )
-    now = now or utcnow()
-    return [conversation_out(row, now) for row in rows]
-
-
 def _limit(raw: str | None) -> int | None:
     if raw is None:
         return DEFAULT_LIMIT
@@ -248,7 +178,7 @@ async def conversations(request: web.Request) -> web.Response:
     if problems or limit is None:
         return error(422, "invalid_query", "the query does not match the API", fields=problems)
     async with request.app[STORE].transaction() as conn:
-        found = await list_conversations(
+        found = await supervisor.list_conversations(
             conn,
             state=cast(ConversationState | None, state),
             queue=request.query.get("queue") or None,
@@ -265,7 +195,8 @@ async def conversation(request: web.Request) -> web.Response:
         raise not_found("conversation")
     async with request.app[STORE].transaction() as conn:
         row = await conn.fetchrow(
-            f"SELECT {_CONVERSATION_COLUMNS} FROM conversations WHERE id = $1", conversation_id
+            f"SELECT {supervisor.CONVERSATION_COLUMNS} FROM conversations WHERE id = $1",
+            conversation_id,
         )
         messages = await conn.fetch(
             "SELECT id, direction, body, media, status, error_code, received_at, twilio_sid"
@@ -275,7 +206,7 @@ async def conversation(request: web.Request) -> web.Response:
     if row is None:
         raise not_found("conversation")
     detail = ConversationDetail(
-        **conversation_out(row, utcnow()).model_dump(),
+        **supervisor.conversation_out(row, utcnow()).model_dump(),
         messages=[MessageOut.model_validate(dict(m)) for m in messages],
     )
     return web.json_response(detail.model_dump(mode="json"))

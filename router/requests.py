@@ -8,6 +8,7 @@ Each helper returns what was asked for or raises the HTTP error the API answers 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Awaitable, Callable, Collection
 from typing import TypeVar
 
 import asyncpg
@@ -16,9 +17,10 @@ from pydantic import BaseModel, ValidationError
 
 from omniroute.domain import idempotency
 from omniroute.errors import IdempotencyError
+from omniroute.infra.store import Connection
 from router.auth import current_agent, http_error
 from router.responses import invalid
-from router.state import STORE
+from router.state import SETTINGS, STORE
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -114,3 +116,34 @@ def keyed(
         request.method, request.path, body.model_dump(mode="json")
     )
     return idempotency.IdempotentRequest(scope, key, fingerprint)
+
+
+async def once(
+    request: web.Request,
+    body: BaseModel,
+    scope: str,
+    action: Callable[[Connection], Awaitable[BaseModel]],
+    *,
+    status: int = 200,
+    sealed: Collection[str] = (),
+) -> web.Response:
+    """Run ``action`` in one transaction under the request's ``Idempotency-Key`` (if any):
+    a retry answers what the first request answered and does nothing again; an exception
+    from ``action`` rolls back and leaves the key free. ``sealed``: answer fields stored
+    readable only with the key (a new agent's token)."""
+    key = keyed(request, idempotency_key(request), scope, body)
+    try:
+        async with request.app[STORE].transaction() as conn:
+            if key is not None and (
+                replay := await idempotency.claim(
+                    conn, key, wait=request.app[SETTINGS].idempotency_wait
+                )
+            ):
+                return web.json_response(replay.body, status=replay.status)
+            payload = (await action(conn)).model_dump(mode="json")
+            if key is not None:
+                answer = idempotency.Answer(status, payload)
+                await idempotency.remember(conn, key, answer, sealed=sealed)
+    except IdempotencyError as exc:
+        raise refused(exc) from None
+    return web.json_response(payload, status=status)

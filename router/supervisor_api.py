@@ -28,16 +28,15 @@ from aiohttp import web
 from pydantic import BaseModel
 
 from omniroute.domain import idempotency, supervisor
-from omniroute.domain.agents import agent_out, delete_agent, offline_requeue
-from omniroute.errors import IdempotencyError, WorkConflict
-from omniroute.infra.outbox import add_to_outbox
+from omniroute.domain.agents import agent_out, offline_requeue
+from omniroute.errors import WorkConflict
 from omniroute.infra.store import Connection
 from router.admin_api import TAGS, admin_only
 from router.auth import http_error
-from router.requests import idempotency_key, keyed, not_found, parse_body, path_id, refused
+from router.requests import not_found, once, parse_body, path_id
 from router.responses import error
 from router.routes import Header, Route
-from router.state import CONFIG, SETTINGS, STORE
+from router.state import CONFIG, STORE
 from schemas.api import (
     AgentOut,
     ConversationMoved,
@@ -46,21 +45,21 @@ from schemas.api import (
     SupervisorClose,
     SupervisorTransfer,
 )
-from schemas.config import Config
 from schemas.events import utcnow
 
 log = structlog.get_logger("omniroute.supervisor_api")
 
 ACTOR_HEADER = "X-Omniroute-Actor"
-DEFAULT_ACTOR = "admin"
-MAX_ACTOR_LENGTH = 100
-# How long an offer made by a transfer to an agent stands when the workstream is unknown.
-DEFAULT_OFFER_SECONDS = 60.0
 ACTOR = Header(
     ACTOR_HEADER,
-    {"type": "string", "minLength": 1, "maxLength": MAX_ACTOR_LENGTH, "default": DEFAULT_ACTOR},
+    {
+        "type": "string",
+        "minLength": 1,
+        "maxLength": supervisor.MAX_ACTOR_LENGTH,
+        "default": supervisor.DEFAULT_ACTOR,
+    },
     "who acts, recorded in the supervisor.acted audit event: 1 to"
-    f" {MAX_ACTOR_LENGTH} printable characters (400 invalid_actor otherwise)",
+    f" {supervisor.MAX_ACTOR_LENGTH} printable characters (400 invalid_actor otherwise)",
 )
 # WorkConflict codes that are not a conflict with the current state.
 _STATUS = {"not_found": 404, "unknown_queue": 422, "invalid_target": 422}
@@ -70,31 +69,12 @@ class _NoBody(BaseModel):
     """What an action without a body is keyed on."""
 
 
-def checked_actor(raw: str | None) -> str:
-    """Who acts: ``raw`` when it is 1 to ``MAX_ACTOR_LENGTH`` printable characters,
-    ``DEFAULT_ACTOR`` when None. Raises ValueError saying what an actor must be."""
-    if raw is None:
-        return DEFAULT_ACTOR
-    if not 0 < len(raw) <= MAX_ACTOR_LENGTH or not raw.isprintable():
-        raise ValueError(f"an actor is 1 to {MAX_ACTOR_LENGTH} printable characters")
-    return raw
-
-
 def actor(request: web.Request) -> str:
     """The request's ``X-Omniroute-Actor``, or ``admin``. Raises 400 ``invalid_actor``."""
     try:
-        return checked_actor(request.headers.get(ACTOR_HEADER))
+        return supervisor.checked_actor(request.headers.get(ACTOR_HEADER))
     except ValueError as exc:
         raise http_error(web.HTTPBadRequest, "invalid_actor", f"{ACTOR_HEADER}: {exc}") from None
-
-
-async def offer_seconds(conn: Connection, config: Config, conversation_id: str) -> float:
-    """How long an offer of the conversation stands: its workstream's ``offer_timeout``."""
-    name = await conn.fetchval(
-        "SELECT workstream FROM conversations WHERE id = $1", conversation_id
-    )
-    workstream = config.workstream(name) if name is not None else None
-    return workstream.distribution.offer_timeout if workstream else DEFAULT_OFFER_SECONDS
 
 
 def _refusal(exc: WorkConflict, known: Collection[str]) -> web.Response:
@@ -115,25 +95,12 @@ Action = Callable[[Connection], Awaitable[BaseModel]]
 async def _once(
     request: web.Request, body: BaseModel, action: Action, known: Collection[str] = ()
 ) -> web.Response:
-    """Run ``action`` in one transaction under the request's ``Idempotency-Key``: a retry
-    answers what the first request answered; a refusal (WorkConflict) is not remembered."""
-    once = keyed(request, idempotency_key(request), idempotency.ADMIN_SCOPE, body)
+    """Run ``action`` under the request's ``Idempotency-Key``; a refusal (WorkConflict)
+    changes nothing and is not remembered."""
     try:
-        async with request.app[STORE].transaction() as conn:
-            if once is not None and (
-                replay := await idempotency.claim(
-                    conn, once, wait=request.app[SETTINGS].idempotency_wait
-                )
-            ):
-                return web.json_response(replay.body, status=replay.status)
-            payload = (await action(conn)).model_dump(mode="json")
-            if once is not None:
-                await idempotency.remember(conn, once, idempotency.Answer(200, payload))
+        return await once(request, body, idempotency.ADMIN_SCOPE, action)
     except WorkConflict as exc:
         return _refusal(exc, known)
-    except IdempotencyError as exc:
-        raise refused(exc) from None
-    return web.json_response(payload)
 
 
 @admin_only
@@ -154,7 +121,7 @@ async def transfer(request: web.Request) -> web.Response:
             to_queue=body.queue,
             to_agent=to_agent,
             known_queues=known,
-            offer_seconds=await offer_seconds(conn, config, conversation_id),
+            offer_seconds=await supervisor.offer_seconds(conn, config, conversation_id),
             reason=body.reason,
         )
         if body.queue is not None:
@@ -240,10 +207,7 @@ async def remove_agent(request: web.Request) -> web.Response:
     agent_id = path_id(request, "agent_id", "agent")
     now = utcnow()
     async with request.app[STORE].transaction() as conn:
-        removed = await delete_agent(conn, agent_id, now=now, by=who)
-        if removed is not None:
-            record = supervisor.audit(who, now, action="remove_agent", agent_id=agent_id)
-            await add_to_outbox(conn, [record])
+        removed = await supervisor.remove_agent(conn, agent_id, who, now)
     if removed is None:
         raise not_found("agent")
     log.info("supervisor.agent_removed", agent_id=agent_id, actor=who)

@@ -15,7 +15,6 @@ import aiohttp
 
 from omniroute.domain import supervisor
 from omniroute.domain.agents import create_agent, delete_agent
-from omniroute.infra.outbox import add_to_outbox
 from omniroute.infra.store import Store
 from schemas.api import AgentCreate
 from schemas.config import Config
@@ -201,12 +200,7 @@ async def transfer(
 
 async def remove_as_supervisor(store: Store, agent: DemoAgent, actor: str) -> bool:
     """A supervisor removes the agent, as the composition root may: its offers end and its
-    conversations go back to their queues ahead of others (``delete_agent``), audited as
-    ``supervisor.acted``. False when there was no such agent (nothing written)."""
-    now = utcnow()
+    conversations go back to their queues ahead of others (``supervisor.remove_agent``),
+    audited as ``supervisor.acted``. False when there was no such agent (nothing written)."""
     async with store.transaction() as conn:
-        if await delete_agent(conn, agent.id, now=now, by=actor) is None:
-            return False
-        record = supervisor.audit(actor, now, action="remove_agent", agent_id=agent.id)
-        await add_to_outbox(conn, [record])
-    return True
+        return await supervisor.remove_agent(conn, agent.id, actor, utcnow()) is not None

@@ -21,13 +21,18 @@ import asyncpg
 
 from omniroute.domain import supervisor
 from omniroute.domain.agents import agent_out, offline_requeue
+from omniroute.domain.supervisor import (
+    MAX_ACTOR_LENGTH,
+    checked_actor,
+    list_conversations,
+    offer_seconds,
+)
 from omniroute.errors import StoreUnavailable, WorkConflict
 from omniroute.infra.config_loader import load_config
 from omniroute.infra.settings import Settings
 from omniroute.infra.store import Connection, Store
-from router.admin_api import DEFAULT_LIMIT, MAX_LIMIT, list_conversations
+from router.admin_api import DEFAULT_LIMIT, MAX_LIMIT
 from router.requests import as_uuid
-from router.supervisor_api import MAX_ACTOR_LENGTH, checked_actor, offer_seconds
 from schemas.api import CONVERSATION_STATES, PRESENCES, ConversationOut
 from schemas.config import Config
 from schemas.events import EventType, utcnow

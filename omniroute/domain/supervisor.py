@@ -10,14 +10,18 @@ from __future__ import annotations
 
 from collections.abc import Collection
 from datetime import datetime
+from typing import Any
+
+import asyncpg
 
 from omniroute.domain import agents, conversation
 from omniroute.errors import WorkConflict
 from omniroute.infra.ids import new_id
 from omniroute.infra.outbox import add_to_outbox
 from omniroute.infra.store import Connection
-from schemas.api import AgentUpdate
-from schemas.events import Envelope, EventType, SupervisorActed, new_event
+from schemas.api import CONVERSATION_STATES, AgentUpdate, ConversationOut, ConversationState
+from schemas.config import Config
+from schemas.events import Envelope, EventType, SupervisorActed, new_event, utcnow
 
 
 def audit(actor: str, now: datetime, **fields: str | None) -> Envelope:
@@ -129,3 +133,100 @@ async def set_presence(
     )
     changed.events.extend(await add_to_outbox(conn, [record]))
     return changed
+
+
+async def remove_agent(
+    conn: Connection, agent_id: str, actor: str, now: datetime
+) -> agents.AgentChange | None:
+    """Remove an agent: nothing stays with it (its offers end, its conversations go back to
+    their queues ahead of others, each transfer naming the actor), audited. None when there
+    is no such agent (nothing written)."""
+    removed = await agents.delete_agent(conn, agent_id, now=now, by=actor)
+    if removed is None:
+        return None
+    record = audit(actor, now, action="remove_agent", agent_id=str(removed.after["id"]))
+    removed.events.extend(await add_to_outbox(conn, [record]))
+    return removed
+
+
+DEFAULT_ACTOR = "admin"
+MAX_ACTOR_LENGTH = 100
+# How long an offer made by a transfer to an agent stands when the workstream is unknown.
+DEFAULT_OFFER_SECONDS = 60.0
+
+
+def checked_actor(raw: str | None) -> str:
+    """Who acts: ``raw`` when it is 1 to ``MAX_ACTOR_LENGTH`` printable characters,
+    ``DEFAULT_ACTOR`` when None. Raises ValueError saying what an actor must be."""
+    if raw is None:
+        return DEFAULT_ACTOR
+    if not 0 < len(raw) <= MAX_ACTOR_LENGTH or not raw.isprintable():
+        raise ValueError(f"an actor is 1 to {MAX_ACTOR_LENGTH} printable characters")
+    return raw
+
+
+async def offer_seconds(conn: Connection, config: Config, conversation_id: str) -> float:
+    """How long an offer of the conversation stands: its workstream's ``offer_timeout``."""
+    name = await conn.fetchval(
+        "SELECT workstream FROM conversations WHERE id = $1", conversation_id
+    )
+    workstream = config.workstream(name) if name is not None else None
+    return workstream.distribution.offer_timeout if workstream else DEFAULT_OFFER_SECONDS
+
+
+CONVERSATION_COLUMNS = """
+id, account, business_number, customer, workstream, state, queue, skills, priority, severity,
+language, variables, classification, agent_id, opened_at, queued_at, assigned_at, closed_at,
+close_reason, last_customer_message_at, declined_by
+"""
+# The states in which a conversation is someone's: the partial index conversations_agent.
+HELD = ("offered", "active", "waiting", "wrap-up")
+
+
+def conversation_out(row: asyncpg.Record, now: datetime) -> ConversationOut:
+    """A conversation row as admins see it, with how long it has waited (queued or
+    offered) at ``now``."""
+    waited = row["queued_at"] if row["state"] in ("queued", "offered") else None
+    wait = None if waited is None else round(max((now - waited).total_seconds(), 0.0), 3)
+    return ConversationOut.model_validate({**dict(row), "wait_seconds": wait})
+
+
+async def list_conversations(
+    conn: Connection,
+    *,
+    state: ConversationState | None = None,
+    queue: str | None = None,
+    agent: str | None = None,
+    limit: int = 100,
+    now: datetime | None = None,
+) -> list[ConversationOut]:
+    """Conversations newest first: in ``state``, of ``queue``, held by ``agent`` (without a
+    ``state``, those it holds now: offered, active, waiting, wrap-up).
+
+    Only the filters given are in the statement, and the state as a literal (one of
+    CONVERSATION_STATES, checked), so the planner can use the partial indexes
+    (``conversations_queue``: queued by queue; ``conversations_agent``: held by agent)
+    in a generic plan as in a custom one."""
+    conditions: list[str] = []
+    values: list[Any] = []
+    if state is not None:
+        if state not in CONVERSATION_STATES:
+            raise ValueError(f"no conversation state {state!r}")
+        conditions.append(f"state = '{state}'")
+    elif agent is not None:
+        conditions.append("state IN (" + ", ".join(f"'{s}'" for s in HELD) + ")")
+    if queue is not None:
+        values.append(queue)
+        conditions.append(f"queue = ${len(values)}")
+    if agent is not None:
+        values.append(agent)
+        conditions.append(f"agent_id = ${len(values)}::uuid")
+    where = f" WHERE {' AND '.join(conditions)}" if conditions else ""
+    values.append(limit)
+    rows = await conn.fetch(
+        f"SELECT {CONVERSATION_COLUMNS} FROM conversations{where}"
+        f" ORDER BY opened_at DESC, id LIMIT ${len(values)}",
+        *values,
+    )
+    now = now or utcnow()
+    return [conversation_out(row, now) for row in rows]
