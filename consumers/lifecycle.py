@@ -281,7 +281,10 @@ async def on_overflowed(
     if payload.action == "end" or kind is None:
         return []
     row = await _conversation(tx.conn, _id(event))
-    return await automated(tx, row, kind, event.id)
+    # The greeting first, as for any new conversation (once per conversation: the queued
+    # event's handler finds it sent), then the overflow message.
+    events = await automated(tx, row, "greeting", f"greeting:{row['id']}")
+    return events + await automated(tx, row, kind, event.id, later=bool(events))
 
 
 def _id(event: Envelope) -> str:

@@ -65,7 +65,7 @@ def describe(rule: Overflow) -> str:
         "message": "send the message and keep waiting",
         "end": "end the conversation with the message",
     }[rule.action]
-    message = f" (message: {rule.message})" if rule.message and rule.action != "transfer" else ""
+    message = f" (message: {rule.message})" if rule.message else ""
     return f"overflow when {' or '.join(when)}: {then}{message}"
 
 
