@@ -849,7 +849,17 @@ class _Locked(ConversationRef):
     agent_id: str | None = None
 
 
+LOCK_PENDING_OFFER = (
+    "SELECT 1 FROM offers WHERE conversation_id = $1 AND state = 'pending' FOR UPDATE"
+)
+
+
 async def _conversation(conn: Connection, conversation_id: str, *, lock: bool = False) -> _Locked:
+    """The conversation; with ``lock``, its row locked, after its pending offer (the lock
+    order: a transition that ends the offer must not take it after the conversation, where
+    an expiring or declined offer, locked first, would wait on it the other way round)."""
+    if lock:
+        await conn.execute(LOCK_PENDING_OFFER, conversation_id)
     row = await conn.fetchrow(
         "SELECT id, account, queue, correlation_id, last_event_id, state, units, agent_id"
         " FROM conversations WHERE id = $1" + (" FOR UPDATE" if lock else ""),

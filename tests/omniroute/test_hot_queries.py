@@ -459,6 +459,12 @@ CASES = [
         (frozenset({"conversations_queue"}),),
     ),
     Case(
+        "conversation._conversation(lock): its pending offer first",
+        conversation.LOCK_PENDING_OFFER,
+        lambda s: (s.queued[0]["id"],),
+        (frozenset({"offers_one_pending"}),),
+    ),
+    Case(
         "conversation.ORPHANED",
         conversation.ORPHANED,
         lambda s: (10,),
