@@ -36,21 +36,23 @@ class DemoAgent:
 
 async def create_demo_agents(store: Store, config: Config, run: str) -> list[DemoAgent]:
     """Two agents in every queue of the example (one a billing specialist), offline until
-    they sign in; together they have room for every conversation of the demo's script."""
+    they sign in. Either alone has room for the conversations it may be offered first:
+    work left waiting for capacity is only taken once idle timers free some, and by then the
+    conversation Maria's agent is to answer may have been closed as idle."""
     queues = [q.name for q in config.queues]
     specs = [
         AgentCreate(
             name=f"Ana Souza ({run})",
             queues=queues,
             skills={"billing": 8, "orders": 5},
-            capacity=5,
+            capacity=8,
             language="pt-BR",
         ),
         AgentCreate(
             name=f"Bruno Lima ({run})",
             queues=queues,
             skills={"orders": 7},
-            capacity=3,
+            capacity=4,
             language="pt-BR",
         ),
     ]
