@@ -16,10 +16,14 @@ from router import (
     admin_api,
     agent_api,
     agent_events,
+    console_pages,
+    directory_api,
     health,
     messages_api,
     nul_guard,
     openapi,
+    queues_api,
+    session,
     supervisor_api,
     twilio_webhooks,
     variables_api,
@@ -39,6 +43,10 @@ ROUTES: list[Route] = [
     *messages_api.ROUTES,
     *variables_api.ROUTES,
     *openapi.ROUTES,
+    *session.ROUTES,
+    *directory_api.ROUTES,
+    *queues_api.ROUTES,
+    *console_pages.ROUTES,
 ]
 
 
@@ -49,7 +57,8 @@ def create_app(
     store with the stages) are used as they are and not closed here."""
     # The body limit is enforced by the webhook handlers themselves (413 with a JSON error).
     app = web.Application(
-        client_max_size=settings.max_body_bytes + 1, middlewares=[nul_guard.refuse_nul]
+        client_max_size=settings.max_body_bytes + 1,
+        middlewares=[nul_guard.refuse_nul, session.authenticate],
     )
     app[SETTINGS] = settings
     app[CONFIG] = config
