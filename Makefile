@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install install-dev install-bench install-lint services migrate demo test lint bench chaos fuzz clean
+.PHONY: install install-dev install-bench install-lint services browser migrate demo test lint bench chaos fuzz clean
 
 $(BIN)/python:
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "omniroute needs Python >= 3.11")'
@@ -36,8 +36,13 @@ migrate: install services
 demo: migrate
 	$(BIN)/omniroute demo $(DEMO_ARGS)
 
-test: install-dev services
+test: install-dev services browser
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# Debian's chromium for the console's browser tests: installed when missing and possible,
+# otherwise those tests skip with the reason (the script never fails).
+browser:
+	bash scripts/ensure-browser.sh
 
 lint: install-lint
 	$(BIN)/ruff check .
