@@ -8,6 +8,8 @@ them afterwards, so runs (and CI next to a developer) never collide.
 from __future__ import annotations
 
 import asyncio
+import functools
+import inspect
 import os
 import shutil
 import uuid
@@ -34,6 +36,39 @@ from tests.support import CONFIG_YAML, ENVIRON, PUBLIC_URL, EventTap, tap
 
 BASE_AMQP = os.environ.get("OMNIROUTE_TEST_AMQP_BASE", "amqp://guest:guest@127.0.0.1:5672")
 BASE_DB = os.environ.get("OMNIROUTE_TEST_DATABASE_BASE", "postgresql://127.0.0.1:5432")
+
+
+# pytest-timeout interrupts a hung test from a signal handler: the test's coroutine is left
+# pending in the session's event loop with its ``finally`` blocks never run, so a relay it
+# started keeps the outbox leadership and every later test waits for events in vain (seen in
+# CI: one hung test, fourteen failures after it). Each async test is therefore cancelled
+# first, CANCEL_MARGIN seconds before pytest-timeout would fire, so its cleanup runs.
+CANCEL_MARGIN = 15.0
+
+
+def _bounded(
+    test: Callable[..., Awaitable[None]], seconds: float, name: str
+) -> Callable[..., Awaitable[None]]:
+    @functools.wraps(test)
+    async def run(*args: Any, **kwargs: Any) -> None:
+        try:
+            async with asyncio.timeout(seconds):
+                await test(*args, **kwargs)
+        except TimeoutError as exc:
+            raise TimeoutError(f"{name} did not finish within {seconds:.0f} s") from exc
+
+    return run
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    default = float(config.getini("timeout") or 0)
+    for item in items:
+        if not isinstance(item, pytest.Function) or not inspect.iscoroutinefunction(item.obj):
+            continue
+        marker = item.get_closest_marker("timeout")
+        limit = float(marker.args[0]) if marker and marker.args else default
+        if limit > CANCEL_MARGIN * 2:
+            item.obj = _bounded(item.obj, limit - CANCEL_MARGIN, item.nodeid)
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,10 @@ spool relays): one task, started and stopped with the process, nudged by ``wake`
 from __future__ import annotations
 
 import asyncio
-import contextlib
+
+import structlog
+
+log = structlog.get_logger("omniroute.background")
 
 
 class Background:
@@ -24,12 +27,19 @@ class Background:
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name=self.task_name)
 
-    async def stop(self) -> None:
+    async def stop(self, within: float = 10.0) -> None:
+        """Cancel the task and wait for it to finish, at most ``within`` seconds: a task
+        stuck in its cleanup must not hang the process's shutdown with it."""
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+            task, self._task = self._task, None
+            task.cancel()
+            done, _ = await asyncio.wait({task}, timeout=within)
+            if not done:
+                log.warning("background.stop_timed_out", task=self.task_name)
+            elif not task.cancelled() and task.exception() is not None:
+                log.warning(
+                    "background.failed", task=self.task_name, error=repr(task.exception())[:200]
+                )
 
     async def _run(self) -> None:
         raise NotImplementedError

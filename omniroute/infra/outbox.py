@@ -135,6 +135,20 @@ def horizon_of(next_xid: int, running: Sequence[int]) -> int:
     return min([next_xid, *(next_xid - b for b in behind if 0 < b < 2**31)])
 
 
+async def _release(conn: asyncpg.Connection[Any]) -> None:
+    """Close the leader's connection, and abort it when a graceful close does not finish:
+    the session advisory lock is the leadership, and it is released only when the server
+    sees the connection end. A socket left open by a close that timed out would keep every
+    other candidate standing by for as long as this process lives."""
+    try:
+        await asyncio.wait_for(conn.close(), 2.0)
+    except asyncio.CancelledError:
+        conn.terminate()
+        raise
+    except Exception:
+        conn.terminate()
+
+
 class OutboxRelay(Background):
     """A candidate for the deployment's outbox relay; the elected one tails the log."""
 
@@ -169,8 +183,7 @@ class OutboxRelay(Background):
                 await asyncio.sleep(1.0)
             finally:
                 self._leave()
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(conn.close(), 2.0)
+                await _release(conn)
 
     def _leave(self) -> None:
         if self.leading:

@@ -151,9 +151,12 @@ async def test_a_long_transaction_in_another_database_does_not_hold_the_relay(
     bus: Bus, store: Store, settings: Settings, infra: Any
 ) -> None:
     other = f"omniroute_other_{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(infra.database_url)
+    # Every statement bounded: the test's cleanup must run even if the cluster is slow.
+    admin = await asyncpg.connect(infra.database_url, command_timeout=30)
     await admin.execute(f'CREATE DATABASE "{other}"')
-    elsewhere = await asyncpg.connect(infra.database_url.rsplit("/", 1)[0] + "/" + other)
+    elsewhere = await asyncpg.connect(
+        infra.database_url.rsplit("/", 1)[0] + "/" + other, command_timeout=30
+    )
     relay = OutboxRelay(bus=bus, store=store, settings=_fast(settings))
     event = _event("elsewhere")
     try:
@@ -168,6 +171,7 @@ async def test_a_long_transaction_in_another_database_does_not_hold_the_relay(
         await transaction.rollback()
     finally:
         await relay.stop()
-        await elsewhere.close()
-        await admin.execute(f'DROP DATABASE IF EXISTS "{other}"')
+        elsewhere.terminate()
+        # WITH (FORCE) (PostgreSQL 13+) ends the other database's session if it lingers.
+        await admin.execute(f'DROP DATABASE IF EXISTS "{other}" WITH (FORCE)')
         await admin.close()
