@@ -38,6 +38,12 @@ from omniroute.commands.demo_agents import (
     take_work,
     transfer,
 )
+from omniroute.commands.demo_console import (
+    admin_token,
+    console_agent,
+    customer_command,
+    print_console,
+)
 from omniroute.commands.service import Service
 from omniroute.infra.config_loader import LiveConfig, load_config
 from omniroute.infra.database import create_database, drop_database
@@ -361,7 +367,8 @@ async def run_demo(
 ) -> int:
     """Run the demo; 0 if everything happened as it should."""
     environ = {**DEMO_TOKENS, **os.environ}
-    config = _quick_lifecycle(load_config(config_path, environ))
+    example = load_config(config_path, environ)
+    config = _quick_lifecycle(example)
     # A database of its own, new each run: the demo never touches real data, and what an
     # earlier run left waiting does not take this run's agents.
     settings = Settings.model_validate(
@@ -390,11 +397,15 @@ async def run_demo(
             "http_port": port,
             "public_url": router_url,
             "twilio_api_url": emulator.url,
+            "admin_token": admin_token(
+                settings.admin_token.get_secret_value() if settings.admin_token else None
+            ),
         }
     )
     from consumers.registry import STAGES
 
-    service = Service(demo_settings, LiveConfig(config, config_path), list(STAGES), True)
+    live = LiveConfig(config, config_path)
+    service = Service(demo_settings, live, list(STAGES), True)
     outcome = Outcome()
     tap_ready = asyncio.Event()
     tap = asyncio.create_task(
@@ -428,10 +439,9 @@ async def run_demo(
         await asyncio.sleep(0.5)  # let the last events reach the tap
         await _report(dsn, outcome, config)
         if keep_running:
-            print(
-                f"\nStill running (Ctrl-C to stop): router {router_url}, "
-                f"emulator {emulator.url}/_emulator/customers/send"
-            )
+            live.current = example  # a person at the console works at human speed
+            await _console(demo_settings, example, router_url, emulator.url, account)
+            print(f"\nStill running (Ctrl-C to stop): router {router_url}, emulator {emulator.url}")
             await _until_interrupted()
     finally:
         tap.cancel()
@@ -806,6 +816,23 @@ async def _routing_report(pool: Any, outcome: Outcome, config: Config) -> None:
         print(f"  {'✓' if ok else '✗'} {line}")
         if not ok:
             outcome.problems.append(f"routing scenario not as described — {line}")
+
+
+async def _console(
+    settings: Settings, config: Config, router_url: str, emulator_url: str, account: Account
+) -> None:
+    store = Store(settings.database_url.get_secret_value(), max_size=1)
+    try:
+        agent_token = await console_agent(store, config)
+    finally:
+        await store.close()
+    assert settings.admin_token is not None
+    print_console(
+        router_url,
+        agent_token,
+        settings.admin_token.get_secret_value(),
+        customer_command(emulator_url, router_url, account),
+    )
 
 
 async def _until_interrupted() -> None:
