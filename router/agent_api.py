@@ -5,6 +5,7 @@ is a 404, so existence never leaks."""
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 import asyncpg
 from aiohttp import web
@@ -22,7 +23,7 @@ from omniroute.domain.conversation import (
     transfer_to_queue,
     wait_for_customer,
 )
-from omniroute.domain.window import window
+from omniroute.domain.window import language_for, placeholders, window
 from omniroute.errors import WorkConflict
 from omniroute.infra.outbox import add_to_outbox
 from router.auth import current_agent
@@ -35,6 +36,8 @@ from schemas.api import (
     AgentMessage,
     AgentProfile,
     AgentUpdate,
+    AttachmentPolicy,
+    ClassificationTrace,
     CloseRequest,
     ConversationMoved,
     ConversationSummary,
@@ -46,6 +49,7 @@ from schemas.api import (
     TransferRequest,
     Window,
 )
+from schemas.config import Attachments, Template
 from schemas.events import (
     EventType,
     utcnow,
@@ -209,25 +213,71 @@ async def my_conversations(request: web.Request) -> web.Response:
     return web.json_response([summary.model_dump(mode="json") for summary in summaries])
 
 
+def _template_choice(template: Template, language: str | None) -> TemplateChoice:
+    """``template`` as it would go out in a conversation in ``language``."""
+    chosen = language_for(template, language)
+    text = template.languages[chosen].text
+    return TemplateChoice(
+        name=template.name,
+        languages=sorted(template.languages),
+        language=chosen,
+        text=text,
+        variables=placeholders(text),
+    )
+
+
+def _classification(trace: dict[str, Any] | None) -> ClassificationTrace | None:
+    if trace is None:
+        return None
+    return ClassificationTrace(
+        matched=trace.get("matched") or [],
+        route=trace.get("route"),
+        fallback=bool(trace.get("fallback")),
+    )
+
+
 async def conversation(request: web.Request) -> web.Response:
     _, row = await own_conversation(request)
     workstream = request.app[CONFIG].current.workstream(row["workstream"])
     current = _window(row["last_customer_message_at"], utcnow(), row["window_closed_at"])
     templates = [
-        TemplateChoice(name=t.name, languages=sorted(t.languages))
-        for t in (workstream.templates if workstream else [])
+        _template_choice(t, row["language"]) for t in (workstream.templates if workstream else [])
     ]
-    return _answer(AgentConversation(**dict(row), window=current, templates=templates))
+    pool = await request.app[STORE].pool()
+    extra = await pool.fetchrow(
+        "SELECT wrap_up_until, classification FROM conversations WHERE id = $1", row["id"]
+    )
+    assert extra is not None  # the agent's own conversation, just read (never deleted)
+    policy = workstream.attachments if workstream else Attachments()
+    detail = AgentConversation(
+        **dict(row),
+        window=current,
+        templates=templates,
+        wrap_up_until=extra["wrap_up_until"] if row["state"] == "wrap-up" else None,
+        attachments=AttachmentPolicy(customers=policy.customers, agents=policy.agents),
+        classification=_classification(extra["classification"]),
+    )
+    return _answer(detail)
+
+
+# Who wrote a message: inbound is the customer's; outbound with an agent is that agent's;
+# outbound without one is the router's own (automated messages, the survey question).
+_MESSAGES = """
+SELECT id, direction,
+       CASE WHEN direction = 'inbound' THEN 'customer'
+            WHEN agent_id IS NOT NULL THEN 'agent' ELSE 'automated' END AS sender,
+       agent_id, kind, template ->> 'name' AS template, body, media, status, error_code,
+       error_message, status_history, twilio_sid, received_at
+FROM messages
+WHERE conversation_id = $1
+ORDER BY received_at, id
+"""
 
 
 async def conversation_messages(request: web.Request) -> web.Response:
     _, row = await own_conversation(request)
     pool = await request.app[STORE].pool()
-    messages = await pool.fetch(
-        "SELECT id, direction, body, media, status, received_at FROM messages"
-        " WHERE conversation_id = $1 ORDER BY received_at, id",
-        row["id"],
-    )
+    messages = await pool.fetch(_MESSAGES, row["id"])
     workstream = request.app[CONFIG].current.workstream(row["workstream"])
     hide = workstream is not None and not workstream.attachments.customers
     shown = [_shown(AgentMessage.model_validate(dict(m)), hide) for m in messages]

@@ -345,8 +345,42 @@ class ConversationSummary(BaseModel):
 
 
 class TemplateChoice(BaseModel):
+    """A template of the conversation's workstream, as it would be sent in this
+    conversation: approved templates may be sent whether the window is open or not."""
+
     name: str
     languages: list[str]
+    language: str = Field(
+        description="the language it is sent in here: the conversation's, else one of the"
+        " same base language, else the template's default"
+    )
+    text: str = Field(description="its approved text in that language, placeholders as {{name}}")
+    variables: list[str] = Field(
+        description="the placeholders to fill, in order of first appearance"
+    )
+
+
+class RuleHit(BaseModel):
+    """A rule that matched when the conversation was classified, and its condition."""
+
+    ruleset: str
+    rule: str
+    why: str
+
+
+class ClassificationTrace(BaseModel):
+    """Why the conversation is in its queue: the rules that matched and the routing rule."""
+
+    matched: list[RuleHit]
+    route: RuleHit | None
+    fallback: bool = Field(description="no routing rule matched: the workstream's fallback queue")
+
+
+class AttachmentPolicy(BaseModel):
+    """What the workstream takes: attachments from customers, and from agents."""
+
+    customers: bool
+    agents: bool
 
 
 class AgentConversation(BaseModel):
@@ -372,14 +406,40 @@ class AgentConversation(BaseModel):
     profile_name: str | None
     window: Window
     templates: list[TemplateChoice]
+    wrap_up_until: datetime | None = Field(
+        description="in wrap-up: when it ends and the conversation closes; otherwise null"
+    )
+    attachments: AttachmentPolicy
+    classification: ClassificationTrace | None = Field(
+        description="the rules that placed it; null if it was never classified"
+    )
+
+
+class StatusStep(BaseModel):
+    """One delivery status callback Twilio sent for the message, in arrival order."""
+
+    status: str
+    error_code: str | None = None
+    received_at: datetime
 
 
 class AgentMessage(BaseModel):
     id: uuid.UUID
     direction: Literal["inbound", "outbound"]
+    sender: Literal["customer", "agent", "automated"] = Field(
+        description="who wrote it: the customer, an agent, or the router (greeting, survey,"
+        " overflow and the other automated messages)"
+    )
+    agent_id: uuid.UUID | None = Field(description="the agent who sent it (outbound)")
+    kind: str = Field(description="text | media | template | system (automated)")
+    template: str | None = Field(description="the template's name, when one was sent")
     body: str
     media: list[dict[str, Any]]
     status: str
+    error_code: str | None
+    error_message: str | None = Field(description="why it was rejected, skipped or failed")
+    status_history: list[StatusStep]
+    twilio_sid: str | None
     received_at: datetime
     media_hidden: int | None = Field(
         default=None,

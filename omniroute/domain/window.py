@@ -93,17 +93,26 @@ def placeholders(text: str) -> list[str]:
     return seen
 
 
+def language_for(template: Template, language: str | None) -> str:
+    """The language ``template`` is sent in for a conversation in ``language``: that one,
+    else one of its base language (pt for pt-BR), else the template's default."""
+    if language is None:
+        return template.default_language
+    if language in template.languages:
+        return language
+    base = language.split("-")[0]
+    for candidate in template.languages:
+        if candidate.split("-")[0] == base:
+            return candidate
+    return template.default_language
+
+
 def render(template: Template, language: str | None, variables: dict[str, str]) -> Rendered | str:
     """The template in the conversation's language (else its default), variables checked.
 
     Returns the rendered template, or a message saying what is wrong with the variables.
     """
-    chosen = template.default_language
-    if language in template.languages:
-        chosen = language
-    elif language:
-        base = language.split("-")[0]
-        chosen = next((lang for lang in template.languages if lang.split("-")[0] == base), chosen)
+    chosen = language_for(template, language)
     content = template.languages[chosen]
     names = placeholders(content.text)
     missing = [n for n in names if n not in variables]
