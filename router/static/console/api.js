@@ -122,14 +122,23 @@ export const EVENT_TYPES = [
   "reset",
 ];
 
+const RETRY_MS = [1000, 2000, 5000, 10000, 30000]; // when the browser gave the stream up
+
 /**
  * Opens the agent's event stream. `onEvent(envelope)` gets every event (a `reset` comes as
- * `{type: "reset"}` when the router has no data for it); `onState("open" | "reconnecting")`
- * follows the connection. EventSource reconnects by itself and sends Last-Event-ID, so the
- * stream resumes after a drop. Answers a function that closes the stream.
+ * `{type: "reset"}` when the router sends no data with it); `onState("open" |
+ * "reconnecting")` follows the connection. EventSource reconnects by itself after a drop and
+ * sends Last-Event-ID, so the stream resumes where it was. It gives up for good when an
+ * answer is not a 200 text/event-stream (a 401, a 503 while the router restarts)
+ * (https://html.spec.whatwg.org/multipage/server-sent-events.html#the-eventsource-interface,
+ * "fail the connection"); then a new one is opened after a pause. Answers a function that
+ * closes the stream.
  */
 export function subscribe(onEvent, onState = () => {}) {
-  const source = new EventSource("/api/me/events", { withCredentials: true });
+  let source = null;
+  let retry = null;
+  let failures = 0;
+  let closed = false;
   const deliver = (type) => (message) => {
     let envelope;
     try {
@@ -141,11 +150,30 @@ export function subscribe(onEvent, onState = () => {}) {
     if (!envelope.type) envelope.type = type;
     onEvent(envelope);
   };
-  for (const type of EVENT_TYPES) source.addEventListener(type, deliver(type));
-  source.addEventListener("message", deliver("message"));
-  source.addEventListener("open", () => onState("open"));
-  source.addEventListener("error", () => onState("reconnecting"));
-  return () => source.close();
+  const open = () => {
+    source = new EventSource("/api/me/events", { withCredentials: true });
+    for (const type of EVENT_TYPES) source.addEventListener(type, deliver(type));
+    source.addEventListener("message", deliver("message"));
+    source.addEventListener("open", () => {
+      failures = 0;
+      onState("open");
+    });
+    source.addEventListener("error", () => {
+      if (closed) return;
+      onState("reconnecting");
+      if (source.readyState === EventSource.CLOSED) {
+        const wait = RETRY_MS[Math.min(failures, RETRY_MS.length - 1)];
+        failures += 1;
+        retry = setTimeout(open, wait);
+      }
+    });
+  };
+  open();
+  return () => {
+    closed = true;
+    clearTimeout(retry);
+    if (source) source.close();
+  };
 }
 
 /** "45s", "3m 05s", "1h 02m": a wait or a countdown at a glance. */
