@@ -42,7 +42,7 @@ import asyncpg
 import pytest
 
 from consumers import distribute, lifecycle, overflow
-from omniroute.domain import conversation, timers
+from omniroute.domain import conversation, queue_view, timers
 from omniroute.infra import outbox
 from omniroute.infra.database import create_database, drop_database
 from omniroute.infra.store import migrate
@@ -484,6 +484,35 @@ CASES = [
         # By age through the BRIN index; (txid, seq) <= watermark holds for nearly every row,
         # so a walk of ``outbox_log`` would read the whole log (and its dead head) to prune.
         (frozenset({"outbox_age"}),),
+    ),
+    # The supervisor page polls these every few seconds (omniroute.domain.queue_view).
+    Case(
+        "queue_view.WAITING",
+        queue_view.WAITING,
+        lambda s: (list(QUEUES),),
+        (frozenset({"conversations_state", "conversations_queue"}),),
+    ),
+    Case(
+        "queue_view.AGENTS",
+        queue_view.AGENTS,
+        lambda s: (list(QUEUES),),
+        (frozenset({"conversations_agent"}),),
+    ),
+    Case(
+        "queue_view.OFFERS",
+        queue_view.OFFERS,
+        lambda s: (list(QUEUES),),
+        (frozenset({"offers_due", "offers_one_pending"}), frozenset({"conversations_pkey"})),
+    ),
+    Case(
+        "queue_view.SPANS",
+        queue_view.SPANS,
+        lambda s: (list(QUEUES), s.now - timedelta(minutes=queue_view.MAX_MINUTES)),
+        # The open ones (small), and the closed ones by when they closed.
+        (
+            frozenset({"conversations_one_open", "conversations_state"}),
+            frozenset({"conversations_closed"}),
+        ),
     ),
 ]
 
