@@ -39,6 +39,14 @@ SECURITY_SCHEMES = {
         "scheme": "bearer",
         "description": "an agent's token, shown once when the agent is created",
     },
+    "sessionCookie": {
+        "type": "apiKey",
+        "in": "cookie",
+        "name": "omniroute_session",
+        "description": "the console's session (POST /api/session): an agent session wherever"
+        " agentToken is accepted, a supervisor's wherever adminToken is; POST, PUT, PATCH and"
+        " DELETE calls made with it need the session's X-CSRF-Token (403 csrf_failed)",
+    },
 }
 
 DESCRIPTIONS = {
@@ -66,6 +74,11 @@ KEY_DESCRIPTIONS = {
 # What every route with a bearer token may answer besides its own errors: no or a wrong
 # token, the admin API disabled or the database away.
 AUTH_ERRORS = (401, 503)
+# What a route taking the session cookie may answer 403 for.
+SESSION_FORBIDDEN = (
+    "A POST, PUT, PATCH or DELETE with the session cookie but not its X-CSRF-Token"
+    " (csrf_failed), or the other role's session (forbidden)"
+)
 
 Refs = dict[tuple[type[BaseModel], JsonSchemaMode], dict[str, Any]]
 
@@ -111,9 +124,12 @@ def _responses(route: Route, refs: Refs) -> dict[str, Any]:
                 "content": _content(answer, refs),
             }
     error = {"application/json": {"schema": refs[(ErrorBody, "serialization")]}}
-    auth_errors = AUTH_ERRORS if route.auth else ()
+    auth_errors = (*AUTH_ERRORS, 403) if route.auth else ()
+    session = route.auth is not None or route.path.startswith("/api/session")
     for status in sorted({*route.errors, *auth_errors} - set(route.responses)):
         description = DESCRIPTIONS[status]
+        if status == 403 and session:
+            description = SESSION_FORBIDDEN
         if route.idempotency_key:
             description += KEY_DESCRIPTIONS.get(status, "")
         responses[str(status)] = {"description": description, "content": error}
@@ -180,12 +196,21 @@ def _request_body(route: Route, refs: Refs) -> dict[str, Any] | None:
     return None
 
 
+def _security(route: Route) -> list[dict[str, list[str]]]:
+    """The route's token, or the console's session cookie in its place."""
+    if route.auth is None:
+        return []
+    if route.auth == "sessionCookie":
+        return [{route.auth: []}]
+    return [{route.auth: []}, {"sessionCookie": []}]
+
+
 def _operation(route: Route, refs: Refs) -> dict[str, Any]:
     out: dict[str, Any] = {
         "operationId": route.operation_id,
         "summary": route.summary,
         "tags": list(route.tags),
-        "security": [{route.auth: []}] if route.auth else [],
+        "security": _security(route),
     }
     if parameters := _parameters(route):
         out["parameters"] = parameters

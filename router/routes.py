@@ -14,7 +14,7 @@ from typing import Any, Literal
 from aiohttp import web
 from pydantic import BaseModel
 
-Auth = Literal["adminToken", "agentToken"]
+Auth = Literal["adminToken", "agentToken", "sessionCookie"]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 

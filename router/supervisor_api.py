@@ -1,6 +1,7 @@
 """Supervisor actions over the admin API (``Authorization: Bearer $OMNIROUTE_ADMIN_TOKEN``),
-each audited as ``supervisor.acted`` naming who acted (``X-Omniroute-Actor``, default
-``admin``), in the action's transaction (``omniroute.domain.supervisor``):
+each audited as ``supervisor.acted`` naming who acted (``X-Omniroute-Actor``, by default
+the console session's name, else ``admin``), in the action's transaction
+(``omniroute.domain.supervisor``):
 
 - ``POST /api/admin/conversations/{id}/transfer`` ``{"queue"}`` or ``{"agent_id"}``: into a
   queue (the agent it leaves is not offered it again this round), or offered to one agent,
@@ -32,7 +33,7 @@ from omniroute.domain.agents import agent_out, offline_requeue
 from omniroute.errors import WorkConflict
 from omniroute.infra.store import Connection
 from router.admin_api import TAGS, admin_only
-from router.auth import http_error
+from router.auth import PRINCIPAL, http_error
 from router.requests import not_found, once, parse_body, path_id
 from router.responses import error
 from router.routes import Header, Route
@@ -70,9 +71,13 @@ class _NoBody(BaseModel):
 
 
 def actor(request: web.Request) -> str:
-    """The request's ``X-Omniroute-Actor``, or ``admin``. Raises 400 ``invalid_actor``."""
+    """The request's ``X-Omniroute-Actor``, or the name of the supervisor's session, or
+    ``admin``. Raises 400 ``invalid_actor``."""
+    raw = request.headers.get(ACTOR_HEADER)
+    if raw is None and (session := request.get(PRINCIPAL)) is not None:
+        raw = session.name
     try:
-        return supervisor.checked_actor(request.headers.get(ACTOR_HEADER))
+        return supervisor.checked_actor(raw)
     except ValueError as exc:
         raise http_error(web.HTTPBadRequest, "invalid_actor", f"{ACTOR_HEADER}: {exc}") from None
 

@@ -40,6 +40,12 @@ class Settings(BaseSettings):
         " (a double click gets the first answer), then 409",
     )
 
+    session_ttl: float = Field(
+        default=12 * 3600.0,
+        gt=0,
+        description="a console session (cookie) ends this long after sign-in, s",
+    )
+
     # Ingress
     max_body_bytes: int = Field(default=64 * 1024, gt=0)
     publish_timeout: float = Field(

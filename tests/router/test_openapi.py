@@ -40,6 +40,7 @@ API_BODIES = {
     "AgentUpdate",
     "SendMessage",
     "PresenceUpdate",
+    "SessionCreate",
     "SupervisorClose",
     "SupervisorTransfer",
     "TransferRequest",
@@ -118,9 +119,16 @@ async def test_the_document_is_openapi_3_1(document: dict[str, Any]) -> None:
     assert document["info"]["title"] and document["info"]["version"]
     assert document["paths"]
     schemes = document["components"]["securitySchemes"]
-    assert {name: s["scheme"] for name, s in schemes.items()} == {
+    assert {name: s.get("scheme") for name, s in schemes.items()} == {
         "adminToken": "bearer",
         "agentToken": "bearer",
+        "sessionCookie": None,
+    }
+    assert schemes["sessionCookie"] | {"description": ""} == {
+        "type": "apiKey",
+        "in": "cookie",
+        "name": "omniroute_session",
+        "description": "",
     }
 
 
@@ -187,10 +195,14 @@ async def test_security_and_errors_follow_the_caller(document: dict[str, Any]) -
     error_ref = {"$ref": "#/components/schemas/ErrorBody"}
     for method, path, operation in _operations(document):
         where = f"{method.upper()} {path}"
+        # The console's session cookie stands in for either token.
         if path.startswith("/api/admin/"):
-            assert operation["security"] == [{"adminToken": []}], where
+            assert operation["security"] == [{"adminToken": []}, {"sessionCookie": []}], where
+        elif path == "/api/session":
+            expected = [{"sessionCookie": []}] if method == "get" else []
+            assert operation["security"] == expected, where
         elif path.startswith("/api/") and path != openapi.PATH:
-            assert operation["security"] == [{"agentToken": []}], where
+            assert operation["security"] == [{"agentToken": []}, {"sessionCookie": []}], where
         else:
             assert operation["security"] == [], where
         responses = operation["responses"]
