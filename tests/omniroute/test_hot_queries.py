@@ -46,6 +46,7 @@ from omniroute.domain import conversation, queue_view, timers
 from omniroute.infra import outbox
 from omniroute.infra.database import create_database, drop_database
 from omniroute.infra.store import migrate
+from router import agent_events
 
 BASE_DB = os.environ.get("OMNIROUTE_TEST_DATABASE_BASE", "postgresql://127.0.0.1:5432")
 
@@ -513,6 +514,25 @@ CASES = [
             frozenset({"conversations_one_open", "conversations_state"}),
             frozenset({"conversations_closed"}),
         ),
+    ),
+    Case(
+        "agent_events.REPLAY: a reconnect's missed events",
+        agent_events.REPLAY,
+        lambda s: (uuid.uuid4(), agent_events.REPLAY_LIMIT + 1),
+        # The client's last id by its key, then the log walked from there (never by age).
+        (frozenset({"outbox_pkey"}), frozenset({"outbox_log"})),
+    ),
+    Case(
+        "agent_events.OWNERS",
+        agent_events.OWNERS,
+        lambda s: ([s.active, s.closed],),
+        (frozenset({"conversations_pkey"}),),
+    ),
+    Case(
+        "agent_events.CUSTOMER_OWNERS",
+        agent_events.CUSTOMER_OWNERS,
+        lambda s: ([ACCOUNT], [s.returning[0]], [s.returning[1]]),
+        (frozenset({"conversations_one_open"}),),
     ),
 ]
 

@@ -1,9 +1,11 @@
 """``GET /api/me/events`` end to end on the real broker and database: an agent's stream
 carries the events that concern it (offers naming it, its customers' messages, delivery
 updates of its conversations) in SSE framing, never another agent's; keep-alive comments
-flow while it is idle; no token, no stream. The last tests serve the router as ``omniroute
-run`` does, since the test server cancels a handler whose client left and so hides what a
-disconnect or a shutdown does."""
+flow while it is idle; no token, no stream. The shutdown and disconnect tests serve the
+router as ``omniroute run`` does, since the test server cancels a handler whose client left
+and so hides what a disconnect or a shutdown does. Last, the console's session cookie works
+as the token does, and a reconnect with ``Last-Event-ID`` replays what was missed, once and
+in order."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import asyncpg
@@ -25,9 +27,11 @@ from aiohttp.test_utils import TestClient
 
 from omniroute.infra.bus import Bus
 from omniroute.infra.config_loader import LiveConfig
+from omniroute.infra.outbox import add_to_outbox
 from omniroute.infra.settings import Settings
 from router import agent_events
 from router.app import create_app
+from router.session import COOKIE
 from router.state import BUS
 from schemas.events import (
     ConversationOffered,
@@ -338,3 +342,116 @@ async def test_a_client_leaving_is_not_an_error(
         await wait_for(gone, timeout=HEARTBEAT * 20)
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert errors == []
+
+
+# --- the console's session and resuming with Last-Event-ID ----------------------------------
+
+
+async def _session_cookie(router: Client, auth: dict[str, str]) -> dict[str, str]:
+    token = auth["Authorization"].removeprefix("Bearer ")
+    response = await router.post("/api/session", json={"token": token})
+    assert response.status == 201, await response.text()
+    return {"Cookie": f"{COOKIE}={response.cookies[COOKIE].value}"}
+
+
+async def _write_to_outbox(db: asyncpg.Pool, *events: Envelope) -> None:
+    """Each event in a transaction of its own, so that the log holds them in this order."""
+    for event in events:
+        async with db.acquire() as conn, conn.transaction():
+            await add_to_outbox(cast(Any, conn), [event])
+
+
+async def _published(db: asyncpg.Pool, event: Envelope) -> None:
+    """Wait until the router's outbox relay has published ``event``."""
+
+    async def behind_watermark() -> bool:
+        return bool(
+            await db.fetchval(
+                "SELECT (o.txid, o.seq) <= (w.txid, w.seq) FROM outbox o, outbox_watermark w"
+                " WHERE o.id = $1",
+                event.id,
+            )
+        )
+
+    await wait_for(behind_watermark, timeout=10)
+
+
+def _delivered(conversation_id: str) -> Envelope:
+    message_id = str(uuid.uuid4())
+    return new_event(
+        EventType.MESSAGE_DELIVERED,
+        account="contoso",
+        key=(message_id,),
+        data=MessageOutcome(message_id=message_id, status="delivered").model_dump(mode="json"),
+        occurred_at=utcnow(),
+        conversation_id=conversation_id,
+    )
+
+
+async def test_the_stream_takes_the_session_cookie(
+    router: Client, bus: Bus, db: asyncpg.Pool
+) -> None:
+    agent, auth = await new_agent(db)
+    cookie = await _session_cookie(router, auth)
+    response = await router.get(EVENTS, headers=cookie)
+    with contextlib.closing(response):
+        assert response.status == 200
+        stream = EventStream(response)
+        # Browsers wait this long before reconnecting after a drop.
+        assert await stream.frame() == Frame(comments=["connected"], fields={"retry": "2000"})
+        await _until_live(bus, stream, agent)
+        offer = _offer(agent)
+        await bus.publish(offer)
+        [frame] = _not_probes(await stream.until(offer.id))
+        assert frame.event == offer.model_dump(mode="json")
+
+
+async def test_a_reconnect_replays_what_was_missed_once_and_in_order(
+    router: Client, bus: Bus, db: asyncpg.Pool
+) -> None:
+    agent, auth = await new_agent(db)
+    other, _ = await new_agent(db)
+    customer = new_customer()
+    conversation_id = await _conversation(db, agent, customer)
+    cookie = await _session_cookie(router, auth)
+    seen = _offer(agent)
+    async with _stream(router, cookie) as stream:
+        await _until_live(bus, stream, agent)
+        await _write_to_outbox(db, seen)
+        await stream.until(seen.id)
+
+    # While the agent is away: its events, another agent's, its customer's message (placed
+    # in the log here to hold the audience rule to the live one) and a delivery update.
+    mine, theirs, more = _offer(agent), _offer(other), _offer(agent)
+    message = received_event(customer=customer, body="voltei")
+    delivered = _delivered(conversation_id)
+    await _write_to_outbox(db, mine, theirs, more, message, delivered)
+    await _published(db, delivered)
+
+    async with _stream(router, {**cookie, "Last-Event-ID": seen.id}) as stream:
+        replayed = [await stream.event() for _ in range(4)]
+        assert [f.fields["id"] for f in replayed] == [mine.id, more.id, message.id, delivered.id]
+        assert replayed[0].event == mine.model_dump(mode="json")
+        await _until_live(bus, stream, agent)
+        # The relay publishing a replayed event late (it read the log before the relay did)
+        # does not show it twice; what follows comes live.
+        after = _offer(agent)
+        await bus.publish(more)
+        await bus.publish(after)
+        assert [f.fields["id"] for f in _not_probes(await stream.until(after.id))] == [after.id]
+
+
+@pytest.mark.parametrize("last_id", ["unknown", "not-a-uuid"])
+async def test_an_id_no_longer_kept_resets_the_client(
+    router: Client, bus: Bus, db: asyncpg.Pool, last_id: str
+) -> None:
+    agent, auth = await new_agent(db)
+    last = str(uuid.uuid4()) if last_id == "unknown" else last_id
+    async with _stream(router, {**auth, "Last-Event-ID": last}) as stream:
+        reset = await stream.event()
+        # The empty id clears the browser's last event id: its next reconnect asks for nothing.
+        assert reset.fields == {"id": "", "event": "reset", "data": '{"type":"reset"}'}
+        await _until_live(bus, stream, agent)
+        offer = _offer(agent)
+        await bus.publish(offer)
+        assert [f.fields["id"] for f in _not_probes(await stream.until(offer.id))] == [offer.id]
