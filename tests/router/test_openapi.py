@@ -199,7 +199,9 @@ async def test_security_and_errors_follow_the_caller(document: dict[str, Any]) -
         if path.startswith("/api/admin/"):
             assert operation["security"] == [{"adminToken": []}, {"sessionCookie": []}], where
         elif path == "/api/session":
-            expected = [{"sessionCookie": []}] if method == "get" else []
+            expected: list[dict[str, list[str]]] = (
+                [{"sessionCookie": []}] if method == "get" else []
+            )
             assert operation["security"] == expected, where
         elif path.startswith("/api/") and path != openapi.PATH:
             assert operation["security"] == [{"agentToken": []}, {"sessionCookie": []}], where
