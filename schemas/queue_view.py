@@ -29,6 +29,7 @@ class PendingOffer(BaseModel):
 
     id: uuid.UUID
     conversation_id: uuid.UUID
+    customer: str = Field(description="the conversation's customer (WhatsApp address)")
     agent_id: uuid.UUID
     created_at: datetime
     expires_at: datetime

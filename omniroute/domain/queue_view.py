@@ -69,7 +69,7 @@ ORDER BY a.name, a.id
 """
 
 OFFERS = """
-SELECT o.id, o.conversation_id, o.agent_id, o.created_at, o.expires_at, c.queue
+SELECT o.id, o.conversation_id, c.customer, o.agent_id, o.created_at, o.expires_at, c.queue
 FROM offers o JOIN conversations c ON c.id = o.conversation_id
 WHERE o.state = 'pending' AND c.queue = ANY($1::text[])
 ORDER BY o.created_at, o.id

@@ -191,6 +191,8 @@ async def test_longest_wait_is_the_oldest_queued_or_offered(
     [pending] = found["offers"]
     assert pending["id"] == str(offer) and pending["conversation_id"] == offered
     assert pending["agent_id"] == agent
+    customer = await db.fetchval("SELECT customer FROM conversations WHERE id = $1", offered)
+    assert pending["customer"] == customer
     general = await view(admin, "general")
     assert all(o["conversation_id"] != offered for o in general["offers"])
 
