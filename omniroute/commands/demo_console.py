@@ -8,11 +8,13 @@ import secrets
 import shlex
 
 import orjson
+from pydantic import BaseModel
 
 from omniroute.domain.agents import create_agent
 from omniroute.infra.store import Store
 from schemas.api import AgentCreate
 from schemas.config import Account, Config
+from schemas.rules import Outputs
 
 CONSOLE_AGENT = "Console Agent"
 
@@ -22,10 +24,25 @@ def admin_token(configured: str | None) -> str:
     return configured or secrets.token_urlsafe(24)
 
 
+def rule_skills(node: object) -> set[str]:
+    """Every skill a classification rule of the configuration can ask for."""
+    if isinstance(node, Outputs):
+        return set(node.skills)
+    if isinstance(node, BaseModel):
+        return set().union(*(rule_skills(getattr(node, f)) for f in type(node).model_fields))
+    if isinstance(node, list | tuple):
+        return set().union(*(rule_skills(item) for item in node))
+    if isinstance(node, dict):
+        return set().union(*(rule_skills(item) for item in node.values()))
+    return set()
+
+
 async def console_agent(store: Store, config: Config) -> str:
-    """An agent in every queue, offline until it signs in; its token, shown once."""
+    """An agent in every queue with every skill the rules ask for (so every conversation can
+    reach it), offline until it signs in; its token, shown once."""
     queues = [q.name for q in config.queues]
-    spec = AgentCreate(name=CONSOLE_AGENT, queues=queues, skills={}, capacity=3, language=None)
+    skills = dict.fromkeys(sorted(rule_skills(config)), 10)
+    spec = AgentCreate(name=CONSOLE_AGENT, queues=queues, skills=skills, capacity=3, language=None)
     async with store.transaction() as conn:
         _, token = await create_agent(conn, spec, known_queues=set(queues))
     return token
@@ -52,7 +69,7 @@ def print_console(router_url: str, agent_token: str, supervisor_token: str, cust
     print(
         "\nThe console (a shift in the browser):\n"
         f"  agent workspace   {router_url}/console\n"
-        f"    Agent token     {agent_token}   ({CONSOLE_AGENT}, every queue, capacity 3)\n"
+        f"    Agent token     {agent_token}   ({CONSOLE_AGENT}, all queues and skills)\n"
         f"  supervisor view   {router_url}/console/supervisor\n"
         f"    Admin token     {supervisor_token}\n"
         "  write as a customer (the Twilio emulator signs and posts the webhook):\n"

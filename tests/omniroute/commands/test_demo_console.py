@@ -7,7 +7,12 @@ import shlex
 
 import orjson
 
-from omniroute.commands.demo_console import admin_token, console_agent, customer_command
+from omniroute.commands.demo_console import (
+    admin_token,
+    console_agent,
+    customer_command,
+    rule_skills,
+)
 from omniroute.domain.agents import agent_by_token
 from omniroute.infra.config_loader import LiveConfig
 from omniroute.infra.store import Store
@@ -28,6 +33,7 @@ async def test_the_console_agent_token_authenticates_an_agent_of_every_queue(
     assert agent is not None
     assert sorted(agent["queues"]) == sorted(q.name for q in config.current.queues)
     assert agent["presence"] == "offline"
+    assert set(agent["skills"]) == rule_skills(config.current) != set()
 
 
 def test_the_customer_line_posts_a_whatsapp_message_to_the_emulator(config: LiveConfig) -> None:
