@@ -86,8 +86,9 @@ async def test_an_agent_shift(page: Page, stack: Stack, shots: Shots, watched: W
     # The thread: the customer's text and image (through the authorized media endpoint).
     await expect(thread_item(page, "Olá, meu pedido não chegou")).to_be_visible()
     await page.wait_for_function(
-        """() => [...document.images].some(
-            (img) => img.src.includes('/media/') && img.complete && img.naturalWidth > 0)""",
+        r"""() => [...document.images].some(
+            (img) => /\/api\/conversations\/[^/]+\/messages\/[^/]+\/media\/\d+$/.test(img.src)
+                && img.complete && img.naturalWidth > 0)""",
         timeout=STEP_TIMEOUT_MS,
     )
     await shots(page, "conversation with text and image")
@@ -115,7 +116,8 @@ async def test_an_agent_shift(page: Page, stack: Stack, shots: Shots, watched: W
     await expect(page.get_by_role("combobox", name="Presence")).to_be_visible()
     await open_conversation(page, customer)
     await expect(message_box(page)).to_be_disabled()
-    await expect(page.get_by_text(re.compile(r"window", re.IGNORECASE)).first).to_be_visible()
+    reason = page.get_by_text(re.compile(r"window closed", re.IGNORECASE))
+    await expect(reason.first).to_be_visible()
     template = page.get_by_role("combobox", name="Template")
     labels = [
         (await option.inner_text()).strip() for option in await template.locator("option").all()
@@ -164,6 +166,8 @@ async def test_an_agent_shift(page: Page, stack: Stack, shots: Shots, watched: W
     await page.get_by_role("button", name="End conversation").click()
     await reaches(stack, second_id, "wrap-up", "wrap_up")
     await expect(page.get_by_text(re.compile(r"wrap.?up", re.IGNORECASE)).first).to_be_visible()
+    wrap_up_timer = page.get_by_role("region", name="Conversation").get_by_role("timer")
+    await expect(wrap_up_timer).to_contain_text(re.compile(r"\d"))
     await shots(page, "wrap-up")
     assert not watched.errors, watched.errors
 
