@@ -96,7 +96,9 @@ async def my_offers(request: web.Request) -> web.Response:
     pool = await request.app[STORE].pool()
     rows = await pool.fetch(
         "SELECT o.id, o.conversation_id, o.expires_at, o.created_at, c.queue, c.customer,"
-        " c.priority, c.skills FROM offers o JOIN conversations c ON c.id = o.conversation_id"
+        " ct.profile_name AS customer_name, c.priority, c.skills"
+        " FROM offers o JOIN conversations c ON c.id = o.conversation_id"
+        " JOIN contacts ct ON ct.id = c.contact_id"
         " WHERE o.agent_id = $1 AND o.state = 'pending' ORDER BY o.created_at",
         agent["id"],
     )
@@ -132,8 +134,9 @@ async def decline(request: web.Request) -> web.Response:
 
 
 _PICKABLE = """
-SELECT c.id, c.queue, c.priority, c.queued_at, c.skills, c.customer, c.workstream, c.units
-FROM conversations c
+SELECT c.id, c.queue, c.priority, c.queued_at, c.skills, c.customer, c.workstream, c.units,
+       ct.profile_name AS customer_name
+FROM conversations c JOIN contacts ct ON ct.id = c.contact_id
 WHERE c.state = 'queued' AND c.queue = $1
   AND NOT EXISTS (SELECT 1 FROM jsonb_each_text(c.skills) s
                   WHERE COALESCE(($2::jsonb ->> s.key)::int, 0) < s.value::int)
@@ -197,10 +200,11 @@ async def my_conversations(request: web.Request) -> web.Response:
     agent = await current_agent(request)
     pool = await request.app[STORE].pool()
     rows = await pool.fetch(
-        "SELECT id, customer, state, queue, priority, assigned_at, last_customer_message_at,"
-        " window_closed_at FROM conversations"
-        " WHERE agent_id = $1 AND state IN ('active', 'waiting', 'wrap-up')"
-        " ORDER BY assigned_at",
+        "SELECT c.id, c.customer, ct.profile_name AS customer_name, c.state, c.queue,"
+        " c.priority, c.assigned_at, c.last_customer_message_at, c.window_closed_at"
+        " FROM conversations c JOIN contacts ct ON ct.id = c.contact_id"
+        " WHERE c.agent_id = $1 AND c.state IN ('active', 'waiting', 'wrap-up')"
+        " ORDER BY c.assigned_at",
         agent["id"],
     )
     now = utcnow()

@@ -298,6 +298,9 @@ class Offer(BaseModel):
     created_at: datetime
     queue: str | None
     customer: str
+    customer_name: str | None = Field(
+        default=None, description="the customer's WhatsApp profile name, when known"
+    )
     priority: int
     skills: dict[str, int]
 
@@ -317,6 +320,9 @@ class QueueItem(BaseModel):
     queued_at: datetime | None
     skills: dict[str, int]
     customer: str
+    customer_name: str | None = Field(
+        default=None, description="the customer's WhatsApp profile name, when known"
+    )
     workstream: str
     units: int
     fits_capacity: bool
@@ -335,6 +341,9 @@ class ConversationMoved(BaseModel):
 class ConversationSummary(BaseModel):
     id: uuid.UUID
     customer: str
+    customer_name: str | None = Field(
+        default=None, description="the customer's WhatsApp profile name, when known"
+    )
     state: ConversationState
     queue: str | None
     priority: int

@@ -95,9 +95,12 @@ async def test_offer_accept_reply_close(
     assert offered["data"]["agent_id"] == agent
     offers = await (await router.get("/api/me/offers", headers=auth)).json()
     assert [o["id"] for o in offers] == [offered["data"]["offer_id"]]
+    assert [(o["customer"], o["customer_name"]) for o in offers] == [(customer, "Maria")]
 
     accepted = await router.post(f"/api/offers/{offered['data']['offer_id']}/accept", headers=auth)
     assert accepted.status == 200, await accepted.text()
+    mine = await (await router.get("/api/me/conversations", headers=auth)).json()
+    assert [(c["id"], c["customer_name"]) for c in mine] == [(offered["conversation_id"], "Maria")]
     assigned = await _next(flow, "conversation.assigned", offered["conversation_id"])
     assert assigned["data"]["agent_id"] == agent and assigned["data"]["via"] == "offer"
     again = await router.post(f"/api/offers/{offered['data']['offer_id']}/accept", headers=auth)

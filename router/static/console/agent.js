@@ -315,8 +315,11 @@ function renderOffers() {
   tick();
 }
 
+// The customer's WhatsApp profile name with the number, or the number alone.
 function customerOf(item) {
-  return item.customer_name || item.contact_name || item.profile_name || item.customer || "Customer";
+  const name = item.customer_name || item.profile_name;
+  const number = item.customer || "Customer";
+  return name ? `${name} · ${number}` : number;
 }
 
 function offerItem(offer) {
