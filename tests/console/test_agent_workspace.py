@@ -260,7 +260,10 @@ async def test_shift_enter_adds_a_line_and_the_page_fits_a_phone(
 async def test_an_event_missed_while_the_stream_was_down_is_shown_after_it_resumes(
     page: Page, stack: Stack, shots: Shots, watched: Watched
 ) -> None:
-    await _active_conversation(page, stack, "Rita Alves")  # the stream has carried events
+    conversation_id = await _active_conversation(page, stack, "Rita Alves")  # events carried
+    rita = str(
+        await stack.db.fetchval("SELECT customer FROM conversations WHERE id = $1", conversation_id)
+    )
     streams = [r for r in watched.requests if r.url.endswith("/api/me/events")]
     assert streams, "the page never opened its event stream"
     before = len(streams)
@@ -277,12 +280,18 @@ async def test_an_event_missed_while_the_stream_was_down_is_shown_after_it_resum
         )
 
     await wait_for(offered, timeout=STEP_TIMEOUT_MS / 1000)  # it happened while we were away
+    # The open conversation's customer writes too: message.received is published by the
+    # webhook path, not through the outbox, so the page must reload the thread on return.
+    await stack.customer_writes_directly(rita, "Ainda esperando", profile="Rita Alves")
     await shots(page, "stream down")
     clock = Stopwatch()
     await stack.proxy.start()
     await expect(offer_of(page, missed)).to_be_visible(timeout=20_000)
     seconds = clock.seconds()
     print(f"\n[measure] missed offer shown {seconds * 1000:.0f} ms after the link came back")
+    await expect(
+        page.get_by_role("log", name="Messages").get_by_text("Ainda esperando")
+    ).to_be_visible(timeout=STEP_TIMEOUT_MS)
     await shots(page, "missed offer shown after reconnect")
 
     reconnects = [r for r in watched.requests if r.url.endswith("/api/me/events")][before:]

@@ -245,8 +245,14 @@ function onStreamState(streamState) {
     state.connected = true;
     clearTimeout(state.sessionCheck);
     setConnection("live");
-    // Whatever happened while the stream was down is in the lists, not in the events.
-    if (wasDown) refreshAll().catch(report);
+    // Whatever happened while the stream was down is in the lists, not in the events: the
+    // replay after Last-Event-ID covers what went through the outbox, but customer messages
+    // and delivery receipts are published by the webhook path directly, so the open
+    // conversation reloads too.
+    if (wasDown) {
+      refreshAll().catch(report);
+      state.view?.onEvent({ type: "reset" });
+    }
   } else {
     state.connected = false;
     setConnection("reconnecting");
