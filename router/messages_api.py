@@ -227,11 +227,32 @@ async def media(request: web.Request) -> web.StreamResponse:
         return error(502, "media_unavailable", f"Twilio unreachable: {type(exc).__name__}")
 
 
+# Raster images a browser may show inline. Anything else (SVG and HTML included, which can
+# carry script) is served as a download: the attachment is the customer's, the origin is
+# ours, and the console's session cookie signs the agent in on it.
+INLINE_TYPES = frozenset({"image/jpeg", "image/png", "image/gif", "image/webp"})
+
+
+def media_headers(content_type: str) -> dict[str, str]:
+    """Headers that keep a customer's file inert on the router's origin: never sniffed
+    (X-Content-Type-Options), never a document with script (a sandboxing CSP, MDN
+    "CSP: sandbox"), not cached by shared caches, and a download unless a plain image."""
+    kind = content_type.split(";", 1)[0].strip().lower() or "application/octet-stream"
+    inline = kind in INLINE_TYPES
+    return {
+        "Content-Type": kind if inline else "application/octet-stream",
+        "Content-Disposition": "inline" if inline else "attachment",
+        "X-Content-Type-Options": "nosniff",
+        "Content-Security-Policy": "default-src 'none'; sandbox",
+        "Cache-Control": "private, no-store",
+    }
+
+
 async def _relay(request: web.Request, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
     if upstream.status != 200:
         return error(502, "media_unavailable", f"Twilio answered {upstream.status}")
     response = web.StreamResponse(
-        headers={"Content-Type": upstream.headers.get("Content-Type", "application/octet-stream")}
+        headers=media_headers(upstream.headers.get("Content-Type", "application/octet-stream"))
     )
     await response.prepare(request)
     async for chunk in upstream.content.iter_chunked(64 * 1024):

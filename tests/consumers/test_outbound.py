@@ -962,6 +962,9 @@ async def trap() -> AsyncIterator[tuple[TestServer, list[str]]]:
         await server.close()
 
 
+SVG = b'<svg xmlns="http://www.w3.org/2000/svg"><script>alert(document.domain)</script></svg>'
+
+
 async def test_customer_media_is_proxied_only_from_twilio(
     router: TestClient[Any, Any],
     start_runner: RunnerFactory,
@@ -984,7 +987,8 @@ async def test_customer_media_is_proxied_only_from_twilio(
             "to": f"whatsapp:{BUSINESS}",
             "body": "segue a foto",
             "media": [
-                {"content_type": "image/jpeg", "data_base64": base64.b64encode(picture).decode()}
+                {"content_type": "image/jpeg", "data_base64": base64.b64encode(picture).decode()},
+                {"content_type": "image/svg+xml", "data_base64": base64.b64encode(SVG).decode()},
             ],
         },
     ) as response:
@@ -1005,8 +1009,18 @@ async def test_customer_media_is_proxied_only_from_twilio(
     fetched = await router.get(f"{base}/0", headers=chat.auth)
     assert fetched.status == 200
     assert fetched.headers["Content-Type"] == "image/jpeg"
+    assert fetched.headers["Content-Disposition"] == "inline"
     assert await fetched.read() == picture
-    for missing in ("1", "-1", "x"):
+    # A file that can carry script is inert on our origin: a download, never sniffed,
+    # sandboxed, not the type the customer claimed.
+    scripted = await router.get(f"{base}/1", headers=chat.auth)
+    assert scripted.status == 200
+    assert scripted.headers["Content-Type"] == "application/octet-stream"
+    assert scripted.headers["Content-Disposition"] == "attachment"
+    assert scripted.headers["X-Content-Type-Options"] == "nosniff"
+    assert "sandbox" in scripted.headers["Content-Security-Policy"]
+    assert await scripted.read() == SVG
+    for missing in ("2", "-1", "x"):
         assert (await router.get(f"{base}/{missing}", headers=chat.auth)).status == 404
     _, stranger = await new_agent(db)
     assert (await router.get(f"{base}/0", headers=stranger)).status == 404

@@ -11,6 +11,9 @@
 
 import { api, ApiError, el, fmtDuration } from "./api.js";
 
+// Shown inline: the raster types the media endpoint serves inline (router/messages_api.py);
+// anything else, SVG included, is a download there and here.
+const INLINE_IMAGES = new Set(["image/jpeg", "image/png", "image/gif", "image/webp"]);
 const REFETCH_DEBOUNCE_MS = 150; // a burst of events (message + status) = one refetch
 const TICK_MS = 1000; // window and wrap-up countdowns
 const WRAP_UP_GRACE_MS = 3000; // after wrap-up ends, when to ask whether it closed
@@ -446,6 +449,7 @@ class ConversationView {
       customer: "Customer",
       agent: mine ? "You" : "Another agent",
       automated: "Automated message",
+      bot: "Bot",
     }[message.sender] || message.direction;
     const meta = el(
       "p",
@@ -492,7 +496,7 @@ class ConversationView {
       const type = media.content_type || "";
       if (message.direction === "inbound") {
         const href = `${this.base}/messages/${encodeURIComponent(message.id)}/media/${n}`;
-        if (type.startsWith("image/")) {
+        if (INLINE_IMAGES.has(type.split(";")[0].trim().toLowerCase())) {
           items.push(
             el(
               "a",
