@@ -209,7 +209,29 @@ async def _sign_in_as(
     return Principal("agent", body.name or agent["name"], csrf, utcnow() + ttl, agent), None
 
 
+def refuse_cross_site(request: web.Request) -> None:
+    """Login CSRF: a page elsewhere must not sign this browser in as someone else (OWASP
+    CSRF Prevention Cheat Sheet, "Login CSRF"). A cross-site HTML form can only post
+    urlencoded, multipart or text/plain bodies, and a cross-site fetch of JSON needs a CORS
+    preflight this router never grants, so JSON is required; browsers that send Fetch
+    Metadata (``Sec-Fetch-Site``, MDN) are also held to same-origin requests."""
+    kind = request.content_type
+    if kind != "application/json":
+        raise http_error(
+            web.HTTPUnsupportedMediaType,
+            "unsupported_media_type",
+            "send the sign-in as application/json",
+            headers=NO_STORE,
+        )
+    site = request.headers.get("Sec-Fetch-Site")
+    if site is not None and site not in ("same-origin", "none"):
+        raise http_error(
+            web.HTTPForbidden, "cross_site", "sign in from the console itself", headers=NO_STORE
+        )
+
+
 async def sign_in(request: web.Request) -> web.Response:
+    refuse_cross_site(request)
     body = await parse_body(request, SessionCreate)
     session_id = secrets.token_urlsafe(SESSION_BYTES)
     now = utcnow()
@@ -291,7 +313,7 @@ ROUTES = [
         TAGS,
         None,
         {201: SessionOut},
-        errors=(400, 401, 422, 503),
+        errors=(400, 401, 403, 415, 422, 503),
         request=SessionCreate,
     ),
     Route(

@@ -305,3 +305,25 @@ async def test_no_token_cookie_or_csrf_token_in_the_logs(
     cookie = session.cookie["Cookie"].split("=", 1)[1]
     for secret in (token, cookie, session.body["csrf_token"]):
         assert secret not in written
+
+
+async def test_a_page_elsewhere_cannot_sign_this_browser_in(
+    router: Client, db: asyncpg.Pool
+) -> None:
+    """Login CSRF: a cross-site form posts text/plain (a JSON-looking body) or urlencoded."""
+    _, auth = await new_agent(db, name="Mallory")
+    forged = f'{{"token": "{_token(auth)}", "name": "a="}}'
+    for content_type in ("text/plain", "application/x-www-form-urlencoded"):
+        response = await router.post(SESSION, data=forged, headers={"Content-Type": content_type})
+        assert response.status == 415, content_type
+        assert "Set-Cookie" not in response.headers
+    cross = await router.post(
+        SESSION, json={"token": _token(auth)}, headers={"Sec-Fetch-Site": "cross-site"}
+    )
+    assert cross.status == 403
+    assert (await cross.json())["error"]["code"] == "cross_site"
+    assert "Set-Cookie" not in cross.headers
+    same = await router.post(
+        SESSION, json={"token": _token(auth)}, headers={"Sec-Fetch-Site": "same-origin"}
+    )
+    assert same.status == 201
