@@ -40,6 +40,7 @@ from aiohttp import web
 from omniroute.errors import StoreUnavailable
 from omniroute.infra.bus import Bus
 from omniroute.infra.store import UNAVAILABLE, Store
+from router import session
 from router.auth import current_agent
 from router.routes import Content, Route
 from router.state import BUS, STORE
@@ -331,8 +332,14 @@ async def stream(request: web.Request) -> web.StreamResponse:
                     replayed=len(replayed),
                     reset=missed is None,
                 )
+            loop = asyncio.get_running_loop()
+            recheck_at = loop.time() + HEARTBEAT_SECONDS
             while not hub.closing.is_set():
                 event = await _next_event(events, hub.closing)
+                if loop.time() >= recheck_at:
+                    if not await still_signed_in(request):
+                        break  # signed out, expired or removed: the stream ends with it
+                    recheck_at = loop.time() + HEARTBEAT_SECONDS
                 if event is not None and event["id"] in replayed:
                     replayed.discard(event["id"])  # published after the replay read it
                 elif event is not None:
@@ -342,6 +349,23 @@ async def stream(request: web.Request) -> web.StreamResponse:
     except (ConnectionResetError, aiohttp.ClientConnectionResetError):
         pass  # the agent's UI went away: not an error
     return response
+
+
+async def still_signed_in(request: web.Request) -> bool:
+    """Whether the stream's agent may still listen, asked again at every heartbeat: a
+    stream must not outlive a sign-out, the session's expiry or the agent's removal (it
+    was checked only when it opened). A database that does not answer keeps it open."""
+    cookie = request.cookies.get(session.COOKIE)
+    try:
+        if cookie and "Authorization" not in request.headers:
+            principal = await session.resolve(request, cookie)
+            return principal.agent is not None
+        await current_agent(request)
+    except web.HTTPServiceUnavailable:
+        return True
+    except web.HTTPException:
+        return False
+    return True
 
 
 async def _next_event(

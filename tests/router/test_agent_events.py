@@ -455,3 +455,30 @@ async def test_an_id_no_longer_kept_resets_the_client(
         offer = _offer(agent)
         await bus.publish(offer)
         assert [f.fields["id"] for f in _not_probes(await stream.until(offer.id))] == [offer.id]
+
+
+async def test_a_stream_ends_with_its_session_or_its_agent(
+    router: Client, bus: Bus, db: asyncpg.Pool
+) -> None:
+    """Checked when it opens and again every heartbeat: signing out (or removing the agent,
+    for a bearer stream) ends a stream that is already open."""
+    agent, auth = await new_agent(db)
+    token = auth["Authorization"].removeprefix("Bearer ")
+    signed = await router.post("/api/session", json={"token": token})
+    cookie = {"Cookie": f"{COOKIE}={signed.cookies[COOKIE].value}"}
+    csrf = {"X-CSRF-Token": (await signed.json())["csrf_token"]}
+    async with _stream(router, cookie) as stream:
+        await _until_live(bus, stream, agent)
+        assert (await router.delete("/api/session", headers={**cookie, **csrf})).status == 204
+        with pytest.raises(AssertionError, match="the stream ended"):
+            async with asyncio.timeout(HEARTBEAT * 20):
+                while True:
+                    await stream.frame()
+
+    async with _stream(router, auth) as stream:
+        await _until_live(bus, stream, agent)
+        await db.execute("UPDATE agents SET deleted_at = now() WHERE id = $1", agent)
+        with pytest.raises(AssertionError, match="the stream ended"):
+            async with asyncio.timeout(HEARTBEAT * 20):
+                while True:
+                    await stream.frame()
