@@ -71,11 +71,11 @@ class _NoBody(BaseModel):
 
 
 def actor(request: web.Request) -> str:
-    """The request's ``X-Omniroute-Actor``, or the name of the supervisor's session, or
-    ``admin``. Raises 400 ``invalid_actor``."""
-    raw = request.headers.get(ACTOR_HEADER)
-    if raw is None and (session := request.get(PRINCIPAL)) is not None:
-        raw = session.name
+    """The name of the supervisor's session (bound at sign-in: a script on the page cannot
+    act under another name), else the request's ``X-Omniroute-Actor``, else ``admin``.
+    Raises 400 ``invalid_actor``."""
+    session = request.get(PRINCIPAL)
+    raw = session.name if session is not None else request.headers.get(ACTOR_HEADER)
     try:
         return supervisor.checked_actor(raw)
     except ValueError as exc:

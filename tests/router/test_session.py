@@ -155,7 +155,9 @@ async def test_a_supervisor_session_works_where_the_admin_token_does(
     path = f"/api/admin/agents/{agent_id}/presence"
     refused = await router.put(path, json={"presence": "away"}, headers=session.cookie)
     assert await _error(refused, 403) == "csrf_failed"
-    acted = await router.put(path, json={"presence": "away"}, headers=session.csrf)
+    # The session's name is bound at sign-in: a header naming someone else does not win.
+    impostor = {**session.csrf, "X-Omniroute-Actor": "Someone Else"}
+    acted = await router.put(path, json={"presence": "away"}, headers=impostor)
     assert acted.status == 200, await acted.text()
     actors = await db.fetch(
         "SELECT body->'data'->>'actor' AS actor FROM outbox WHERE routing_key ="
