@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
+    AnyHttpUrl,
     BaseModel,
     ConfigDict,
     Field,
@@ -237,6 +238,89 @@ class Lifecycle(Strict):
         return self
 
 
+DEFAULT_HANDOFF_KEYWORDS = ("agent", "human", "person", "atendente", "humano")
+
+
+class Bot(Strict):
+    """A bot that talks to the customer before any agent does, over Rasa's REST channel
+    protocol (``POST {"sender", "message", "metadata"}``, answered by a list of
+    ``{"recipient_id", "text"?, "image"?, "buttons"?, "custom"?}``). The conversation waits
+    in the ``bot`` state, out of every queue, until the bot hands it off (a ``custom``
+    ``{"handoff": true, …}``), fails, runs out of turns, or the customer asks for a person;
+    then it is classified like any conversation, with what the bot collected.
+    """
+
+    url: AnyHttpUrl = Field(
+        description="the bot's REST webhook, e.g. http://rasa:5005/webhooks/rest/webhook"
+    )
+    token_env: str | None = Field(
+        default=None,
+        description="environment variable holding a token sent as 'Authorization: Bearer …'",
+    )
+    timeout: Duration = Field(
+        default=10.0,
+        description="for every attempt at one customer message together (retries included)",
+    )
+    max_turns: int = Field(
+        default=10, ge=1, description="bot answers before the conversation goes to agents"
+    )
+    handoff_on_error: bool = Field(
+        default=True,
+        description="the bot failing (timeout, 5xx, refused, invalid answer) hands the"
+        " conversation to agents; false: the message is retried and, at the delivery limit,"
+        " dead-lettered with the reason",
+    )
+    handoff_keywords: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_HANDOFF_KEYWORDS),
+        description="whole words (any case): the customer asking for a person goes to agents"
+        " without the bot being asked",
+    )
+    greeting: dict[str, str] = Field(
+        default_factory=dict,
+        description="language → text sent as the bot's first message (none: no greeting)",
+    )
+    buttons: Literal["text"] = Field(
+        default="text",
+        description="text: buttons become numbered choices after the text ('1. Yes');"
+        " the customer's '1' goes to the bot as that button's payload",
+    )
+    # Resolved by the loader from the environment, never read from the file.
+    token: SkipJsonSchema[SecretStr | None] = Field(default=None, exclude=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_token_in_file(cls, data: object) -> object:
+        if isinstance(data, dict) and "token" in data:
+            raise ValueError(
+                "secrets do not belong in the file: name the environment variable that holds"
+                " the bot's token with token_env"
+            )
+        return data
+
+    @field_validator("token_env")
+    @classmethod
+    def _env(cls, value: str | None) -> str | None:
+        if value is not None and not ENV_NAME.match(value):
+            raise ValueError("expected an environment variable name such as BOT_TOKEN")
+        return value
+
+    @field_validator("timeout", mode="before")
+    @classmethod
+    def _duration(cls, value: str | int | float) -> float:
+        seconds = parse_duration(value)
+        if seconds <= 0:
+            raise ValueError("the bot's timeout must be longer than 0")
+        return seconds
+
+    @field_validator("handoff_keywords")
+    @classmethod
+    def _words(cls, value: list[str]) -> list[str]:
+        words = [w.strip() for w in value]
+        if any(not w for w in words):
+            raise ValueError("a hand-off keyword cannot be empty")
+        return words
+
+
 class Workstream(Strict):
     name: Name
     language: str = "en"
@@ -250,6 +334,9 @@ class Workstream(Strict):
     lifecycle: Lifecycle = Lifecycle()
     classification: list[Ruleset] = Field(default_factory=list)
     routing: list[RouteRule] = Field(default_factory=list)
+    bot: Bot | None = Field(
+        default=None, description="a bot that answers new conversations before agents do"
+    )
 
     @field_validator("timezone")
     @classmethod

@@ -49,7 +49,8 @@ def parse_config(
 ) -> Config:
     """Validate configuration text; raise ConfigError listing every problem.
 
-    ``environ`` supplies the secrets named by ``auth_token_env`` / ``webhook_keys_env``.
+    ``environ`` supplies the secrets named by ``auth_token_env`` / ``webhook_keys_env`` and
+    the bots' ``token_env``.
     With ``require_secrets=False`` (``config check`` on a build machine) a missing secret
     is not an error.
     """
@@ -142,9 +143,24 @@ def _with_secrets(
                 update={"auth_token": SecretStr(token) if token else None, "webhook_keys": keys}
             )
         )
+    workstreams = []
+    for index, workstream in enumerate(config.workstreams):
+        bot = workstream.bot
+        if bot is None or bot.token_env is None:
+            workstreams.append(workstream)
+            continue
+        token = environ.get(bot.token_env)
+        if not token and require_secrets:
+            loc = ("workstreams", index, "bot", "token_env")
+            problems.append(
+                f"{source}:{_line_of(loc, lines)}: workstreams[{index}].bot.token_env: "
+                f"environment variable {bot.token_env} is not set"
+            )
+        resolved = bot.model_copy(update={"token": SecretStr(token) if token else None})
+        workstreams.append(workstream.model_copy(update={"bot": resolved}))
     if problems:
         raise ConfigError(problems)
-    return config.model_copy(update={"accounts": accounts})
+    return config.model_copy(update={"accounts": accounts, "workstreams": workstreams})
 
 
 def load_config(path: Path, environ: Mapping[str, str], *, require_secrets: bool = True) -> Config:
