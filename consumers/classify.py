@@ -1,11 +1,13 @@
 """The ``classify`` stage: a new conversation gets its queue, skills and priority.
 
-``conversation.opened`` → run the workstream's rulesets and route-to-queue rules over the
-conversation's context → apply the queue's operating hours → persist the outcome and its
-trace → ``conversation.classified`` then ``conversation.queued`` (or ``conversation.closed``
-when the queue's out-of-hours action says so). Idempotent: a conversation already past
-``open`` is left alone. A workstream or queue that no longer exists falls back (workstream's
-fallback queue, else the configuration's default queue) with a note, never a drop.
+``conversation.opened`` (or ``conversation.escalated``: its bot handed it off, with the
+variables it collected and its hints) → run the workstream's rulesets and route-to-queue
+rules over the conversation's context → apply the queue's operating hours → persist the
+outcome and its trace → ``conversation.classified`` then ``conversation.queued`` (or
+``conversation.closed`` when the queue's out-of-hours action says so). Idempotent: a
+conversation not ``open`` (classified already, or still its bot's) is left alone. A
+workstream or queue that no longer exists falls back (workstream's fallback queue, else the
+configuration's default queue) with a note, never a drop.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from schemas.config import Config
 from schemas.events import (
     ConversationClassified,
     ConversationClosed,
+    ConversationEscalated,
     ConversationOpened,
     ConversationOverflowed,
     ConversationQueued,
@@ -134,8 +137,15 @@ def decide(
     account: str,
     opened: ConversationOpened,
     now: datetime,
+    *,
+    variables: dict[str, Any] | None = None,
+    bot: dict[str, Any] | None = None,
 ) -> Decision:
-    """Pure: which queue, skills and priority, and what the queue's hours say, at ``now``."""
+    """Pure: which queue, skills and priority, and what the queue's hours say, at ``now``.
+
+    ``variables`` are the conversation's context variables so far (what its bot collected),
+    seen by the rules as ``variables.<name>``; ``bot`` the bot's hand-off hint (skills,
+    priority, queue), applied over the rules' outcome (``apply_bot``)."""
     notes: list[str] = []
     workstream = compiled.get(opened.workstream)
     if workstream is None:
@@ -143,7 +153,12 @@ def decide(
         notes.append(f"workstream {opened.workstream!r} no longer exists; default queue used")
         result = Classification(queue=default, fallback=True, language="en")
     else:
-        result = classify(workstream, build_context(config, account, opened, now))
+        context = build_context(config, account, opened, now)
+        context |= {f"variables.{k}": v for k, v in (variables or {}).items()}
+        context |= {f"skills.{k}": v for k, v in ((bot or {}).get("skills") or {}).items()}
+        result = classify(workstream, context)
+    if bot is not None:
+        notes += apply_bot(config, result, bot)
     queue_name = result.queue
     if config.queue(queue_name) is None:
         fallback = workstream.fallback_queue if workstream else None
@@ -166,12 +181,39 @@ def decide(
     return decision
 
 
-# The conversation, locked, and its first customer message, in one round trip.
-_STATE_AND_FIRST_MESSAGE = """
-SELECT c.state, m.found, m.body, m.media
+def apply_bot(config: Config, result: Classification, bot: dict[str, Any]) -> list[str]:
+    """The bot's hand-off hint over the rules' outcome: its skills merge in (the higher
+    proficiency of the two), its priority wins when higher, its queue (when configured)
+    replaces the routing decision. The notes say what changed, for the trace."""
+    notes = [f"escalated by the bot ({bot.get('reason')})"]
+    for skill, level in (bot.get("skills") or {}).items():
+        result.skills[skill] = max(int(level), result.skills.get(skill, 0))
+    if bot.get("skills"):
+        notes.append(f"bot's skills merged: {bot['skills']}")
+    priority = bot.get("priority")
+    if priority is not None and int(priority) > result.priority:
+        result.priority = int(priority)
+        notes.append(f"bot's priority {priority} is higher: used")
+    queue = bot.get("queue")
+    if queue is not None:
+        if config.queue(queue) is None:
+            notes.append(f"bot's queue {queue!r} is not configured; the rules' queue kept")
+        else:
+            result.queue, result.fallback, result.route = queue, False, None
+            notes.append(f"bot's queue {queue!r} replaces the routing decision")
+    return notes
+
+
+# The conversation, locked, its contact's name and its first customer message, in one
+# round trip (by primary keys and ``messages_conversation``).
+_CONVERSATION = """
+SELECT c.id, c.state, c.contact_id, c.business_number, c.customer, c.workstream, c.opened_at,
+       c.variables, c.bot_handoff, ct.profile_name,
+       m.found, m.id AS message_id, m.twilio_sid, m.body, m.media
 FROM conversations c
+JOIN contacts ct ON ct.id = c.contact_id
 LEFT JOIN LATERAL (
-    SELECT true AS found, body, media FROM messages
+    SELECT true AS found, id, twilio_sid, body, media FROM messages
     WHERE conversation_id = c.id AND direction = 'inbound'
     ORDER BY received_at, id LIMIT 1
 ) m ON true
@@ -183,26 +225,70 @@ FOR UPDATE OF c
 async def handle(event: Envelope, payload: ConversationOpened, tx: StageTx) -> list[Envelope]:
     # The earliest message by receipt time is the first one, whichever replica committed
     # first (two messages sent a moment apart can be stored in either order).
-    first = await tx.conn.fetchrow(_STATE_AND_FIRST_MESSAGE, payload.conversation_id)
-    if first is None:
+    row = await tx.conn.fetchrow(_CONVERSATION, payload.conversation_id)
+    if row is None:
         raise TransientError(f"conversation {payload.conversation_id} is not stored (yet)")
-    if first["state"] != "open":
-        return []  # classified already: this is a redelivery
-    if first["found"]:
+    if row["state"] != "open":
+        return []  # classified already (a redelivery), or its bot's until it escalates
+    if row["found"]:
         payload = payload.model_copy(
             update={
-                "first_message_body": first["body"],
-                "has_media": bool(first["media"]),
-                "media_count": len(first["media"]),
+                "first_message_body": row["body"],
+                "has_media": bool(row["media"]),
+                "media_count": len(row["media"]),
             }
         )
+    return await _classify(event, payload, row, tx)
+
+
+async def on_escalated(
+    event: Envelope, payload: ConversationEscalated, tx: StageTx
+) -> list[Envelope]:
+    """The bot handed the conversation off: classified as a new one (the same decision
+    as ``handle``), with the variables it collected and its hints."""
+    assert event.conversation_id is not None
+    row = await tx.conn.fetchrow(_CONVERSATION, event.conversation_id)
+    if row is None:
+        raise TransientError(f"conversation {event.conversation_id} is not stored (yet)")
+    if row["state"] != "open":
+        return []  # classified already: this is a redelivery
+    opened = ConversationOpened(
+        conversation_id=str(row["id"]),
+        contact_id=str(row["contact_id"]),
+        business_number=row["business_number"],
+        customer=row["customer"],
+        workstream=row["workstream"],
+        profile_name=row["profile_name"],
+        first_message_id=str(row["message_id"] or ""),
+        first_message_sid=row["twilio_sid"] or "",
+        first_message_body=row["body"] or "",
+        has_media=bool(row["media"]),
+        media_count=len(row["media"] or []),
+        opened_at=row["opened_at"],
+    )
+    return await _classify(event, opened, row, tx)
+
+
+async def _classify(
+    event: Envelope, payload: ConversationOpened, row: Any, tx: StageTx
+) -> list[Envelope]:
     config = tx.config.current
+    stored_variables: dict[str, Any] = row["variables"] or {}
     decision = decide(
-        config, tx.config.derive("classify", compile_config), event.account, payload, tx.now
+        config,
+        tx.config.derive("classify", compile_config),
+        event.account,
+        payload,
+        tx.now,
+        variables=stored_variables,
+        bot=row["bot_handoff"],
     )
     await check_overflow(tx.conn, config, decision, tx.now)
     result = decision.result
+    result.variables = {**stored_variables, **result.variables}
     trace = {**result.trace(), "notes": decision.notes, "out_of_hours": decision.out_of_hours}
+    if row["bot_handoff"] is not None:
+        trace["bot"] = row["bot_handoff"]
     for note in decision.notes:
         log.warning("classify.note", note=note)
     classified = ConversationClassified(
@@ -271,5 +357,8 @@ async def handle(event: Envelope, payload: ConversationOpened, tx: StageTx) -> l
 
 STAGE = Stage(
     name="classify",
-    handlers={EventType.CONVERSATION_OPENED: handle},
+    handlers={
+        EventType.CONVERSATION_OPENED: handle,
+        EventType.CONVERSATION_ESCALATED: on_escalated,
+    },
 )

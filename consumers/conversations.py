@@ -1,5 +1,6 @@
 """The ``conversations`` stage: a customer's message becomes a stored message in the one
-open conversation of (account, business number, customer), opening it if needed.
+open conversation of (account, business number, customer), opening it if needed (in the
+``bot`` state, with ``conversation.bot-started``, where the workstream has a bot).
 
 Idempotent: a message whose Twilio sid is already stored changes nothing and emits nothing
 (Twilio resends webhooks; the broker redelivers). Two replicas handling two messages of one
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import re
 from datetime import timedelta
+from urllib.parse import urlsplit
 
 from consumers.automated import queue_automated
 from consumers.runtime import Stage, StageTx
@@ -24,6 +26,7 @@ from omniroute.domain.conversation import (
 from omniroute.infra.ids import new_id
 from omniroute.infra.store import Connection
 from schemas.events import (
+    ConversationBotStarted,
     ConversationOpened,
     ConversationQueued,
     ConversationReopened,
@@ -56,8 +59,15 @@ async def handle(event: Envelope, payload: MessageReceived, tx: StageTx) -> list
     if answered is not None:
         return answered
     reopened = await _reopen(event, payload, tx)
+    workstream = tx.config.current.workstream(payload.workstream)
+    bot = workstream.bot if workstream is not None else None
     stored = await store_inbound(
-        tx.conn, event.account, payload, event.correlation_id, opened_event_id(event)
+        tx.conn,
+        event.account,
+        payload,
+        event.correlation_id,
+        opened_event_id(event),
+        opens_in="bot" if bot is not None else "open",
     )
     if stored is None:
         return []
@@ -79,14 +89,30 @@ async def handle(event: Envelope, payload: MessageReceived, tx: StageTx) -> list
         media_count=len(payload.media),
         opened_at=payload.received_at,
     )
+    opened_event = event.caused(
+        EventType.CONVERSATION_OPENED,
+        opened.model_dump(mode="json"),
+        conversation_id=stored.conversation_id,
+    )
+    if bot is None or stored.state != "bot":
+        return [opened_event, *events]
+    started = ConversationBotStarted(
+        workstream=payload.workstream, bot_url=origin(str(bot.url)), started_at=payload.received_at
+    )
     return [
-        event.caused(
-            EventType.CONVERSATION_OPENED,
-            opened.model_dump(mode="json"),
-            conversation_id=stored.conversation_id,
-        ),
+        opened_event,
+        opened_event.caused(EventType.CONVERSATION_BOT_STARTED, started.model_dump(mode="json")),
         *events,
     ]
+
+
+def origin(url: str) -> str:
+    """Scheme, host and port of a URL: its path and query may carry secrets."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"  # an IPv6 literal
+    return f"{parts.scheme}://{host}" + (f":{parts.port}" if parts.port else "")
 
 
 SANDBOX_JOIN = re.compile(r"^\s*join\s+\S+\s*$", re.IGNORECASE)

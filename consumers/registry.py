@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from consumers import classify, conversations, distribute, lifecycle, outbound, status
+from consumers import bot, classify, conversations, distribute, lifecycle, outbound, status
 from consumers.runtime import Stage
 
 STAGES: dict[str, Stage] = {
@@ -14,5 +14,6 @@ STAGES: dict[str, Stage] = {
         outbound.STAGE,
         status.STAGE,
         lifecycle.STAGE,
+        bot.STAGE,
     )
 }

@@ -404,8 +404,16 @@ class StageRunner:
         try:
             published += await self._run_after_commit(tx)
         except Exception as exc:  # never leave a delivery unacknowledged (it holds a slot)
+            # As a failure inside the transaction: backoff, and dead-lettered with its
+            # reason at the delivery limit (e.g. a bot that keeps failing, consumers.bot).
             reason = f"after commit: {type(exc).__name__}: {str(exc)[:300]}"
-            log.warning("stage.retry", error=reason)
+            deliveries = delivery_count(message) + 1
+            if deliveries >= self._settings.delivery_limit:
+                return await self._dead_letter(
+                    message, f"failed {deliveries} times, last error {reason}"
+                )
+            log.warning("stage.retry", error=reason, delivery=deliveries)
+            await asyncio.sleep(self._backoff(deliveries))
             await message.nack(requeue=True)
             return Outcome("redelivered", reason)
         await message.ack()

@@ -265,11 +265,13 @@ async def conversation(request: web.Request) -> web.Response:
 
 
 # Who wrote a message: inbound is the customer's; outbound with an agent is that agent's;
-# outbound without one is the router's own (automated messages, the survey question).
+# outbound of origin 'bot' the workstream's bot's (the agent reads the bot's transcript);
+# outbound without either is the router's own (automated messages, the survey question).
 _MESSAGES = """
 SELECT id, direction,
        CASE WHEN direction = 'inbound' THEN 'customer'
-            WHEN agent_id IS NOT NULL THEN 'agent' ELSE 'automated' END AS sender,
+            WHEN agent_id IS NOT NULL THEN 'agent'
+            WHEN origin = 'bot' THEN 'bot' ELSE 'automated' END AS sender,
        agent_id, kind, template ->> 'name' AS template, body, media, status, error_code,
        error_message, status_history, twilio_sid, received_at
 FROM messages

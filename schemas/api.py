@@ -16,8 +16,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 Presence = Literal["available", "busy", "dnd", "away", "offline"]
 PRESENCES: tuple[Presence, ...] = ("available", "busy", "dnd", "away", "offline")
-ConversationState = Literal["open", "queued", "offered", "active", "waiting", "wrap-up", "closed"]
+ConversationState = Literal[
+    "bot", "open", "queued", "offered", "active", "waiting", "wrap-up", "closed"
+]
 CONVERSATION_STATES: tuple[ConversationState, ...] = (
+    "bot",
     "open",
     "queued",
     "offered",
@@ -435,9 +438,9 @@ class StatusStep(BaseModel):
 class AgentMessage(BaseModel):
     id: uuid.UUID
     direction: Literal["inbound", "outbound"]
-    sender: Literal["customer", "agent", "automated"] = Field(
-        description="who wrote it: the customer, an agent, or the router (greeting, survey,"
-        " overflow and the other automated messages)"
+    sender: Literal["customer", "agent", "automated", "bot"] = Field(
+        description="who wrote it: the customer, an agent, the workstream's bot, or the"
+        " router (greeting, survey, overflow and the other automated messages)"
     )
     agent_id: uuid.UUID | None = Field(description="the agent who sent it (outbound)")
     kind: str = Field(description="text | media | template | system (automated)")

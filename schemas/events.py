@@ -48,6 +48,9 @@ class EventType(StrEnum):
     SANDBOX_JOINED = "sandbox.joined"
     CONVERSATION_OVERFLOWED = "conversation.overflowed"
     SUPERVISOR_ACTED = "supervisor.acted"
+    CONVERSATION_BOT_STARTED = "conversation.bot-started"
+    BOT_REPLIED = "bot.replied"
+    CONVERSATION_ESCALATED = "conversation.escalated"
 
 
 def event_id(*natural_key: str) -> str:
@@ -486,6 +489,60 @@ class SandboxJoined(BaseModel):
     joined_at: datetime
 
 
+class ConversationBotStarted(BaseModel):
+    """``conversation.bot-started``: a new conversation of a workstream with a bot is the
+    bot's until it escalates; no queue, no agent meanwhile."""
+
+    model_config = ConfigDict(extra="allow")
+
+    workstream: str
+    bot_url: str = Field(description="the bot's origin (scheme, host, port): never its path")
+    started_at: datetime
+
+
+class BotReplied(BaseModel):
+    """``bot.replied``: the bot answered a customer message (its messages are on their way
+    to the customer through the outbound stage)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    message_id: str = Field(description="the customer message the bot answered")
+    turn: int = Field(description="1 for the bot's first answer in the conversation")
+    texts: list[str] = Field(default_factory=list, description="the text bodies sent")
+    media: int = Field(default=0, description="images sent")
+    buttons: int = Field(default=0, description="buttons offered (as numbered text)")
+    handoff: bool = Field(default=False, description="the bot handed the conversation off")
+    latency_ms: float = Field(description="the bot call, retries included")
+    replied_at: datetime
+
+
+EscalationReason = Literal["bot", "customer_asked", "max_turns", "bot_error"]
+
+
+class ConversationEscalated(BaseModel):
+    """``conversation.escalated``: the bot is done with the conversation; classification
+    takes it as a new one, with what the bot collected."""
+
+    model_config = ConfigDict(extra="allow")
+
+    workstream: str
+    reason: EscalationReason = Field(
+        description="bot: the bot handed off; customer_asked: a hand-off keyword;"
+        " max_turns: the bot answered max_turns times; bot_error: the bot failed"
+    )
+    detail: str | None = Field(
+        default=None, description="e.g. 'timeout after 10 s', 'HTTP 503', 'invalid answer: …'"
+    )
+    variables: dict[str, Any] = Field(
+        default_factory=dict, description="merged into the conversation's context"
+    )
+    skills: dict[str, int] = Field(default_factory=dict, description="the bot's skills hint")
+    priority: int | None = Field(default=None, description="the bot's priority hint")
+    queue: str | None = Field(default=None, description="the bot's queue hint")
+    turns: int = Field(default=0, description="bot answers before the escalation")
+    escalated_at: datetime
+
+
 class SystemEvent(BaseModel):
     """Events about the deployment rather than a conversation (e.g. reload requests)."""
 
@@ -523,4 +580,7 @@ PAYLOADS: dict[str, type[BaseModel]] = {
     EventType.SANDBOX_JOINED: SandboxJoined,
     EventType.CONVERSATION_OVERFLOWED: ConversationOverflowed,
     EventType.SUPERVISOR_ACTED: SupervisorActed,
+    EventType.CONVERSATION_BOT_STARTED: ConversationBotStarted,
+    EventType.BOT_REPLIED: BotReplied,
+    EventType.CONVERSATION_ESCALATED: ConversationEscalated,
 }

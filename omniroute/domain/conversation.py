@@ -1,6 +1,7 @@
 """The conversation state machine's one owner: every change of a conversation's row
-(opened, classified and queued, offered, assigned, declined, transferred, parked waiting,
-ended into wrap-up, closed, reopened) and the agent capacity it moves, each a few
+(opened — for classification, or for the workstream's bot —, escalated by the bot,
+classified and queued, offered, assigned, declined, transferred, parked waiting, ended
+into wrap-up, closed, reopened) and the agent capacity it moves, each a few
 statements inside the caller's transaction, each returning the event it causes (to be
 written to the outbox). Nothing else in omniroute writes ``UPDATE conversations``.
 
@@ -19,7 +20,7 @@ indexes, so none can assign a conversation twice.
 from __future__ import annotations
 
 from collections.abc import Collection
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -32,11 +33,13 @@ from schemas.events import (
     ConversationAssigned,
     ConversationClosed,
     ConversationEnded,
+    ConversationEscalated,
     ConversationOffered,
     ConversationOverflowed,
     ConversationTransferred,
     ConversationWaiting,
     Envelope,
+    EscalationReason,
     EventType,
     MessageReceived,
     OfferEnded,
@@ -146,7 +149,7 @@ WITH contact AS (
     INSERT INTO conversations
         (id, account, business_number, customer, contact_id, workstream, state,
          opened_at, last_customer_message_at, correlation_id, last_event_id)
-    SELECT $7, $2, $8, $3, contact.id, $9, 'open', $10, $10, $16, $17 FROM contact
+    SELECT $7, $2, $8, $3, contact.id, $9, $18, $10, $10, $16, $17 FROM contact
     ON CONFLICT (account, business_number, customer) WHERE state <> 'closed' DO UPDATE SET
         opened_at = LEAST(conversations.opened_at, EXCLUDED.opened_at),
         last_customer_message_at =
@@ -173,6 +176,7 @@ class Stored:
     message_id: str
     opened: bool
     waiting: bool = False  # the agent had parked the conversation
+    state: str = "open"  # the conversation's state when the message was stored
 
 
 def opened_event_id(received: Envelope) -> str:
@@ -186,10 +190,15 @@ async def store_inbound(
     message: MessageReceived,
     correlation_id: str | None = None,
     opened_event_id: str | None = None,
+    *,
+    opens_in: str = "open",
 ) -> Stored | None:
     """Store a customer's message in its conversation, opening one if none is open (then
-    traced by ``correlation_id``, caused by ``opened_event_id``); None if it was stored
+    traced by ``correlation_id``, caused by ``opened_event_id``, in state ``opens_in``:
+    ``open`` for classification, ``bot`` for a workstream's bot); None if it was stored
     already."""
+    if opens_in not in ("open", "bot"):
+        raise ValueError(f"a conversation opens in open or bot, not {opens_in!r}")
     row = await conn.fetchrow(
         _STORE_INBOUND,
         new_id(),
@@ -209,6 +218,7 @@ async def store_inbound(
         _attributes(message),
         correlation_id,
         opened_event_id,
+        opens_in,
     )
     if row is None or row["message_id"] is None:
         return None  # stored before, or by a concurrent replica just now
@@ -218,6 +228,7 @@ async def store_inbound(
         str(row["message_id"]),
         bool(row["opened"]),
         waiting=row["state"] == "waiting",
+        state=row["state"],
     )
 
 
@@ -790,6 +801,65 @@ async def rescue_orphans(conn: Connection, now: datetime, limit: int = 10) -> li
         ):
             events += await requeue_agent_work(conn, agent_id, "agent_removed", now)
     return events
+
+
+@dataclass(frozen=True)
+class Handoff:
+    """Why and with what the bot gives a conversation to agents: its variables merge into
+    the conversation's context; its skills, priority and queue are hints classification
+    applies over the rules' outcome."""
+
+    reason: EscalationReason
+    detail: str | None = None
+    variables: dict[str, Any] = field(default_factory=dict)
+    skills: dict[str, int] = field(default_factory=dict)
+    priority: int | None = None
+    queue: str | None = None
+    turns: int = 0
+
+    def hint(self) -> dict[str, Any]:
+        """What classification reads back from the row (``bot_handoff``)."""
+        return {
+            "reason": self.reason,
+            "detail": self.detail,
+            "skills": self.skills,
+            "priority": self.priority,
+            "queue": self.queue,
+            "turns": self.turns,
+        }
+
+
+async def escalate(
+    conn: Connection, conversation_id: str, handoff: Handoff, workstream: str, now: datetime
+) -> Envelope | None:
+    """The bot is done with the conversation: ``bot`` → ``open`` (classification's), its
+    variables merged into the context and the hand-off kept for classification, as
+    ``conversation.escalated``. None when it is no longer the bot's (escalated before,
+    closed by a supervisor): once per conversation."""
+    conv = await _conversation(conn, conversation_id, lock=True)
+    if conv.state != "bot":
+        return None
+    data = ConversationEscalated(
+        workstream=workstream,
+        reason=handoff.reason,
+        detail=handoff.detail,
+        variables=handoff.variables,
+        skills=handoff.skills,
+        priority=handoff.priority,
+        queue=handoff.queue,
+        turns=handoff.turns,
+        escalated_at=now,
+    )
+    event = conv.event(EventType.CONVERSATION_ESCALATED, (conversation_id,), data, now)
+    await conn.execute(
+        "UPDATE conversations SET state = 'open', variables = variables || $2::jsonb,"
+        " bot_handoff = $3, last_event_id = $4, updated_at = now() WHERE id = $1",
+        conversation_id,
+        handoff.variables,
+        handoff.hint(),
+        event.id,
+    )
+    return event
 
 
 async def set_variables(

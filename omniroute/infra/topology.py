@@ -43,7 +43,7 @@ STAGES: dict[str, StageQueue] = {
     stage.stage: stage
     for stage in (
         StageQueue("conversations", (EventType.MESSAGE_RECEIVED,)),
-        StageQueue("classify", (EventType.CONVERSATION_OPENED,)),
+        StageQueue("classify", (EventType.CONVERSATION_OPENED, EventType.CONVERSATION_ESCALATED)),
         StageQueue(
             "distribute",
             (
@@ -77,6 +77,12 @@ STAGES: dict[str, StageQueue] = {
             ),
         ),
         StageQueue("status", (EventType.MESSAGE_STATUS,)),
+        StageQueue(
+            "bot",
+            (EventType.CONVERSATION_BOT_STARTED, EventType.MESSAGE_RECEIVED),
+            # Only with a bot configured in some workstream (bot.needs).
+            optional=(EventType.CONVERSATION_BOT_STARTED, EventType.MESSAGE_RECEIVED),
+        ),
     )
 }
 

@@ -41,7 +41,7 @@ from typing import Any, cast
 import asyncpg
 import pytest
 
-from consumers import distribute, lifecycle, overflow
+from consumers import bot, classify, distribute, lifecycle, overflow
 from omniroute.domain import conversation, queue_view, timers
 from omniroute.infra import outbox
 from omniroute.infra.database import create_database, drop_database
@@ -69,6 +69,7 @@ BIG = frozenset(
         "offers",
         "contacts",
         "contact_agents",
+        "bot_turns",
     }
 )
 
@@ -323,6 +324,12 @@ async def _seed(dsn: str) -> Seeded:
             "INSERT INTO outbox (id, routing_key, body) VALUES ($1, 'conversation.queued', '{}')",
             [(i,) for i in _uuids(20)],
         )
+        # Every customer's first message of the history had a bot turn (issue 14).
+        await conn.execute(
+            "INSERT INTO bot_turns (message_id, conversation_id, turn, state, answered_at)"
+            " SELECT id, conversation_id, 1, 'answered', received_at FROM messages"
+            " WHERE direction = 'inbound'"
+        )
         await conn.execute("RESET session_replication_role")
         await conn.execute("VACUUM ANALYZE")
         watermark = await conn.fetchrow("SELECT txid::text::bigint, seq FROM outbox_watermark")
@@ -404,7 +411,8 @@ def _store_inbound_args(s: Seeded) -> tuple[Any, ...]:
     number, customer = s.returning
     sid = f"SM{uuid.uuid4().hex}"
     return (uuid.uuid4(), ACCOUNT, customer, customer[1:], None, "Cliente", uuid.uuid4(), number,
-            "support", s.now, uuid.uuid4(), sid, "Oi de novo", "[]", "{}", sid, None)  # fmt: skip
+            "support", s.now, uuid.uuid4(), sid, "Oi de novo", "[]", "{}", sid, None,
+            "open")  # fmt: skip
 
 
 CASES = [
@@ -527,6 +535,24 @@ CASES = [
         agent_events.OWNERS,
         lambda s: ([s.active, s.closed],),
         (frozenset({"conversations_pkey"}),),
+    ),
+    Case(
+        "bot._MESSAGE",
+        bot._MESSAGE,
+        lambda s: (f"SM{uuid.uuid4().hex}",),
+        (frozenset({"messages_twilio_sid_key"}),),
+    ),
+    Case(
+        "bot._TURNS",
+        bot._TURNS,
+        lambda s: (s.active,),
+        (frozenset({"bot_turns_conversation", "bot_turns_pkey"}),),
+    ),
+    Case(
+        "classify._CONVERSATION",
+        classify._CONVERSATION,
+        lambda s: (s.active,),
+        (frozenset({"conversations_pkey"}), frozenset({"messages_conversation"})),
     ),
     Case(
         "agent_events.CUSTOMER_OWNERS",

@@ -136,6 +136,7 @@ def test_every_ref_resolves() -> None:
 def test_stage_bindings_are_documented() -> None:
     channels = asyncapi()["channels"]
     assert channels["message.received"]["subscribe"]["x-omniroute-stages"] == [
+        "bot",
         "conversations",
         "lifecycle",
     ]

@@ -2,11 +2,12 @@
 PostgreSQL database, and after every step the invariants a supervisor counts on, read back
 from the database.
 
-Rules: add an agent, a conversation queued, a distribution-like offer (``claim_capacity`` +
-``make_offer``) or auto-accept assignment to an eligible agent, accept, decline or expire,
-transfer to a queue or to an agent (which may be refused: then nothing changed), park it
-waiting for the customer, the agent ends it (into wrap-up or closed), close it, requeue an
-agent's work, an agent going offline (with or without the requeue policy), an agent removed.
+Rules: add an agent, a conversation queued, one in the bot's hands and its escalation, a
+distribution-like offer (``claim_capacity`` + ``make_offer``) or auto-accept assignment to
+an eligible agent, accept, decline or expire, transfer to a queue or to an agent (which may
+be refused: then nothing changed), park it waiting for the customer, the agent ends it (into
+wrap-up or closed), close it, requeue an agent's work, an agent going offline (with or
+without the requeue policy), an agent removed.
 
 A conversation ended while parked waiting (its capacity released) closes at once: wrap-up
 always holds its agent's assignment (found by this model: it used to go to wrap-up holding
@@ -198,6 +199,47 @@ class ConversationModel(RuleBasedStateMachine):
         self.convs.append(self.run(insert()))
         self.tick()
 
+    @precondition(lambda self: len(self._open_conversations("bot")) < 2)
+    @rule()
+    def new_bot_conversation(self) -> None:
+        """A conversation of a workstream with a bot: no queue until the bot escalates."""
+
+        async def insert() -> str:
+            contact, cid = uuid.uuid4(), uuid.uuid4()
+            customer = f"+1555{uuid.uuid4().int % 10**7:07d}"
+            await self.conn.execute(
+                "INSERT INTO contacts (id, account, address) VALUES ($1, 'model', $2)",
+                contact,
+                customer,
+            )
+            await self.conn.execute(
+                "INSERT INTO conversations (id, account, business_number, customer, contact_id,"
+                " workstream, state, opened_at, last_customer_message_at)"
+                " VALUES ($1, 'model', '+15550000000', $2, $3, 'model', 'bot', $4, $4)",
+                cid,
+                customer,
+                contact,
+                self.tick(),
+            )
+            return str(cid)
+
+        self.convs.append(self.run(insert()))
+        self.tick()
+
+    @precondition(lambda self: bool(self._open_conversations("bot")))
+    @rule(data=st.data())
+    def escalate(self, data: st.DataObject) -> None:
+        """The bot hands off: ``open`` for classification, once (a second is a no-op)."""
+        row = self.pick(data, self._open_conversations("bot"))
+        if row is None:
+            return
+        handoff = conversation.Handoff("bot", variables={"order": "A-1"}, skills={"x": 2})
+        now = self.tick()
+        first = self.run(conversation.escalate(self.conn, row["id"], handoff, "model", now))
+        again = self.run(conversation.escalate(self.conn, row["id"], handoff, "model", now))
+        assert first is not None and again is None
+        self.tick()
+
     def _eligible(self) -> list[tuple[str, str]]:
         agents = [a for a in self.agent_rows() if a["presence"] == "available" and not a["deleted"]]
         return [
@@ -318,10 +360,11 @@ class ConversationModel(RuleBasedStateMachine):
                 )
             )
 
-    @precondition(lambda self: bool(self._open_conversations()))
+    @precondition(lambda self: bool(self._open_conversations(*HOLDING, "queued", "bot")))
     @rule(data=st.data())
     def close(self, data: st.DataObject) -> None:
-        row = self.pick(data, self._open_conversations())
+        """A supervisor's close: any open conversation, the bot's too."""
+        row = self.pick(data, self._open_conversations(*HOLDING, "queued", "bot"))
         if row is not None:
             self.run(conversation.close_conversation(self.conn, row["id"], "test", self.tick()))
 
@@ -381,6 +424,8 @@ class ConversationModel(RuleBasedStateMachine):
             assert (offers, held) == expected, dict(c)
             if state == "queued":
                 assert c["queue"] is not None, dict(c)
+            if state in ("bot", "open"):  # the bot's, or escalated and not yet classified
+                assert c["queue"] is None and agent is None, dict(c)
 
 
 def test_the_conversation_state_machine_keeps_its_invariants(infra: Infra) -> None:
