@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import (
+    bot_stage,
     classify_stage,
     distribution,
     end_to_end,
@@ -41,6 +42,7 @@ ALL = (
     "distribution",
     "outbound",
     "flatness",
+    "bot",
 )
 
 
@@ -69,6 +71,11 @@ def benchmarks(args: argparse.Namespace) -> dict[str, Bench]:
             stage_count=1000 if quick else 3000,
             e2e_seconds=5 if quick else 30,
             rounds=1 if quick else 2,
+        ),
+        "bot": lambda i: bot_stage.run(
+            i,
+            count=500 if quick else 2000,
+            history=args.history or (10_000 if quick else 100_000),
         ),
     }
 
