@@ -290,7 +290,7 @@ async def _classify(
     if row["bot_handoff"] is not None:
         trace["bot"] = row["bot_handoff"]
     for note in decision.notes:
-        log.warning("classify.note", note=note)
+        log.info("classify.note", note=note)  # routine: also in the trace and the event
     classified = ConversationClassified(
         workstream=payload.workstream,
         queue=decision.queue,

@@ -38,6 +38,7 @@ from omniroute.commands.demo_agents import (
     take_work,
     transfer,
 )
+from omniroute.commands.demo_bot import answered, bot_numbers, check_bot, faq_bot, with_bot_at
 from omniroute.commands.demo_console import (
     admin_token,
     console_agent,
@@ -160,8 +161,8 @@ def _free_port(preferred: int) -> int:
 
 def _script(account: Account) -> list[Step]:
     """The customers of this run (new numbers each run, so each run opens conversations)."""
-    names = {n.name: n.number for n in account.numbers}
-    main, other = next(iter(names)), list(names)[-1]
+    main = account.numbers[0].name
+    other = next((n.name for n in account.numbers if n.sandbox), account.numbers[-1].name)
     run = f"{random.randrange(10_000):04d}"
     maria, ana, john = f"+5511988{run}", f"+5521977{run}", f"+1415555{run}"
     return [
@@ -301,7 +302,7 @@ async def _report(dsn: str, outcome: Outcome, config: Config) -> None:
         rows = await pool.fetch(
             "SELECT c.id, c.state, c.account, c.business_number, c.customer, c.workstream,"
             " c.queue, c.priority, c.skills, a.name AS agent, ct.profile_name, m.body, m.media,"
-            " m.kind,"
+            " m.kind, m.origin,"
             " m.received_at, m.twilio_sid, m.direction, m.status"
             " FROM messages m JOIN conversations c ON c.id = m.conversation_id"
             " JOIN contacts ct ON ct.id = c.contact_id LEFT JOIN agents a ON a.id = c.agent_id"
@@ -342,7 +343,9 @@ def _conversations(rows: list[Any], outcome: Outcome) -> None:
         media = f"  +{len(row['media'])} media" if row["media"] else ""
         arrow = "←" if row["direction"] == "inbound" else "→"
         status = f"  [{row['status']}]" if row["direction"] == "outbound" else ""
-        if row["direction"] == "outbound" and row["kind"] == "system":
+        if row["origin"] == "bot":
+            status += " (bot)"
+        elif row["direction"] == "outbound" and row["kind"] == "system":
             status += " (automated)"
         print(f"      {row['received_at']:%H:%M:%S.%f} {arrow} {row['body']!r}{media}{status}")
 
@@ -366,8 +369,13 @@ async def run_demo(
     settings: Settings, *, keep_running: bool = False, config_path: Path = DEMO_CONFIG
 ) -> int:
     """Run the demo; 0 if everything happened as it should."""
+    async with faq_bot() as bot_url:
+        return await _run_demo(settings, keep_running, config_path, bot_url)
+
+
+async def _run_demo(settings: Settings, keep_running: bool, config_path: Path, bot_url: str) -> int:
     environ = {**DEMO_TOKENS, **os.environ}
-    example = load_config(config_path, environ)
+    example = with_bot_at(load_config(config_path, environ), bot_url)
     config = _quick_lifecycle(example)
     # A database of its own, new each run: the demo never touches real data, and what an
     # earlier run left waiting does not take this run's agents.
@@ -505,7 +513,8 @@ async def _agents_at_work(customers: Customers, config: Config, script: list[Ste
             f" → wrap-up ({DEMO_LIFECYCLE.wrap_up:.0f} s, capacity still held)"
         )
         await _life_after_close(http, pool, maria, script, outcome)
-        await _routing(customers, agents, run)
+        present = await _routing(customers, agents, run)
+        await _bot(customers, present, run, config)
     finally:
         await retire_demo_agents(store, agents)
 
@@ -600,10 +609,12 @@ async def _arrives(customers: Customers, step: Step) -> str:
     return await customers.conversation(sid)
 
 
-async def _routing(customers: Customers, agents: list[DemoAgent], run: str) -> None:
+async def _routing(customers: Customers, agents: list[DemoAgent], run: str) -> list[DemoAgent]:
     """New customers in push mode, the agents acting through the agent API: an offer
     declined, a conversation transferred to another queue, a conversation rescued when a
-    supervisor removes its agent. What happened is read back in ``_routing_report``."""
+    supervisor removes its agent. What happened is read back in ``_routing_report``.
+    Answers the agents still there (the rescue removes one)."""
+    rest = agents
     http, url = customers.http, customers.router_url
     main = next(iter(customers.numbers))
 
@@ -652,6 +663,33 @@ async def _routing(customers: Customers, agents: list[DemoAgent], run: str) -> N
         customers.outcome.problems.append(
             f"the routing scenarios stopped: {type(exc).__name__} {exc}".rstrip()
         )
+    return rest
+
+
+async def _bot(customers: Customers, agents: list[DemoAgent], run: str, config: Config) -> None:
+    """A customer of the bot's number talks to the FAQ bot (each message answered before
+    the next), asks for a person, and an agent takes the conversation it hands over."""
+    numbers = bot_numbers(config)
+    if not numbers:
+        customers.outcome.problems.append("bot: no number of the demo configuration has a bot")
+        return
+    pool = await customers.store.pool()
+    sender = f"whatsapp:+55419770{4}{run}"
+    print(
+        f"\nA bot before the agents ({numbers[0]}: examples/faq_bot.py over Rasa's REST channel):"
+    )
+    try:
+        for body in ("Oi, meu pedido não chegou", "É o 40917", "quero falar com alguém"):
+            [sid] = await customers.write(Step("Helena", sender, numbers[0], body, scenario="bot"))
+            await answered(pool, sid)
+        cid = await customers.conversation(sid)  # handed over: offer_for waits for the offer
+        http, url = customers.http, customers.router_url
+        holder, offer = await offer_for(http, url, agents, cid)
+        accepted = await decide(http, url, holder, offer, "accept")
+        print(f"  handed to the agents; the offer goes to {holder.name}, who accepts: {accepted}")
+        print(f"  {holder.name} ends the conversation: {await close(http, url, holder, cid)}")
+    except (TimeoutError, aiohttp.ClientError) as exc:
+        customers.outcome.problems.append(f"the bot scenario stopped: {type(exc).__name__} {exc}")
 
 
 @dataclass(frozen=True)
@@ -803,11 +841,21 @@ async def _routing_report(pool: Any, outcome: Outcome, config: Config) -> None:
         for r in await pool.fetch("SELECT body FROM outbox WHERE routing_key = 'supervisor.acted'")
     ]
     counted = outcome.events.get("conversation.overflowed", 0)
+    bot_texts = [
+        r["body"]
+        for r in await pool.fetch(
+            "SELECT body FROM messages WHERE origin = 'bot' AND conversation_id IN"
+            " (SELECT conversation_id FROM messages WHERE twilio_sid = ANY($1::text[]))"
+            " ORDER BY id",
+            outcome.scenarios.get("bot", []),
+        )
+    ]
     checks: dict[str, Any] = {
         "overflow": lambda hs: _overflow(hs, config, counted),
         "decline": lambda hs: _decline(hs[0]),
         "transfer": lambda hs: _transfer(hs[0]),
         "rescue": lambda hs: _rescue(hs[0], audits),
+        "bot": lambda hs: check_bot(hs[0].customer, hs[0].events, hs[0].holders, bot_texts),
     }
     print("\nRouting scenarios (read back from offers, assignments and the outbox):")
     for scenario, check in checks.items():
