@@ -12,9 +12,16 @@
    connections and 5xx within the bot's ``timeout``;
 3. in a transaction of its own: the turn ``answered``, each bot message stored (origin
    ``bot``) and handed to the outbound stage (the 24-hour gate applies), ``bot.replied``;
-   a ``custom`` hand-off escalates with its variables and hints. A failure escalates
-   (``bot_error``) under ``handoff_on_error``; else the turn stays ``calling`` with the error
-   and the delivery is retried, dead-lettered with the reason at the delivery limit.
+   a ``custom`` hand-off escalates with its variables and hints, a ``custom``
+   ``{"resolved": true}`` closes the conversation (``resolved_by_bot``) after those
+   messages, in the same transaction (their send requests come first in the outbox). A
+   failure escalates (``bot_error``) under ``handoff_on_error``; else the turn stays
+   ``calling`` with the error and the delivery is retried, dead-lettered with the reason at
+   the delivery limit.
+
+A conversation left at the bot ends after the bot's ``close_after``: each customer message
+(step 1) and each answer (step 3) push its durable ``bot_idle`` timer later; the lifecycle
+stage's tick fires it (``bot_idle``) if the conversation is still the bot's.
 
 A redelivered message finds its turn: ``answered``/``skipped``/``failed`` asks nothing; a
 ``calling`` one (the process died during the call, or the call failed) asks again with the
@@ -56,10 +63,12 @@ from consumers.bot_protocol import (
     handoff_of,
     outgoing,
     parse_answer,
+    resolved_of,
 )
 from consumers.conversations import SANDBOX_JOIN
 from consumers.runtime import Stage, StageTx
-from omniroute.domain.conversation import Handoff, escalate
+from omniroute.domain.conversation import Handoff, close_at_bot, escalate
+from omniroute.domain.timers import BOT_IDLE, schedule
 from omniroute.errors import TransientError
 from omniroute.infra.config_loader import LiveConfig
 from omniroute.infra.outbox import add_to_outbox
@@ -431,6 +440,7 @@ async def on_message(event: Envelope, payload: MessageReceived, tx: StageTx) -> 
         )
     else:
         number, request = turn["turn"], turn["request"]
+    await _idle_from(tx.conn, str(row["conversation_id"]), bot, payload.received_at)
     call = Call(
         message_id=str(row["id"]),
         conversation_id=str(row["conversation_id"]),
@@ -579,6 +589,15 @@ async def _record(
         replied_at=now,
     )
     events.append(_event(EventType.BOT_REPLIED, call, replied, now))
+    if handoff is None and resolved_of(messages):
+        # After the answer's messages: their send requests are ahead in this transaction's
+        # outbox rows, and the outbound stage sends a closed conversation's messages too.
+        # At the last message's moment (each a millisecond apart): nothing after the close.
+        at = now + timedelta(milliseconds=max(len(sent) - 1, 0))
+        closed = await close_at_bot(conn, call.conversation_id, "resolved_by_bot", at)
+        return events + ([closed] if closed is not None else [])
+    if handoff is None:
+        await _idle_from(conn, call.conversation_id, bot, now)
     if handoff is not None:
         escalated = await escalate(
             conn,
@@ -598,6 +617,15 @@ async def _record(
         if escalated is not None:
             events.append(escalated)
     return events
+
+
+async def _idle_from(conn: Connection, conversation_id: str, bot: Bot, since: datetime) -> None:
+    """The conversation closes ``bot_idle`` once ``close_after`` passes from ``since`` (a
+    customer message or a bot answer) with nothing later: only ever pushed later (messages
+    handled out of order), never set again for a moment it already fired for."""
+    if bot.close_after is not None:
+        due = since + timedelta(seconds=bot.close_after)
+        await schedule(conn, conversation_id, BOT_IDLE, due, later_only=True)
 
 
 async def _answered(conn: Connection, conversation_id: str) -> int:

@@ -10,7 +10,8 @@ client sends back as the next ``message``
 https://rasa.com/docs/reference/api/pro/http-api/channel-webhooks/post-user-message-from-a-rest-channel).
 
 What omniroute adds on top, in ``custom``: ``{"handoff": true, "variables": {...},
-"skills": {...}, "priority": n, "queue": "name"}`` hands the conversation to agents.
+"skills": {...}, "priority": n, "queue": "name"}`` hands the conversation to agents;
+``{"resolved": true}`` ends it at the bot (``resolved_of``).
 WhatsApp free text has no buttons, so buttons become numbered choices after the text, and
 a customer's reply naming a number goes to the bot as that button's payload.
 """
@@ -102,6 +103,24 @@ def handoff_of(messages: Iterable[BotMessage]) -> HandoffRequest | None:
                 handoff=True, variables=variables if isinstance(variables, dict) else {}
             )
     return None
+
+
+def resolved_of(messages: Iterable[BotMessage]) -> bool:
+    """Whether a ``custom`` of the answer says the bot resolved the conversation:
+    ``{"resolved": true}`` (exactly ``true``, as ``handoff``).
+
+    One key, no aliases. Rasa defines no "end of conversation" message: ``custom`` is
+    whatever the bot's action sends with ``dispatcher.utter_message(json_message=...)``
+    (https://rasa.com/docs/reference/channels/your-own-website/), so the key is ours to name.
+    Other stacks name the same signal differently — Bot Framework's ``endOfConversation``
+    activity, which "means the channel or bot has ended the conversation"
+    (https://learn.microsoft.com/en-us/bot-framework/rest-api/bot-framework-rest-direct-line-3-0-end-conversation),
+    Dialogflow ES's ``endInteraction`` parameter
+    (https://docs.cloud.google.com/agent-assist/docs/handoff-es), Rocket.Chat's Rasa app's
+    ``close-chat`` action (a call back to the chat server, not a message field) — none of
+    them a key a Rasa bot already sends, so an alias would be one more name to document
+    without sparing anyone a change."""
+    return any((message.custom or {}).get("resolved") is True for message in messages)
 
 
 def with_choices(text: str | None, buttons: Sequence[Button]) -> str:

@@ -6,8 +6,10 @@ chose), ``conversation.queued`` (waiting
 in queue; out of hours), ``conversation.assigned`` (agent joined), ``conversation.ended``
 (agent ended: wrap-up timer), ``conversation.closed`` (closed message, survey) and
 ``message.received`` (customer activity moves the idle timers). Its tick fires due timers
-(``omniroute.domain.timers``): idle reminder, auto-close, end of wrap-up. Every automated message
-goes through ``consumers.automated`` and the outbound gate.
+(``omniroute.domain.timers``): idle reminder, auto-close, end of wrap-up, and the bot stage's
+``bot_idle`` (one sweep for every conversation timer: a second sweeper over the same table
+would take the other's timers and mark them fired). Every automated message goes through
+``consumers.automated`` and the outbound gate.
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ from pydantic import BaseModel
 from consumers.automated import queue_automated
 from consumers.conversations import SANDBOX_JOIN
 from consumers.runtime import Stage, StageTx
-from omniroute.domain.conversation import close_conversation
-from omniroute.domain.timers import cancel, schedule, take_due
+from omniroute.domain.conversation import close_at_bot, close_conversation
+from omniroute.domain.timers import BOT_IDLE, cancel, schedule, take_due
 from omniroute.domain.window import window
 from omniroute.errors import InvalidEvent, TransientError
 from omniroute.infra.store import Connection
@@ -259,7 +261,7 @@ async def on_ended(event: Envelope, payload: ConversationEnded, tx: StageTx) -> 
 async def on_closed(event: Envelope, payload: ConversationClosed, tx: StageTx) -> list[Envelope]:
     """Timers cancelled; the closing message, and the survey where the workstream asks."""
     row = await _conversation(tx.conn, _id(event))
-    await cancel(tx.conn, str(row["id"]), [*IDLE_TIMERS, "wrap_up_end"])
+    await cancel(tx.conn, str(row["id"]), [*IDLE_TIMERS, "wrap_up_end", BOT_IDLE])
     if payload.reason in ("out_of_hours", "overflow"):
         # Closed without reaching an agent: the reason's own message, and no survey.
         kind = payload.automated_message or payload.reason
@@ -351,6 +353,10 @@ async def tick(tx: StageTx) -> list[Envelope]:
             events.append(await close_conversation(tx.conn, str(row["id"]), "idle", tx.now))
         elif timer["kind"] == "wrap_up_end" and row["state"] == "wrap-up":
             events.append(await close_conversation(tx.conn, str(row["id"]), "agent", tx.now))
+        elif timer["kind"] == BOT_IDLE and row["state"] == "bot":
+            # Still at the bot (not escalated meanwhile): the customer left it there.
+            closed = await close_at_bot(tx.conn, str(row["id"]), "bot_idle", tx.now)
+            events += [closed] if closed is not None else []
     return events
 
 

@@ -247,7 +247,9 @@ class Bot(Strict):
     ``{"recipient_id", "text"?, "image"?, "buttons"?, "custom"?}``). The conversation waits
     in the ``bot`` state, out of every queue, until the bot hands it off (a ``custom``
     ``{"handoff": true, …}``), fails, runs out of turns, or the customer asks for a person;
-    then it is classified like any conversation, with what the bot collected.
+    then it is classified like any conversation, with what the bot collected. Or it ends at
+    the bot: resolved (a ``custom`` ``{"resolved": true}``), or the customer silent for
+    ``close_after``.
     """
 
     url: AnyHttpUrl = Field(
@@ -284,6 +286,12 @@ class Bot(Strict):
         description="text: buttons become numbered choices after the text ('1. Yes');"
         " the customer's '1' goes to the bot as that button's payload",
     )
+    close_after: Duration | None = Field(
+        default=1800.0,
+        description="the customer silent this long after the bot's last answer (or their own"
+        " last message) closes the conversation, reason bot_idle (0 or null: never; a"
+        " conversation still at the bot otherwise stays open until the customer writes)",
+    )
     # Resolved by the loader from the environment, never read from the file.
     token: SkipJsonSchema[SecretStr | None] = Field(default=None, exclude=True)
 
@@ -311,6 +319,12 @@ class Bot(Strict):
         if seconds <= 0:
             raise ValueError("the bot's timeout must be longer than 0")
         return seconds
+
+    @field_validator("close_after", mode="before")
+    @classmethod
+    def _idle(cls, value: str | int | float | None) -> float | None:
+        seconds = None if value is None else parse_duration(value)
+        return seconds or None  # 0: off
 
     @field_validator("handoff_keywords")
     @classmethod

@@ -1,6 +1,6 @@
 """The conversation state machine's one owner: every change of a conversation's row
-(opened — for classification, or for the workstream's bot —, escalated by the bot,
-classified and queued, offered, assigned, declined, transferred, parked waiting, ended
+(opened — for classification, or for the workstream's bot —, escalated by the bot or
+closed at it, classified and queued, offered, assigned, declined, transferred, parked waiting, ended
 into wrap-up, closed, reopened) and the agent capacity it moves, each a few
 statements inside the caller's transaction, each returning the event it causes (to be
 written to the outbox). Nothing else in omniroute writes ``UPDATE conversations``.
@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Collection
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel
 
@@ -241,6 +241,10 @@ def _attributes(message: MessageReceived) -> dict[str, object]:
     return attributes
 
 
+# The customer's last conversation decides: when it never reached a queue (the bot's, closed
+# resolved or idle, or by a supervisor while at the bot) there is nothing to go back to, and
+# the message opens a new conversation — at the workstream's bot where it has one. (Without
+# this it came back 'queued' with no queue, and every later message sat in it unrouted.)
 _REOPEN = """
 UPDATE conversations SET state = 'queued', closed_at = NULL, close_reason = NULL,
     agent_id = NULL, declined_by = '{}', queued_at = $5, wrap_up_until = NULL,
@@ -251,6 +255,7 @@ WHERE id = (
     WHERE account = $1 AND business_number = $2 AND customer = $3 AND state = 'closed'
       AND closed_at >= $4 AND close_reason IS DISTINCT FROM 'out_of_hours'
     ORDER BY closed_at DESC LIMIT 1)
+  AND queue IS NOT NULL
   AND NOT EXISTS (
     SELECT 1 FROM conversations
     WHERE account = $1 AND business_number = $2 AND customer = $3 AND state <> 'closed')
@@ -263,7 +268,8 @@ async def reopen(
 ) -> Any:
     """The customer's message within ``reopen_within`` of a close brings the last closed
     conversation (closed at or after ``since``, not out of hours) back to its queue, traced
-    by that message. Its row (queue, skills, …), or None."""
+    by that message. Its row (queue, skills, …), or None — also when that conversation
+    never reached a queue (it ended at the bot): the message then opens a new one."""
     return await conn.fetchrow(
         _REOPEN,
         received.account,
@@ -860,6 +866,23 @@ async def escalate(
         event.id,
     )
     return event
+
+
+BotEnd = Literal["resolved_by_bot", "bot_idle"]
+
+
+async def close_at_bot(
+    conn: Connection, conversation_id: str, reason: BotEnd, now: datetime
+) -> Envelope | None:
+    """The conversation ends where it is, at the bot: the bot resolved it
+    (``resolved_by_bot``) or the customer went silent there (``bot_idle``). Closed as any
+    close (``conversation.closed`` with the reason); no agent ever held it, so there is no
+    wrap-up and no survey. None when it is no longer the bot's (escalated, closed): once per
+    conversation, like ``escalate``."""
+    conv = await _conversation(conn, conversation_id, lock=True)
+    if conv.state != "bot":
+        return None
+    return await close_conversation(conn, conversation_id, reason, now)
 
 
 async def set_variables(

@@ -11,6 +11,11 @@ from typing import Any
 from omniroute.infra.ids import new_id
 from omniroute.infra.store import Connection
 
+# A conversation still at the workstream's bot whose customer has been silent for the bot's
+# ``close_after``: set by the bot stage (each customer message and each bot answer push it
+# later), fired with the others by the lifecycle stage's tick, which closes it ``bot_idle``.
+BOT_IDLE = "bot_idle"
+
 # Did a timer of this kind already fire for this moment or a later one? (``timers_fired``)
 FIRED_GUARD = (
     " WHERE NOT EXISTS (SELECT 1 FROM timers WHERE conversation_id = $2 AND kind = $3"

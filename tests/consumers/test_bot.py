@@ -5,15 +5,20 @@ Twilio emulator, and real HTTP bots speaking Rasa's REST channel protocol
 
 Each test gets a configuration of its own: the bot's URL, and queues named for it alone
 (``bt<hex>-main``, ``-orders``, ``-vip``), so no other test's agents or work meet it.
+
+The ends of a conversation at the bot (resolved, idle) run the lifecycle stage too; the idle
+timer's on a clock the test sets (``SetClock``), so "not before" holds however slow the run.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import socket
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aio_pika
@@ -22,7 +27,8 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from consumers import bot, classify, conversations, distribute, outbound
+from consumers import bot, classify, conversations, distribute, lifecycle, outbound
+from consumers.runtime import StageTx
 from omniroute.commands.dead_letters import list_dead
 from omniroute.infra.bus import Bus, declare_stage
 from omniroute.infra.config_loader import LiveConfig, parse_config
@@ -66,7 +72,7 @@ from tests.support import (
 )
 
 Client = TestClient[Any, Any]
-STAGE_QUEUES = ("conversations", "classify", "distribute", "outbound", "bot")
+STAGE_QUEUES = ("conversations", "classify", "distribute", "outbound", "bot", "lifecycle")
 GREETING = "Olá! Sou o assistente virtual."
 
 
@@ -77,9 +83,10 @@ def _free_port() -> int:
         return port
 
 
-def _yaml(prefix: str, url: str, **bot: Any) -> str:
+def _yaml(prefix: str, url: str, workstream: dict[str, Any] | None = None, **bot: Any) -> str:
     """The test accounts; support-pt with the bot at ``url`` (``bot`` overrides its
-    settings), rules that route on what the bot collected; the test's own queues."""
+    settings, ``workstream`` adds keys to the workstream), rules that route on what the bot
+    collected; the test's own queues."""
     accounts = CONFIG_YAML.split("workstreams:\n")[0]
     settings: dict[str, Any] = {
         "url": url,
@@ -113,6 +120,7 @@ def _yaml(prefix: str, url: str, **bot: Any) -> str:
                     "queue": f"{prefix}-orders",
                 }
             ],
+            **(workstream or {}),
         },
         {"name": "support-en", "language": "en", "fallback_queue": f"{prefix}-main"},
     ]
@@ -197,9 +205,11 @@ class Rig:
     def queue(self, name: str) -> str:
         return f"{self.prefix}-{name}"
 
-    async def start(self, url: str, **bot_settings: Any) -> None:
+    async def start(
+        self, url: str, workstream: dict[str, Any] | None = None, **bot_settings: Any
+    ) -> None:
         self.config.current = parse_config(
-            _yaml(self.prefix, url, **bot_settings), "bot.yaml", ENVIRON
+            _yaml(self.prefix, url, workstream, **bot_settings), "bot.yaml", ENVIRON
         )
         for stage in (conversations.STAGE, classify.STAGE, outbound.STAGE):
             await self.start_runner(stage)
@@ -304,12 +314,16 @@ async def started(rig: Rig) -> AsyncIterator[Callable[..., Awaitable[BotServer]]
     stack: list[Any] = []
 
     async def start(
-        script: Script, *, stage: dict[str, Any] | None = None, **bot_settings: Any
+        script: Script,
+        *,
+        stage: dict[str, Any] | None = None,
+        workstream: dict[str, Any] | None = None,
+        **bot_settings: Any,
     ) -> BotServer:
         context = bot_server(script)
         server = await context.__aenter__()
         stack.append(context)
-        await rig.start(server.url, **bot_settings)
+        await rig.start(server.url, workstream, **bot_settings)
         await rig.start_bot_stage(**(stage or {}))
         return server
 
@@ -635,3 +649,278 @@ async def test_a_redelivered_message_does_not_ask_the_bot_twice(
     assert len(rig.sent_to(customer)) == 1
     turn = await rig.db.fetchval("SELECT state FROM bot_turns WHERE conversation_id = $1", cid)
     assert turn == "answered"
+
+
+# --- the end of a conversation at the bot ----------------------------------------------------
+
+CLOSED = "Conversa encerrada. Obrigado!"
+QUESTION = "De 1 a 5, como foi o atendimento?"
+# The workstream says something when a conversation closes and asks a survey after one an
+# agent served: a conversation ending at the bot gets the first, never the second.
+CLOSING = {
+    "automated_messages": {"closed": {"text": {"pt-BR": CLOSED}}},
+    "survey": {"question": {"pt-BR": QUESTION}, "expires_after": "1h"},
+}
+
+
+def resolves(*lines: str) -> Script:
+    """The bot's last words, then ``custom: {"resolved": true}``."""
+    return answers(*({"text": line} for line in lines), {"custom": {"resolved": True}})
+
+
+class SetClock:
+    """A clock that stands where the test puts it (never back): the lifecycle tick sees no
+    time pass between two settings, so "not yet" is not a race with the run's speed."""
+
+    def __init__(self) -> None:
+        self.at = datetime.now(UTC)
+
+    def __call__(self) -> datetime:
+        return self.at
+
+    def set(self, at: datetime) -> datetime:
+        self.at = max(self.at, at)
+        return self.at
+
+
+@dataclass
+class Ticks:
+    """The lifecycle stage with its tick recorded: when did a tick run at ``at`` or later."""
+
+    seen: list[datetime] = field(default_factory=list)
+
+    def stage(self) -> Any:
+        async def tick(tx: StageTx) -> list[Envelope]:
+            events = await lifecycle.tick(tx)
+            self.seen.append(tx.now)
+            return events
+
+        return dataclasses.replace(lifecycle.STAGE, tick=tick)
+
+    async def past(self, at: datetime, count: int = 3) -> None:
+        """``count`` ticks ran at ``at`` or later: all but the last committed and published."""
+        before = len(self.seen)
+
+        async def enough() -> bool:
+            return sum(1 for t in self.seen[before:] if t >= at) >= count
+
+        await wait_for(enough, timeout=10)
+
+
+async def _start_lifecycle(rig: Rig, clock: Callable[[], datetime] | None = None) -> Ticks:
+    ticks = Ticks()
+    await rig.start_runner(
+        ticks.stage(),
+        **({"clock": clock} if clock is not None else {}),
+        tick_interval=0.05,
+        delivery_limit=10,
+        retry_backoff_base=0.05,
+        retry_backoff_max=0.3,
+    )
+    return ticks
+
+
+async def _idle_due(rig: Rig, cid: str) -> datetime:
+    due: datetime = await rig.db.fetchval(
+        "SELECT due_at FROM timers WHERE conversation_id = $1 AND kind = 'bot_idle'"
+        " AND fired_at IS NULL",
+        cid,
+    )
+    return due
+
+
+async def _outbound(rig: Rig, cid: str) -> list[asyncpg.Record]:
+    rows: list[asyncpg.Record] = await rig.db.fetch(
+        "SELECT id, origin, body, received_at, attributes FROM messages"
+        " WHERE conversation_id = $1 AND direction = 'outbound' ORDER BY received_at, id",
+        cid,
+    )
+    return rows
+
+
+async def _no_survey(rig: Rig, customer: str, cid: str) -> None:
+    await asyncio.sleep(0.5)  # time for a survey to be asked, were it asked
+    assert QUESTION not in [m.body for m in rig.sent_to(customer)]
+    assert (
+        await rig.db.fetchval("SELECT count(*) FROM surveys WHERE conversation_id = $1", cid) == 0
+    )
+
+
+async def test_a_bot_that_resolves_closes_the_conversation_after_its_last_words(
+    rig: Rig, started: Start
+) -> None:
+    """``custom: {"resolved": true}``: the answer's texts go first (stored and requested in
+    the same transaction, ahead of ``conversation.closed``), then the conversation closes
+    ``resolved_by_bot`` — the workstream's closing message, no survey, no wrap-up, no queue."""
+    script = by_message(
+        {"obrigado, era isso": resolves("De nada!", "Até a próxima.")},
+        default=texts("Nosso horário é das 9h às 18h."),
+    )
+    server = await started(script, greeting={}, workstream=CLOSING)
+    await _start_lifecycle(rig)
+    customer = new_customer()
+    await rig.writes(customer, "qual o horário?")
+    await rig.received(customer, 1)
+    await rig.writes(customer, "obrigado, era isso")
+    cid = str((await rig.conversation(customer))["id"])
+    closed = await rig.event("conversation.closed", cid)
+    assert closed["data"]["reason"] == "resolved_by_bot"
+    sent = await rig.received(customer, 4)
+    assert sorted(m.body for m in sent) == sorted(
+        ["Nosso horário é das 9h às 18h.", "De nada!", "Até a próxima.", CLOSED]
+    )
+    conv = await rig.conversation(customer)
+    assert (conv["state"], conv["close_reason"]) == ("closed", "resolved_by_bot")
+    assert conv["queue"] is None and conv["agent_id"] is None and conv["assigned_at"] is None
+    assert conv["wrap_up_until"] is None
+    # The thread: the bot's last words, then the closing message; all before or at the close.
+    thread = await _outbound(rig, cid)
+    assert [(r["origin"], r["body"]) for r in thread] == [
+        ("bot", "Nosso horário é das 9h às 18h."),
+        ("bot", "De nada!"),
+        ("bot", "Até a próxima."),
+        (None, CLOSED),
+    ]
+    assert all(r["received_at"] <= conv["closed_at"] for r in thread[:3])
+    # Published in that order: the last words' send requests, then the close.
+    last_words = {str(r["id"]) for r in thread[1:3]}
+    order = [
+        e["type"]
+        for e in rig.seen
+        if e.get("conversation_id") == cid
+        and (
+            e["type"] == "conversation.closed"
+            or (e["type"] == "message.send-requested" and e["data"]["message_id"] in last_words)
+        )
+    ]
+    assert order == ["message.send-requested", "message.send-requested", "conversation.closed"]
+    replied = rig.events("bot.replied", cid)
+    assert [r["data"]["texts"] for r in replied][-1] == ["De nada!", "Até a próxima."]
+    await _no_survey(rig, customer, cid)
+    assert not rig.events("conversation.escalated", cid)
+    assert not rig.events("conversation.queued", cid)
+    assert len(rig.events("conversation.closed", cid)) == 1
+    assert len(server.calls) == 2
+    # Nothing left to fire for it.
+    assert await _idle_due(rig, cid) is None
+
+
+async def test_a_handoff_in_the_same_answer_wins_over_resolved(rig: Rig, started: Start) -> None:
+    """Told both, the bot's hand-off stands: a customer who was promised a person gets one."""
+    await started(
+        answers({"text": "Vou chamar alguém."}, {"custom": {"resolved": True, "handoff": True}}),
+        greeting={},
+    )
+    customer = new_customer()
+    await rig.writes(customer, "oi")
+    cid = str((await rig.conversation(customer))["id"])
+    escalated = await rig.event("conversation.escalated", cid)
+    assert escalated["data"]["reason"] == "bot"
+    await rig.event("conversation.queued", cid)
+    assert not rig.events("conversation.closed", cid)
+
+
+async def test_a_customer_silent_at_the_bot_is_closed_after_close_after_and_not_before(
+    rig: Rig, started: Start
+) -> None:
+    """``close_after`` counts from the bot's last answer; a message in between starts it
+    again; the timer closes the conversation ``bot_idle`` once, without a survey."""
+    clock = SetClock()
+    await started(echo(), greeting={}, close_after="10m", workstream=CLOSING)
+    ticks = await _start_lifecycle(rig, clock)
+    customer = new_customer()
+    await rig.writes(customer, "oi")
+    cid = str((await rig.conversation(customer))["id"])
+    await rig.event("bot.replied", cid)
+    answered = await rig.db.fetchval(
+        "SELECT answered_at FROM bot_turns WHERE conversation_id = $1", cid
+    )
+    first = await _idle_due(rig, cid)
+    assert first == answered + timedelta(minutes=10)
+
+    await ticks.past(clock.set(first - timedelta(seconds=1)))
+    assert (await rig.conversation(customer))["state"] == "bot"
+    assert not rig.events("conversation.closed", cid)
+
+    # The customer writes again before it fires: the ten minutes start over from the answer.
+    await rig.writes(customer, "ainda está aí?")
+    await wait_for(lambda: _count(rig, "bot.replied", cid, 2))
+    second = await _idle_due(rig, cid)
+    answered = await rig.db.fetchval(
+        "SELECT max(answered_at) FROM bot_turns WHERE conversation_id = $1", cid
+    )
+    assert second == answered + timedelta(minutes=10) and second > first
+
+    # Past the first due time (the answers were moments apart in real time): still open.
+    await ticks.past(clock.set(first + (second - first) / 2))
+    assert (await rig.conversation(customer))["state"] == "bot"
+    assert not rig.events("conversation.closed", cid)
+
+    at = clock.set(second + timedelta(seconds=1))
+    closed = await rig.event("conversation.closed", cid)
+    assert closed["data"]["reason"] == "bot_idle"
+    conv = await rig.conversation(customer)
+    assert (conv["state"], conv["close_reason"]) == ("closed", "bot_idle")
+    assert conv["closed_at"] >= second and conv["assigned_at"] is None
+    sent = await rig.received(customer, 3)
+    assert sent[-1].body == CLOSED
+    await _no_survey(rig, customer, cid)
+    # Fired once: later ticks find nothing.
+    await ticks.past(clock.set(at + timedelta(hours=1)))
+    assert len(rig.events("conversation.closed", cid)) == 1
+    assert await _idle_due(rig, cid) is None
+
+
+async def test_without_close_after_a_conversation_stays_at_the_bot(
+    rig: Rig, started: Start
+) -> None:
+    """``close_after: 0`` turns the idle close off: no timer at all."""
+    await started(echo(), greeting={}, close_after=0)
+    customer = new_customer()
+    await rig.writes(customer, "oi")
+    cid = str((await rig.conversation(customer))["id"])
+    await rig.event("bot.replied", cid)
+    count = await rig.db.fetchval(
+        "SELECT count(*) FROM timers WHERE conversation_id = $1 AND kind = 'bot_idle'", cid
+    )
+    assert count == 0
+
+
+async def _count(rig: Rig, kind: str, cid: str, n: int) -> bool:
+    return len(rig.events(kind, cid)) >= n
+
+
+async def test_a_customer_writing_after_the_bot_resolved_starts_a_new_conversation_at_the_bot(
+    rig: Rig, started: Start
+) -> None:
+    """Even within ``reopen_within``: a conversation that ended at the bot never reached a
+    queue, so it is not reopened (it used to come back ``queued`` with no queue, and the
+    customer's messages sat in it unrouted); the message opens a new one, at the bot."""
+    script = by_message({"tchau": resolves("Até mais!")}, default=echo())
+    server = await started(script, greeting={}, workstream={"lifecycle": {"reopen_within": "1h"}})
+    await _start_lifecycle(rig)
+    customer = new_customer()
+    await rig.writes(customer, "tchau")
+    first = str((await rig.conversation(customer))["id"])
+    await rig.event("conversation.closed", first)
+    await rig.writes(customer, "voltei")
+
+    async def reopened_or_new() -> asyncpg.Record | None:
+        row: asyncpg.Record | None = await rig.db.fetchrow(
+            "SELECT * FROM conversations WHERE customer = $1 AND state <> 'closed'", customer
+        )
+        return row
+
+    second = await wait_for(reopened_or_new)
+    assert str(second["id"]) != first and second["state"] == "bot" and second["queue"] is None
+    call = (await server.wait_calls(2))[1]
+    assert call.body["sender"] == str(second["id"]) and call.message == "voltei"
+    [answer] = [m for m in await rig.received(customer, 2) if m.body == "echo: voltei"]
+    assert answer.body == "echo: voltei"
+    old = await rig.db.fetchrow(
+        "SELECT state, close_reason FROM conversations WHERE id = $1", first
+    )
+    assert old is not None and (old["state"], old["close_reason"]) == ("closed", "resolved_by_bot")
+    await rig.event("conversation.bot-started", str(second["id"]))
+    assert not rig.events("conversation.reopened", first)
+    assert not rig.events("conversation.queued", first)

@@ -18,6 +18,7 @@ from consumers.bot_protocol import (
     handoff_of,
     outgoing,
     parse_answer,
+    resolved_of,
     with_choices,
 )
 from consumers.classify import compile_config, decide
@@ -124,6 +125,27 @@ def test_the_first_handoff_in_custom_is_read_and_a_malformed_one_still_hands_off
     found = handoff_of(bad)
     assert found is not None and found.variables == {"x": 1} and found.skills == {}
     assert handoff_of(parse_answer(_answer([{"custom": {"handoff": "yes"}}]))) is None
+
+
+@pytest.mark.parametrize(
+    ("custom", "resolved"),
+    [
+        ({"resolved": True}, True),
+        ({"resolved": True, "note": "faq:hours"}, True),
+        ({"resolved": "true"}, False),  # exactly true, as handoff
+        ({"resolved": 1}, False),
+        ({"end": True}, False),  # one documented key, no aliases
+        ({"handoff": True}, False),
+        (None, False),
+    ],
+)
+def test_an_answer_resolves_with_custom_resolved_true(
+    custom: dict[str, Any] | None, resolved: bool
+) -> None:
+    messages = parse_answer(_answer([{"text": "Até logo!"}, {"custom": custom}]))
+    assert resolved_of(messages) is resolved
+    # The custom alone sends nothing: the customer gets the text only.
+    assert [m.body for m in outgoing(messages)] == ["Até logo!"]
 
 
 def test_what_the_customer_gets_of_an_answer() -> None:

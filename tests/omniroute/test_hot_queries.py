@@ -415,6 +415,13 @@ def _store_inbound_args(s: Seeded) -> tuple[Any, ...]:
             "open")  # fmt: skip
 
 
+def _reopen_args(s: Seeded) -> tuple[Any, ...]:
+    """A returning customer of the history writes again (``reopen_within``: an hour)."""
+    number, customer = s.returning
+    return (ACCOUNT, number, customer, s.now - timedelta(hours=1), s.now, str(uuid.uuid4()),
+            str(uuid.uuid4()))  # fmt: skip
+
+
 CASES = [
     Case("distribute.AGENTS", distribute.AGENTS, lambda s: (None,), ()),
     Case(
@@ -453,6 +460,21 @@ CASES = [
         _schedule_later_only(),
         lambda s: (uuid.uuid4(), s.active, "idle_reminder", s.now + timedelta(minutes=30)),
         (frozenset({"timers_fired"}),),
+    ),
+    Case(
+        # Every customer message to a bot, and every bot answer, pushes its idle timer.
+        "bot idle: timers.schedule(later_only) of bot_idle",
+        _schedule_later_only(),
+        lambda s: (uuid.uuid4(), s.active, timers.BOT_IDLE, s.now + timedelta(minutes=30)),
+        (frozenset({"timers_fired"}),),
+    ),
+    Case(
+        # The closed conversation a message may reopen (not one that ended at the bot):
+        # the recent closes by time, never the history of every customer.
+        "conversation._REOPEN",
+        conversation._REOPEN,
+        _reopen_args,
+        (frozenset({"conversations_closed"}), frozenset({"conversations_one_open"})),
     ),
     Case("timers.TAKE_DUE", timers.TAKE_DUE, lambda s: (s.now, 100), (frozenset({"timers_due"}),)),
     Case(

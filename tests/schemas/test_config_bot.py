@@ -52,6 +52,27 @@ def test_defaults_and_no_bot() -> None:
     assert bot is not None and bot.token is None
     assert bot.timeout == 10.0 and bot.max_turns == 10 and bot.handoff_on_error is True
     assert parse_config(VALID, SOURCE, ENVIRON).workstreams[0].bot is None
+    assert bot.close_after == 1800.0  # half an hour at the bot without a word: closed
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [("10m", 600.0), ("2h", 7200.0), ("45", 45.0), ("0", None), ("0s", None), ("null", None)],
+)
+def test_close_after_is_a_duration_and_zero_or_null_turns_it_off(
+    value: str, seconds: float | None
+) -> None:
+    text = edit(
+        "      max_turns: 4\n", f"      max_turns: 4\n      close_after: {value}\n", WITH_BOT
+    )
+    bot = parse_config(text, SOURCE, BOT_ENVIRON).workstreams[0].bot
+    assert bot is not None and bot.close_after == seconds
+
+
+def test_a_close_after_that_is_not_a_duration_names_its_line_and_field() -> None:
+    text = edit("      max_turns: 4\n", "      max_turns: 4\n      close_after: later\n", WITH_BOT)
+    [problem] = _problems(text)
+    assert "workstreams[0].bot.close_after" in problem and "later" in problem
 
 
 def test_a_missing_token_variable_is_reported_with_its_line() -> None:

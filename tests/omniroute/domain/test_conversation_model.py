@@ -2,7 +2,10 @@
 PostgreSQL database, and after every step the invariants a supervisor counts on, read back
 from the database.
 
-Rules: add an agent, a conversation queued, one in the bot's hands and its escalation, a
+Rules: add an agent, a conversation queued, one in the bot's hands and its escalation, the
+bot ending it (resolved, or its customer idle: closed only while it is the bot's), the
+customer writing again after a close (reopened into its queue, never when it ended at the
+bot — it had none: found by this model, it came back ``queued`` with no queue), a
 distribution-like offer (``claim_capacity`` + ``make_offer``) or auto-accept assignment to
 an eligible agent, accept, decline or expire, transfer to a queue or to an agent (which may
 be refused: then nothing changed), park it waiting for the customer, the agent ends it (into
@@ -43,6 +46,7 @@ from omniroute.domain.agents import delete_agent, update_agent
 from omniroute.errors import WorkConflict
 from omniroute.infra.store import Connection, init_connection
 from schemas.api import AgentUpdate
+from schemas.events import EventType, MessageReceived, new_event
 from tests.conftest import Infra
 
 T = TypeVar("T")
@@ -238,6 +242,57 @@ class ConversationModel(RuleBasedStateMachine):
         first = self.run(conversation.escalate(self.conn, row["id"], handoff, "model", now))
         again = self.run(conversation.escalate(self.conn, row["id"], handoff, "model", now))
         assert first is not None and again is None
+        self.tick()
+
+    @precondition(lambda self: bool(self._open_conversations(*HOLDING, "queued", "bot", "open")))
+    @rule(data=st.data(), reason=st.sampled_from(["resolved_by_bot", "bot_idle"]))
+    def bot_ends(self, data: st.DataObject, reason: conversation.BotEnd) -> None:
+        """The bot resolves it, or its idle timer fires: closed while it is the bot's, once;
+        anyone else's (escalated, queued, with an agent) is left as it is."""
+        row = self.pick(data, self._open_conversations(*HOLDING, "queued", "bot", "open"))
+        if row is None:
+            return
+        before = self.snapshot()
+        now = self.tick()
+        closed = self.run(conversation.close_at_bot(self.conn, row["id"], reason, now))
+        if row["state"] != "bot":
+            assert closed is None and self.snapshot() == before, "not the bot's: unchanged"
+            return
+        assert closed is not None and closed.data["reason"] == reason
+        assert self.run(conversation.close_at_bot(self.conn, row["id"], reason, now)) is None
+        self.tick()
+
+    @precondition(lambda self: bool(self._open_conversations("closed")))
+    @rule(data=st.data())
+    def customer_returns(self, data: st.DataObject) -> None:
+        """The customer writes within ``reopen_within`` of the close: back into its queue, or,
+        when it never reached one (it ended at the bot), not reopened at all."""
+        row = self.pick(data, self._open_conversations("closed"))
+        if row is None:
+            return
+        customer = self.run(
+            self.conn.fetchval("SELECT customer FROM conversations WHERE id = $1", row["id"])
+        )
+        now = self.tick()
+        message = MessageReceived(
+            message_sid=f"SM{uuid.uuid4().hex}",
+            account_sid="AC0",
+            business_number="+15550000000",
+            number_name="model",
+            workstream="model",
+            customer=customer,
+            received_at=now,
+        )
+        received = new_event(
+            EventType.MESSAGE_RECEIVED,
+            account="model",
+            key=(message.message_sid,),
+            data=message.model_dump(mode="json"),
+            occurred_at=now,
+        )
+        since = now - timedelta(hours=1)
+        reopened = self.run(conversation.reopen(self.conn, received, message, since))
+        assert (reopened is not None) == (row["queue"] is not None), dict(row)
         self.tick()
 
     def _eligible(self) -> list[tuple[str, str]]:
