@@ -21,8 +21,10 @@ What it does: answers opening hours, order status (asking for the order number a
 it) and the returns/refund policy in Portuguese and English, offers the topics as buttons, and
 hands the conversation to agents — ``custom: {"handoff": true, "variables", "skills",
 "priority"}`` — when the customer asks for a person ("agent", "atendente", "human", "falar com
-alguém", …) or after two messages in a row it did not understand. omniroute merges the
-variables into the conversation's context, so routing rules can use ``topic`` and ``order``.
+alguém", …) or after two messages in a row it did not understand. A thank-you or goodbye
+("obrigado", "thanks", "tchau") ends the conversation: ``custom: {"resolved": true}``.
+omniroute merges the variables into the conversation's context, so routing rules can use
+``topic`` and ``order``.
 
 Memory is per sender (omniroute sends the conversation id), in process, bounded; a repeated
 ``metadata.message_id`` (omniroute asking again after a failure) gets the same answer again
@@ -102,6 +104,7 @@ PAYLOADS: dict[str, str] = {
 KEYWORDS: dict[str, tuple[str, ...]] = {
     "greeting": ("oi", "ola", "hello", "hi", "hey", "bom", "boa", "menu", "ajuda", "help"),
     "agent": ("agent", "atendente", "human", "humano", "person", "pessoa", "operator"),
+    "thanks": ("obrigado", "obrigada", "valeu", "thanks", "thank", "tchau", "bye"),
     "hours": ("horario", "horarios", "hours", "open", "abre", "aberto", "funciona", "opening"),
     "orders": ("pedido", "pedidos", "order", "orders", "entrega", "delivery", "rastrear", "track"),
     "returns": (
@@ -139,7 +142,7 @@ def words(text: str) -> list[str]:
 
 
 def intent(text: str) -> str | None:
-    """``greeting``, ``agent``, ``hours``, ``orders``, ``returns`` or ``None`` (not
+    """``greeting``, ``thanks``, ``agent``, ``hours``, ``orders``, ``returns`` or ``None`` (not
     understood)."""
     stripped = text.strip()
     if stripped in PAYLOADS:
@@ -151,7 +154,9 @@ def intent(text: str) -> str | None:
     found = [name for name, keywords in KEYWORDS.items() if said.intersection(keywords)]
     # A greeting with a question ("oi, qual o horário?") is the question; asking for a
     # person wins over any topic.
-    topics = [name for name in found if name != "greeting"]
+    topics = [name for name in found if name not in ("greeting", "thanks")]
+    if not topics and "thanks" in found:
+        return "thanks"
     return topics[0] if topics else (found[0] if found else None)
 
 
@@ -204,6 +209,10 @@ TEXTS: dict[str, dict[Language, str]] = {
         "en": "You can return or exchange within 30 days of delivery. Refunds are paid within "
         "10 business days after we receive the item.",
     },
+    "resolved": {
+        "pt": "Por nada! Se precisar, é só escrever. Até logo!",
+        "en": "You are welcome! Write any time. Bye!",
+    },
     "handoff": {
         "pt": "Certo, vou transferir você para um atendente.",
         "en": "Sure, I am transferring you to an agent.",
@@ -255,6 +264,17 @@ def handoff(memory: Memory, language: Language, reason: str) -> list[dict[str, A
     return [{"text": TEXTS["handoff"][language]}, {"custom": custom}]
 
 
+def _not_a_topic(found: str, memory: Memory, language: Language) -> list[dict[str, Any]] | None:
+    """The answer to a request for a person, a greeting or a thank-you; None for a topic."""
+    if found == "agent":
+        return handoff(memory, language, "customer_asked")
+    if found == "greeting":
+        return [{"text": TEXTS["menu"][language], "buttons": BUTTONS[language]}]
+    if found == "thanks":  # the customer is done: omniroute closes it (resolved_by_bot)
+        return [{"text": TEXTS["resolved"][language]}, {"custom": {"resolved": True}}]
+    return None
+
+
 def reply(memory: Memory, text: str, metadata: dict[str, Any]) -> list[dict[str, Any]]:
     """One turn: updates ``memory`` and returns the bot messages (without recipient_id)."""
     language = memory.language = language_of(text, memory, metadata)
@@ -273,10 +293,8 @@ def reply(memory: Memory, text: str, metadata: dict[str, Any]) -> list[dict[str,
             return handoff(memory, language, "not_understood")
         return [{"text": TEXTS["not_understood"][language], "buttons": BUTTONS[language]}]
     memory.misses = 0
-    if found == "agent":
-        return handoff(memory, language, "customer_asked")
-    if found == "greeting":
-        return [{"text": TEXTS["menu"][language], "buttons": BUTTONS[language]}]
+    if (answer := _not_a_topic(found, memory, language)) is not None:
+        return answer
     memory.topic = TOPICS[found]
     memory.awaiting_order = False
     if found == "hours":

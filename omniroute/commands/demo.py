@@ -38,7 +38,14 @@ from omniroute.commands.demo_agents import (
     take_work,
     transfer,
 )
-from omniroute.commands.demo_bot import answered, bot_numbers, check_bot, faq_bot, with_bot_at
+from omniroute.commands.demo_bot import (
+    answered,
+    bot_numbers,
+    check_bot,
+    check_resolved,
+    faq_bot,
+    with_bot_at,
+)
 from omniroute.commands.demo_console import (
     admin_token,
     console_agent,
@@ -688,6 +695,11 @@ async def _bot(customers: Customers, agents: list[DemoAgent], run: str, config: 
         accepted = await decide(http, url, holder, offer, "accept")
         print(f"  handed to the agents; the offer goes to {holder.name}, who accepts: {accepted}")
         print(f"  {holder.name} ends the conversation: {await close(http, url, holder, cid)}")
+        other = f"whatsapp:+55419770{5}{run}"
+        for body in ("Qual o horário de vocês?", "Obrigado, tchau!"):
+            step = Step("Igor", other, numbers[0], body, scenario="bot-resolved")
+            [sid] = await customers.write(step)
+            await answered(pool, sid)
     except (TimeoutError, aiohttp.ClientError) as exc:
         customers.outcome.problems.append(f"the bot scenario stopped: {type(exc).__name__} {exc}")
 
@@ -856,6 +868,7 @@ async def _routing_report(pool: Any, outcome: Outcome, config: Config) -> None:
         "transfer": lambda hs: _transfer(hs[0]),
         "rescue": lambda hs: _rescue(hs[0], audits),
         "bot": lambda hs: check_bot(hs[0].customer, hs[0].events, hs[0].holders, bot_texts),
+        "bot-resolved": lambda hs: check_resolved(hs[0].customer, hs[0].events, hs[0].offers),
     }
     print("\nRouting scenarios (read back from offers, assignments and the outbox):")
     for scenario, check in checks.items():

@@ -129,3 +129,23 @@ def check_bot(
         f" order={variables.get('order')}; classified with skills {skills};"
         f" served by {', '.join(holders) or 'nobody'}"
     )
+
+
+def check_resolved(
+    customer: str, events: list[dict[str, Any]], offers: list[tuple[str, str]]
+) -> tuple[bool, str]:
+    """The bot answered and, thanked, closed the conversation itself: no agent involved."""
+    kinds = [e["type"] for e in events]
+    closed = next((e["data"] for e in events if e["type"] == "conversation.closed"), None)
+    reason = closed.get("reason") if closed else None
+    ok = (
+        reason == "resolved_by_bot"
+        and "conversation.escalated" not in kinds
+        and "conversation.queued" not in kinds
+        and not offers
+    )
+    return ok, (
+        f"bot resolved: {customer} asked the bot, said thanks; closed ({reason or 'not closed'})"
+        f" after {kinds.count('bot.replied')} bot answers, offered to "
+        f"{'nobody' if not offers else ', '.join(a for a, _ in offers)}"
+    )

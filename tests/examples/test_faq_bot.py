@@ -227,3 +227,13 @@ async def test_the_script_serves_on_the_given_port_with_the_token_from_the_envir
     finally:
         process.terminate()
         await process.wait()
+
+
+async def test_a_thank_you_resolves_the_conversation(bot: TestClient[Any, Any]) -> None:
+    talk = Conversation(bot)
+    assert custom(await talk.say("Qual o horário de atendimento?")) is None
+    done = await talk.say("Obrigada, tchau!")
+    assert custom(done) == {"resolved": True}
+    assert "Por nada" in texts(done)[0]
+    # Thanks with a question is the question.
+    assert custom(await Conversation(bot).say("Obrigado, e o horário?")) is None
