@@ -4,13 +4,18 @@ The URL Twilio signed is rebuilt from the configured public URL plus the request
 query (never from the Host header or scheme the proxy forwarded), and every parameter
 received is signed over, blank and repeated ones included. The validator itself tries the
 URL with and without the default port, as Twilio signs either way.
+
+During a token rotation an account has two auth tokens (``LiveConfig.accepted_tokens``): the
+request is checked against each, every comparison in constant time, and the answer says
+which one signed, for the metrics.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hmac
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import Literal
 from urllib.parse import parse_qs, urlsplit
 
 from multidict import MultiDict
@@ -22,7 +27,29 @@ from twilio.request_validator import (
     get_signature_algorithm,
 )
 
-__all__ = ["SIGNATURE_HEADER", "SIGNATURE_SETTINGS_HEADER", "signing_key", "valid_signature"]
+__all__ = [
+    "SIGNATURE_HEADER",
+    "SIGNATURE_SETTINGS_HEADER",
+    "SignedWith",
+    "signed_with",
+    "signing_key",
+    "valid_signature",
+]
+
+# The secret that signed a request: the account's current or previous auth token, or a
+# shared webhook key (X-Twilio-Webhooks-Signature-Settings).
+SignedWith = Literal["current", "previous", "shared_key"]
+
+
+def _key_id(settings: str) -> str | None:
+    return next(
+        (
+            value.strip()
+            for name, _, value in (p.partition("=") for p in settings.split(","))
+            if name.strip() == "key"
+        ),
+        None,
+    )
 
 
 def signing_key(
@@ -35,17 +62,35 @@ def signing_key(
     """
     settings = headers.get(SIGNATURE_SETTINGS_HEADER, "")
     algorithm = get_signature_algorithm(settings)
-    key_id = next(
-        (
-            value.strip()
-            for name, _, value in (p.partition("=") for p in settings.split(","))
-            if name.strip() == "key"
-        ),
-        None,
-    )
+    key_id = _key_id(settings)
     if key_id is None:
         return auth_token, algorithm
     return shared_keys.get(key_id), algorithm
+
+
+def signed_with(
+    headers: Mapping[str, str],
+    url: str,
+    params: MultiDict[str] | str,
+    tokens: Sequence[tuple[Literal["current", "previous"], SecretStr]],
+    shared_keys: Mapping[str, SecretStr],
+) -> SignedWith | None:
+    """Which secret signed this request, or ``None`` when none did (refuse it).
+
+    ``tokens`` are the account's accepted auth tokens, current first, so the usual request
+    costs one HMAC. A request naming a shared key is checked against that key only.
+    """
+    signature = headers.get(SIGNATURE_HEADER)
+    settings = headers.get(SIGNATURE_SETTINGS_HEADER, "")
+    algorithm = get_signature_algorithm(settings)
+    key_id = _key_id(settings)
+    if key_id is not None:
+        key = shared_keys.get(key_id)
+        return "shared_key" if valid_signature(url, params, signature, key, algorithm) else None
+    for label, token in tokens:
+        if valid_signature(url, params, signature, token, algorithm):
+            return label
+    return None
 
 
 def valid_signature(

@@ -24,10 +24,15 @@ from yarl import query_to_pairs
 
 from omniroute.domain.webhook_events import inbound_event, status_event
 from omniroute.errors import IngressUnavailable, UnknownAccountSid, UnknownNumber
-from omniroute.infra.metrics import PUBLISH_CONFIRM, WEBHOOK_DURATION, WEBHOOKS
+from omniroute.infra.metrics import (
+    PUBLISH_CONFIRM,
+    WEBHOOK_DURATION,
+    WEBHOOK_SIGNATURES,
+    WEBHOOKS,
+)
 from router.responses import EMPTY_TWIML, empty_twiml, error, invalid
 from router.routes import Content, Route
-from router.signature import SIGNATURE_HEADER, signing_key, valid_signature
+from router.signature import signed_with
 from router.state import CONFIG, INGRESS, SETTINGS
 from schemas.config import Account
 from schemas.events import Envelope
@@ -101,12 +106,12 @@ def _forbidden() -> web.Response:
 
 
 def _signed(request: web.Request, account: Account, url: str, params: MultiDict[str] | str) -> bool:
-    return account.auth_token is not None and valid_signature(
-        url,
-        params,
-        request.headers.get(SIGNATURE_HEADER),
-        *signing_key(request.headers, account.auth_token, account.webhook_keys),
-    )
+    """Signed by the account's current or (during a rotation) previous auth token, or one
+    of its shared keys; counted by which, or ``none``."""
+    tokens = request.app[CONFIG].accepted_tokens(account.name)
+    signer = signed_with(request.headers, url, params, tokens, account.webhook_keys)
+    WEBHOOK_SIGNATURES.labels(account.name, signer or "none").inc()
+    return signer is not None
 
 
 async def _authenticated_form(request: web.Request, account: Account) -> MultiDict[str]:
@@ -129,6 +134,7 @@ async def _authenticated_form(request: web.Request, account: Account) -> MultiDi
             params = body.decode("utf-8")
         except UnicodeDecodeError:
             # Not text: nothing a bodySHA256 signature could be checked against honestly.
+            WEBHOOK_SIGNATURES.labels(account.name, "none").inc()
             raise Rejected(_forbidden(), "forbidden") from None
     if not _signed(request, account, url, params):
         raise Rejected(_forbidden(), "forbidden")

@@ -1,13 +1,15 @@
 """The configuration model: one YAML file, validated here (no I/O in this module).
 
-Secrets never live in the file: an account names the environment variable that holds its
-auth token (``auth_token_env``); the loader resolves it into a ``SecretStr``.
+Secrets never live in the file: an account names where its auth token is, an environment
+variable (``auth_token_env``) or a file such as a mounted Docker or Kubernetes secret
+(``auth_token_file``); the loader reads it, at every load and reload, into a ``SecretStr``.
 """
 
 from __future__ import annotations
 
 import re
 from datetime import date
+from pathlib import Path
 from typing import Annotated, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -72,13 +74,27 @@ class WhatsAppNumber(Strict):
 class Account(Strict):
     name: Name = Field(description="URL segment: /twilio/<name>/inbound and /status")
     account_sid: str
-    auth_token_env: str = Field(description="environment variable holding the auth token")
+    auth_token_env: str | None = Field(
+        default=None,
+        description="environment variable holding the auth token (this or auth_token_file)",
+    )
+    auth_token_file: Path | None = Field(
+        default=None,
+        description="file holding the auth token, e.g. a Docker or Kubernetes secret such as"
+        " /run/secrets/twilio_contoso (relative to the configuration file); read again at"
+        " every reload, one trailing newline ignored",
+    )
     webhook_keys_env: dict[str, str] = Field(
         default_factory=dict,
         description="HMAC-SHA256 webhook signing: shared key id → environment variable",
     )
+    webhook_keys_file: Path | None = Field(
+        default=None,
+        description="HMAC-SHA256 webhook signing keys from a file of 'key_id=secret' lines"
+        " ('#' comments and blank lines ignored), instead of webhook_keys_env",
+    )
     numbers: list[WhatsAppNumber] = Field(min_length=1)
-    # Resolved by the loader from the environment, never read from the file.
+    # Resolved by the loader from the environment or the files, never read from this file.
     auth_token: SkipJsonSchema[SecretStr | None] = Field(default=None, exclude=True)
     webhook_keys: SkipJsonSchema[dict[str, SecretStr]] = Field(default_factory=dict, exclude=True)
 
@@ -87,10 +103,30 @@ class Account(Strict):
     def _no_secrets_in_file(cls, data: object) -> object:
         if isinstance(data, dict) and ("auth_token" in data or "webhook_keys" in data):
             raise ValueError(
-                "secrets do not belong in the file: name the environment variable that holds "
-                "them with auth_token_env / webhook_keys_env"
+                "secrets do not belong in the file: name where they are with auth_token_env or"
+                " auth_token_file / webhook_keys_env or webhook_keys_file"
             )
         return data
+
+    @model_validator(mode="after")
+    def _one_source_per_secret(self) -> Account:
+        if (self.auth_token_env is None) == (self.auth_token_file is None):
+            raise ValueError(
+                "give the auth token as exactly one of auth_token_env (an environment"
+                " variable) or auth_token_file (a path)"
+            )
+        if self.webhook_keys_env and self.webhook_keys_file is not None:
+            raise ValueError(
+                "give webhook keys with webhook_keys_env or webhook_keys_file, not both"
+            )
+        return self
+
+    @property
+    def auth_token_source(self) -> str:
+        """Where the auth token is read from, for messages (``$VAR`` or ``file PATH``)."""
+        if self.auth_token_env is not None:
+            return f"${self.auth_token_env}"
+        return f"file {self.auth_token_file}"
 
     @field_validator("account_sid")
     @classmethod
@@ -101,9 +137,16 @@ class Account(Strict):
 
     @field_validator("auth_token_env")
     @classmethod
-    def _env(cls, value: str) -> str:
-        if not ENV_NAME.match(value):
+    def _env(cls, value: str | None) -> str | None:
+        if value is not None and not ENV_NAME.match(value):
             raise ValueError("expected an environment variable name such as TWILIO_AUTH_TOKEN")
+        return value
+
+    @field_validator("auth_token_file", "webhook_keys_file")
+    @classmethod
+    def _path(cls, value: Path | None) -> Path | None:
+        if value is not None and str(value) in ("", "."):
+            raise ValueError("expected the path of a file such as /run/secrets/twilio_contoso")
         return value
 
     @model_validator(mode="after")
@@ -259,6 +302,11 @@ class Bot(Strict):
         default=None,
         description="environment variable holding a token sent as 'Authorization: Bearer …'",
     )
+    token_file: Path | None = Field(
+        default=None,
+        description="file holding that token instead (relative to the configuration file),"
+        " read again at every reload, one trailing newline ignored",
+    )
     timeout: Duration = Field(
         default=10.0,
         description="for every attempt at one customer message together (retries included)",
@@ -292,7 +340,7 @@ class Bot(Strict):
         " last message) closes the conversation, reason bot_idle (0 or null: never; a"
         " conversation still at the bot otherwise stays open until the customer writes)",
     )
-    # Resolved by the loader from the environment, never read from the file.
+    # Resolved by the loader from the environment or token_file, never read from this file.
     token: SkipJsonSchema[SecretStr | None] = Field(default=None, exclude=True)
 
     @model_validator(mode="before")
@@ -300,10 +348,18 @@ class Bot(Strict):
     def _no_token_in_file(cls, data: object) -> object:
         if isinstance(data, dict) and "token" in data:
             raise ValueError(
-                "secrets do not belong in the file: name the environment variable that holds"
-                " the bot's token with token_env"
+                "secrets do not belong in the file: name where the bot's token is with"
+                " token_env or token_file"
             )
         return data
+
+    @model_validator(mode="after")
+    def _one_token_source(self) -> Bot:
+        if self.token_env is not None and self.token_file is not None:
+            raise ValueError("give the bot's token with token_env or token_file, not both")
+        if self.token_file is not None and str(self.token_file) in ("", "."):
+            raise ValueError("expected the path of a file such as /run/secrets/bot_token")
+        return self
 
     @field_validator("token_env")
     @classmethod

@@ -60,7 +60,11 @@ def _quiet_drivers(settings: Settings) -> None:
 
 def _config(settings: Settings, path: str | None = None) -> LiveConfig:
     config_path = Path(path) if path else settings.config
-    return LiveConfig(load_config(config_path, os.environ), config_path)
+    return LiveConfig(
+        load_config(config_path, os.environ),
+        config_path,
+        token_overlap=settings.token_rotation_overlap,
+    )
 
 
 def cmd_service(args: argparse.Namespace, settings: Settings) -> int:
@@ -146,7 +150,7 @@ def cmd_accounts(args: argparse.Namespace, settings: Settings) -> int:
     base = settings.public_base()
     for account in config.accounts:
         print(f"account {account.name} ({account.account_sid})")
-        print(f"  auth token from ${account.auth_token_env}")
+        print(f"  auth token from {account.auth_token_source}")
         inbound, status = inbound_url(base, account.name), status_url(base, account.name)
         for number in account.numbers:
             sandbox = " [sandbox]" if number.sandbox else ""

@@ -333,7 +333,7 @@ class Reconciler:
         self, account: Account, since: datetime | None, started: datetime, report: ReconcileReport
     ) -> None:
         if account.auth_token is None:
-            error = f"no auth token (${account.auth_token_env} is not set)"
+            error = f"no auth token ({account.auth_token_source} gave none)"
             report.numbers += [
                 NumberReport(account.name, n.number, error=error) for n in account.numbers
             ]

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import hmac
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
+import structlog
 import yaml
 from pydantic import SecretStr, ValidationError
 
 from omniroute.errors import ConfigError
-from schemas.config import Config
+from omniroute.infra.secret_files import SecretFileError, parse_keys, read_secret
+from schemas.config import Account, Config, Workstream
+
+log = structlog.get_logger("omniroute.config")
 
 Loc = tuple[str | int, ...]
 T = TypeVar("T")
@@ -45,14 +51,20 @@ def _field(loc: Loc) -> str:
 
 
 def parse_config(
-    text: str, source: str, environ: Mapping[str, str], *, require_secrets: bool = True
+    text: str,
+    source: str,
+    environ: Mapping[str, str],
+    *,
+    require_secrets: bool = True,
+    base: Path | None = None,
 ) -> Config:
     """Validate configuration text; raise ConfigError listing every problem.
 
     ``environ`` supplies the secrets named by ``auth_token_env`` / ``webhook_keys_env`` and
-    the bots' ``token_env``.
+    the bots' ``token_env``; ``*_file`` secrets are read now, relative paths from ``base``
+    (default: the folder of ``source``, the configuration file).
     With ``require_secrets=False`` (``config check`` on a build machine) a missing secret
-    is not an error.
+    (variable unset, file absent or empty) is not an error; a malformed one still is.
     """
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
@@ -84,7 +96,8 @@ def parse_config(
         raise ConfigError(
             [f"{source}:{_line_of(loc, lines)}: {_field(loc)}: {msg}" for loc, msg in references]
         )
-    return _with_secrets(config, source, lines, environ, require_secrets)
+    folder = Path(source).parent if base is None else base
+    return _with_secrets(config, _Secrets(source, lines, environ, folder, require_secrets))
 
 
 _UNION_TAGS = frozenset({"test", "all", "any", "not"})
@@ -110,56 +123,87 @@ def _yaml_loc(loc: Loc, lines: dict[Loc, int]) -> Loc:
     return out
 
 
-def _with_secrets(
-    config: Config,
-    source: str,
-    lines: dict[Loc, int],
-    environ: Mapping[str, str],
-    require_secrets: bool,
-) -> Config:
-    problems: list[str] = []
-    accounts = []
-    for index, account in enumerate(config.accounts):
-        token = environ.get(account.auth_token_env)
-        if not token and require_secrets:
-            loc: Loc = ("accounts", index, "auth_token_env")
-            problems.append(
-                f"{source}:{_line_of(loc, lines)}: accounts[{index}].auth_token_env: "
-                f"environment variable {account.auth_token_env} is not set"
-            )
-        keys = {}
-        for key_id, env in account.webhook_keys_env.items():
-            secret = environ.get(env)
-            if secret:
-                keys[key_id] = SecretStr(secret)
-            elif require_secrets:
-                loc = ("accounts", index, "webhook_keys_env", key_id)
-                problems.append(
-                    f"{source}:{_line_of(loc, lines)}: accounts[{index}].webhook_keys_env."
-                    f"{key_id}: environment variable {env} is not set"
-                )
-        accounts.append(
-            account.model_copy(
-                update={"auth_token": SecretStr(token) if token else None, "webhook_keys": keys}
-            )
-        )
-    workstreams = []
-    for index, workstream in enumerate(config.workstreams):
+class _Secrets:
+    """Resolves every secret the configuration names, collecting problems as it goes.
+
+    A problem names the configuration's file, line and field, and the variable or secret
+    file's path; never a secret's value.
+    """
+
+    def __init__(
+        self,
+        source: str,
+        lines: dict[Loc, int],
+        environ: Mapping[str, str],
+        base: Path,
+        require: bool,
+    ) -> None:
+        self.source, self.lines, self.environ = source, lines, environ
+        self.base, self.require = base, require
+        self.problems: list[str] = []
+
+    def _problem(self, loc: Loc, message: str) -> None:
+        self.problems.append(f"{self.source}:{_line_of(loc, self.lines)}: {_field(loc)}: {message}")
+
+    def env(self, loc: Loc, name: str) -> SecretStr | None:
+        value = self.environ.get(name)
+        if value:
+            return SecretStr(value)
+        if self.require:
+            self._problem(loc, f"environment variable {name} is not set")
+        return None
+
+    def _read(self, loc: Loc, written: Path, parse: Callable[[str, Path], T]) -> T | None:
+        path = self.base / written  # an absolute path stays as written
+        try:
+            return parse(read_secret(path), path)
+        except SecretFileError as exc:
+            if self.require or not exc.absent:
+                self._problem(loc, str(exc))
+            return None
+
+    def file(self, loc: Loc, written: Path) -> SecretStr | None:
+        return self._read(loc, written, lambda text, _: SecretStr(text))
+
+    def keys_file(self, loc: Loc, written: Path) -> dict[str, SecretStr]:
+        return self._read(loc, written, parse_keys) or {}
+
+    def account(self, index: int, account: Account) -> Account:
+        at: Loc = ("accounts", index)
+        if account.auth_token_file is not None:
+            token = self.file((*at, "auth_token_file"), account.auth_token_file)
+        else:
+            assert account.auth_token_env is not None  # the model requires one of the two
+            token = self.env((*at, "auth_token_env"), account.auth_token_env)
+        if account.webhook_keys_file is not None:
+            keys = self.keys_file((*at, "webhook_keys_file"), account.webhook_keys_file)
+        else:
+            keys = {}
+            for key_id, env in account.webhook_keys_env.items():
+                secret = self.env((*at, "webhook_keys_env", key_id), env)
+                if secret is not None:
+                    keys[key_id] = secret
+        return account.model_copy(update={"auth_token": token, "webhook_keys": keys})
+
+    def workstream(self, index: int, workstream: Workstream) -> Workstream:
         bot = workstream.bot
-        if bot is None or bot.token_env is None:
-            workstreams.append(workstream)
-            continue
-        token = environ.get(bot.token_env)
-        if not token and require_secrets:
-            loc = ("workstreams", index, "bot", "token_env")
-            problems.append(
-                f"{source}:{_line_of(loc, lines)}: workstreams[{index}].bot.token_env: "
-                f"environment variable {bot.token_env} is not set"
-            )
-        resolved = bot.model_copy(update={"token": SecretStr(token) if token else None})
-        workstreams.append(workstream.model_copy(update={"bot": resolved}))
-    if problems:
-        raise ConfigError(problems)
+        if bot is None:
+            return workstream
+        at: Loc = ("workstreams", index, "bot")
+        if bot.token_file is not None:
+            token = self.file((*at, "token_file"), bot.token_file)
+        elif bot.token_env is not None:
+            token = self.env((*at, "token_env"), bot.token_env)
+        else:
+            return workstream
+        return workstream.model_copy(update={"bot": bot.model_copy(update={"token": token})})
+
+
+def _with_secrets(config: Config, secrets: _Secrets) -> Config:
+    accounts = [secrets.account(i, account) for i, account in enumerate(config.accounts)]
+    workstreams = [secrets.workstream(i, w) for i, w in enumerate(config.workstreams)]
+    if secrets.problems:
+        raise ConfigError(secrets.problems)
     return config.model_copy(update={"accounts": accounts, "workstreams": workstreams})
 
 
@@ -172,16 +216,38 @@ def load_config(path: Path, environ: Mapping[str, str], *, require_secrets: bool
     return parse_config(text, str(path), environ, require_secrets=require_secrets)
 
 
+TokenLabel = Literal["current", "previous"]
+DEFAULT_TOKEN_OVERLAP = 900.0  # Settings.token_rotation_overlap's default, for callers without
+
+
 class LiveConfig:
     """The current configuration, swapped atomically on reload (SIGHUP).
 
     Work in flight keeps the ``Config`` object it started with; new work sees the new one.
+
+    Token rotation: when a reload changes an account's auth token, the previous one stays
+    accepted for webhook signatures (``accepted_tokens``) for ``token_overlap`` seconds after
+    that reload, since Twilio keeps signing with the old token until the operator promotes
+    the new one and its change propagates. Only the token just replaced is kept: a second
+    change within the overlap drops the one before. The overlap is this process's memory:
+    a process started after the change knows only the current token.
     """
 
-    def __init__(self, config: Config, path: Path | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        path: Path | None = None,
+        *,
+        token_overlap: float = DEFAULT_TOKEN_OVERLAP,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.current = config
         self.path = path
+        self.token_overlap = token_overlap
+        self._clock = clock
         self._derived: dict[str, tuple[Config, object]] = {}
+        # account name → (the auth token before the last change, accepted until clock())
+        self._previous: dict[str, tuple[SecretStr, float]] = {}
 
     def derive(self, key: str, build: Callable[[Config], T]) -> T:
         """``build(current)``, computed once per loaded configuration (e.g. compiled rules)."""
@@ -193,8 +259,52 @@ class LiveConfig:
         return cached[1]  # type: ignore[return-value]
 
     def reload(self, environ: Mapping[str, str]) -> Config:
-        """Re-read the file; on error keep the current configuration and raise ConfigError."""
+        """Re-read the file and its secret files; on error keep the current configuration
+        (and the tokens it accepts) and raise ConfigError."""
         if self.path is None:
             return self.current
-        self.current = load_config(self.path, environ)
+        self.apply(load_config(self.path, environ))
         return self.current
+
+    def apply(self, config: Config) -> None:
+        """Make ``config`` current, remembering each auth token it replaces (see the class)."""
+        now = self._clock()
+        previous: dict[str, tuple[SecretStr, float]] = {}
+        for account in config.accounts:
+            new = account.auth_token
+            old_account = self.current.account(account.name)
+            old = old_account.auth_token if old_account is not None else None
+            kept = self._previous.get(account.name)
+            if old is not None and not _same(old, new):
+                if self.token_overlap > 0:
+                    previous[account.name] = (old, now + self.token_overlap)
+                    log.info(
+                        "config.token_rotated",
+                        account=account.name,
+                        previous_accepted_for=self.token_overlap,
+                    )
+            elif kept is not None and kept[1] > now and not _same(kept[0], new):
+                previous[account.name] = kept
+        self._previous = previous
+        self.current = config
+
+    def accepted_tokens(self, account_name: str) -> list[tuple[TokenLabel, SecretStr]]:
+        """The auth tokens a webhook for this account may be signed with, current first:
+        ``[("current", token)]``, plus ``("previous", token)`` within the overlap after a
+        rotation. Empty for an unknown account or one whose token was not resolved."""
+        account = self.current.account(account_name)
+        if account is None:
+            return []
+        tokens: list[tuple[TokenLabel, SecretStr]] = []
+        if account.auth_token is not None:
+            tokens.append(("current", account.auth_token))
+        kept = self._previous.get(account_name)
+        if kept is not None and self._clock() < kept[1]:
+            tokens.append(("previous", kept[0]))
+        return tokens
+
+
+def _same(a: SecretStr, b: SecretStr | None) -> bool:
+    return b is not None and hmac.compare_digest(
+        a.get_secret_value().encode(), b.get_secret_value().encode()
+    )

@@ -7,6 +7,12 @@ from prometheus_client import Counter, Gauge, Histogram
 WEBHOOKS = Counter(
     "omniroute_webhooks_total", "Twilio webhooks by kind and outcome", ["kind", "outcome"]
 )
+WEBHOOK_SIGNATURES = Counter(
+    "omniroute_webhook_signatures_total",
+    "Twilio webhook signature checks by account and the secret that signed: the current or"
+    " previous (within the rotation overlap) auth token, a shared key, or none (refused 403)",
+    ["account", "token"],
+)
 WEBHOOK_DURATION = Histogram(
     "omniroute_webhook_duration_seconds", "Webhook handling time", ["kind"]
 )

@@ -48,6 +48,20 @@ class Settings(BaseSettings):
 
     # Ingress
     max_body_bytes: int = Field(default=64 * 1024, gt=0)
+    # Twilio signs webhooks with the account's primary auth token. Rotation is two steps:
+    # create a secondary token, then promote it, which deletes the old primary at once
+    # (https://www.twilio.com/docs/iam/api/authtoken, .../iam/api/secondary_authtoken), and
+    # Twilio says a token change takes about a minute to propagate on its side. Whichever
+    # order the operator swaps our secret file and promotes in Twilio's console, webhooks
+    # signed with the old token keep arriving for a while (in flight, propagation, the time
+    # between our reload and the click): 15 minutes covers that with room, and stays short,
+    # since a rotation after a leak keeps the leaked token good for just as long (0: none).
+    token_rotation_overlap: float = Field(
+        default=900.0,
+        ge=0,
+        description="after a reload changes an account's auth token, webhooks signed with the"
+        " previous one are still accepted this long, s",
+    )
     publish_timeout: float = Field(
         default=1.0, gt=0, description="stages: confirm wait, s, then the outbox relay retries"
     )
