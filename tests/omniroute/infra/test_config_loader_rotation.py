@@ -3,14 +3,18 @@ previous one accepted for the overlap, then only the current one."""
 
 from __future__ import annotations
 
+import io
+import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 from pydantic import SecretStr
-from structlog.testing import capture_logs
 
 from omniroute.errors import ConfigError
 from omniroute.infra.config_loader import LiveConfig, load_config
+from omniroute.infra.logging import configure_logging
 
 OLD = "old-token-1a2b3c-secret"
 NEW = "new-token-4d5e6f-secret"
@@ -155,15 +159,30 @@ def test_in_process_apply_rotates_like_a_reload(deployment: Deployment) -> None:
     assert deployment.accepted() == [("current", NEW), ("previous", OLD)]
 
 
-def test_the_rotation_is_logged_without_either_token(deployment: Deployment) -> None:
-    with capture_logs() as logs:
-        deployment.reload(contoso=NEW)
-    assert [e for e in logs if e["event"] == "config.token_rotated"] == [
-        {
-            "event": "config.token_rotated",
-            "account": "contoso",
-            "previous_accepted_for": OVERLAP,
-            "log_level": "info",
-        }
+@pytest.fixture
+def rendered_logs() -> Iterator[io.BytesIO]:
+    """Every structlog line rendered as the service renders it (JSON, info), into a buffer."""
+    previous = structlog.get_config()
+    buffer = io.BytesIO()
+    configure_logging("json", "info")
+    structlog.configure(logger_factory=structlog.BytesLoggerFactory(file=buffer))
+    try:
+        yield buffer
+    finally:
+        configure_logging("console", "warning")
+        structlog.configure(**previous)
+
+
+def test_the_rotation_is_logged_without_either_token(
+    deployment: Deployment, rendered_logs: io.BytesIO
+) -> None:
+    deployment.reload(contoso=NEW)
+    deployment.reload(contoso=NEWER)
+    lines = [json.loads(line) for line in rendered_logs.getvalue().splitlines()]
+    rotated = [e for e in lines if e["event"] == "config.token_rotated"]
+    assert [(e["account"], e["previous_accepted_for"], e["level"]) for e in rotated] == [
+        ("contoso", OVERLAP, "info"),
+        ("contoso", OVERLAP, "info"),
     ]
-    assert OLD not in str(logs) and NEW not in str(logs)
+    written = rendered_logs.getvalue().decode()
+    assert OLD not in written and NEW not in written and NEWER not in written
