@@ -38,6 +38,7 @@ from omniroute.domain.agents import (
 from omniroute.errors import StoreUnavailable, UnknownQueues
 from omniroute.infra.store import Connection
 from router.auth import require_admin
+from router.messages_api import TWILIO_COLUMNS
 from router.requests import as_uuid, not_found, once, parse_body
 from router.responses import error
 from router.routes import Many, Query, Route
@@ -199,8 +200,9 @@ async def conversation(request: web.Request) -> web.Response:
             conversation_id,
         )
         messages = await conn.fetch(
-            "SELECT id, direction, body, media, status, error_code, received_at, twilio_sid"
-            " FROM messages WHERE conversation_id = $1 ORDER BY received_at, id",
+            "SELECT id, direction, body, media, status, error_code, error_message, received_at,"
+            f" {TWILIO_COLUMNS} FROM messages WHERE conversation_id = $1"
+            " ORDER BY received_at, id",
             conversation_id,
         )
     if row is None:

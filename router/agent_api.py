@@ -27,6 +27,7 @@ from omniroute.domain.window import language_for, placeholders, window
 from omniroute.errors import WorkConflict
 from omniroute.infra.outbox import add_to_outbox
 from router.auth import current_agent
+from router.messages_api import TWILIO_COLUMNS
 from router.requests import not_found, own_conversation, parse_body, path_id
 from router.responses import error
 from router.routes import Many, Route
@@ -267,13 +268,13 @@ async def conversation(request: web.Request) -> web.Response:
 # Who wrote a message: inbound is the customer's; outbound with an agent is that agent's;
 # outbound of origin 'bot' the workstream's bot's (the agent reads the bot's transcript);
 # outbound without either is the router's own (automated messages, the survey question).
-_MESSAGES = """
+_MESSAGES = f"""
 SELECT id, direction,
        CASE WHEN direction = 'inbound' THEN 'customer'
             WHEN agent_id IS NOT NULL THEN 'agent'
             WHEN origin = 'bot' THEN 'bot' ELSE 'automated' END AS sender,
        agent_id, kind, template ->> 'name' AS template, body, media, status, error_code,
-       error_message, status_history, twilio_sid, received_at
+       error_message, received_at, {TWILIO_COLUMNS}
 FROM messages
 WHERE conversation_id = $1
 ORDER BY received_at, id

@@ -52,6 +52,17 @@ from schemas.messages import SendMessage
 HTTP = web.AppKey("media_http", aiohttp.ClientSession)
 TAGS = ("agent",)
 
+# What ties a message to Twilio's side, read alike by the agent's thread and the admin's
+# conversation: its sid, the quick-reply button a customer tapped (the webhook's ButtonPayload
+# and ButtonText, kept in ``attributes`` by the conversations stage), and every status
+# callback in the order the router received them (the status stage appends them in the order
+# its replicas happen to commit, which concurrent callbacks can swap).
+TWILIO_COLUMNS = """twilio_sid,
+    (SELECT COALESCE(jsonb_agg(step ORDER BY (step ->> 'received_at')::timestamptz), '[]')
+     FROM jsonb_array_elements(status_history) AS step) AS status_history,
+    attributes ->> 'button_payload' AS button_payload,
+    attributes ->> 'button_text' AS button_text"""
+
 
 async def media_session_ctx(app: web.Application) -> AsyncIterator[None]:
     timeout = aiohttp.ClientTimeout(total=app[SETTINGS].twilio_timeout)

@@ -126,15 +126,43 @@ class AgentCreated(AgentOut):
     token: str = Field(description="the agent's bearer token; shown once, stored hashed")
 
 
+TWILIO_SID = (
+    "the sid Twilio knows the message by (SM…/MM…), to find it in Twilio's console or"
+    " Messages API; null until Twilio took an outbound message"
+)
+BUTTON_PAYLOAD = (
+    "the customer's reply was a tap on a quick-reply button: the payload the template"
+    " defined for it (Twilio's ButtonPayload); null otherwise"
+)
+BUTTON_TEXT = "the tapped button's label (Twilio's ButtonText); null otherwise"
+STATUS_HISTORY = "every delivery status callback Twilio sent for it, in arrival order"
+
+
+class StatusStep(BaseModel):
+    """One delivery status callback Twilio sent for the message, in arrival order."""
+
+    status: str
+    error_code: str | None = None
+    received_at: datetime
+
+
 class MessageOut(BaseModel):
+    """A message as support staff see it: enough to find it in Twilio's console."""
+
     id: uuid.UUID
     direction: Literal["inbound", "outbound"]
     body: str
     media: list[dict[str, Any]]
     status: str
     error_code: str | None = None
+    error_message: str | None = Field(
+        default=None, description="why it was rejected, skipped or failed"
+    )
     received_at: datetime
-    twilio_sid: str | None
+    twilio_sid: str | None = Field(description=TWILIO_SID)
+    button_payload: str | None = Field(default=None, description=BUTTON_PAYLOAD)
+    button_text: str | None = Field(default=None, description=BUTTON_TEXT)
+    status_history: list[StatusStep] = Field(default_factory=list, description=STATUS_HISTORY)
 
 
 class ConversationOut(BaseModel):
@@ -427,14 +455,6 @@ class AgentConversation(BaseModel):
     )
 
 
-class StatusStep(BaseModel):
-    """One delivery status callback Twilio sent for the message, in arrival order."""
-
-    status: str
-    error_code: str | None = None
-    received_at: datetime
-
-
 class AgentMessage(BaseModel):
     id: uuid.UUID
     direction: Literal["inbound", "outbound"]
@@ -450,8 +470,10 @@ class AgentMessage(BaseModel):
     status: str
     error_code: str | None
     error_message: str | None = Field(description="why it was rejected, skipped or failed")
-    status_history: list[StatusStep]
-    twilio_sid: str | None
+    status_history: list[StatusStep] = Field(description=STATUS_HISTORY)
+    twilio_sid: str | None = Field(description=TWILIO_SID)
+    button_payload: str | None = Field(default=None, description=BUTTON_PAYLOAD)
+    button_text: str | None = Field(default=None, description=BUTTON_TEXT)
     received_at: datetime
     media_hidden: int | None = Field(
         default=None,
