@@ -308,7 +308,7 @@ def cmd_emulator(args: argparse.Namespace, settings: Settings) -> int:
     accounts = {
         a.account_sid: a.auth_token.get_secret_value() for a in config.accounts if a.auth_token
     }
-    return _run(run_emulator(args.host, args.port, accounts))
+    return _run(run_emulator(args.host, args.port, accounts, public_url=args.public_url))
 
 
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
@@ -424,6 +424,11 @@ def parser() -> argparse.ArgumentParser:
     emulator = sub.add_parser("emulator", help="run the local Twilio emulator")
     emulator.add_argument("--host", default="127.0.0.1", help="address to listen on")
     emulator.add_argument("--port", type=int, default=8081, help="port to listen on")
+    emulator.add_argument(
+        "--public-url",
+        help="where the router reaches it (its OMNIROUTE_TWILIO_API_URL), used in customers'"
+        " media URLs; default http://HOST:PORT",
+    )
     demo = sub.add_parser("demo", help="emulator + router + stages with simulated customers")
     demo.add_argument("--keep-running", action="store_true", help="keep serving after the demo")
     sub.add_parser("contract", help="print the event contract (AsyncAPI, from schemas/)")

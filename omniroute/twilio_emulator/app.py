@@ -55,7 +55,8 @@ class RunningEmulator:
 async def start_emulator(
     state: EmulatorState, host: str = "127.0.0.1", port: int = 0
 ) -> RunningEmulator:
-    """Start the emulator on ``host:port`` (0 picks a free port) and return it running."""
+    """Start the emulator on ``host:port`` (0 picks a free port) and return it running.
+    Without a ``public_url`` in ``state``, it is the address it listens on."""
     runner = web.AppRunner(create_emulator_app(state), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
@@ -66,16 +67,27 @@ async def start_emulator(
         raise
     bound_host, bound_port = runner.addresses[0][:2]
     url = f"http://{bound_host}:{bound_port}"
-    log.info("emulator.started", url=url, accounts=sorted(state.accounts))
+    state.public_url = state.public_url or url
+    log.info(
+        "emulator.started", url=url, public_url=state.public_url, accounts=sorted(state.accounts)
+    )
     return RunningEmulator(state, runner, url)
 
 
 async def run_emulator(
-    host: str, port: int, accounts: dict[str, str], callback_delay: float = 0.05
+    host: str,
+    port: int,
+    accounts: dict[str, str],
+    callback_delay: float = 0.05,
+    public_url: str | None = None,
 ) -> None:
-    """Run the emulator standalone until cancelled (``omniroute emulator`` calls this)."""
+    """Run the emulator standalone until cancelled (``omniroute emulator`` calls this).
+    ``public_url``: where the router reaches it (its ``OMNIROUTE_TWILIO_API_URL``), when not
+    the address it listens on (e.g. ``http://emulator:8081`` in a compose network)."""
     emulator = await start_emulator(
-        EmulatorState(accounts=accounts, callback_delay=callback_delay), host, port
+        EmulatorState(accounts=accounts, callback_delay=callback_delay, public_url=public_url),
+        host,
+        port,
     )
     try:
         await asyncio.Event().wait()

@@ -136,6 +136,22 @@ def _log_message(state: EmulatorState, spec: CustomerMessage, message_sid: str) 
     )
 
 
+def media_base(request: web.Request) -> str:
+    """Where customers' media URLs point: the configured public URL, never the request's
+    Host header (a caller may name any host there, and the router hands the account's
+    credentials only to its configured Twilio API host). Twilio's media URLs always name its
+    API host (https://www.twilio.com/docs/messaging/api/media-resource). Without a
+    configured URL, the address this request arrived on (the socket's, not a header)."""
+    configured = request.app[STATE_KEY].public_url
+    if configured:
+        return configured.rstrip("/")
+    sockname = request.transport.get_extra_info("sockname") if request.transport else None
+    if not sockname:
+        raise web.HTTPInternalServerError(text="the emulator has no public URL configured")
+    host, port = sockname[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
 async def send_customer_message(request: web.Request) -> web.Response:
     """``POST /_emulator/customers/send``: post a signed inbound webhook to the router.
 
@@ -150,8 +166,7 @@ async def send_customer_message(request: web.Request) -> web.Response:
     if token is None:
         return web.json_response({"error": f"unknown account {spec.account_sid}"}, status=404)
     message_sid = spec.message_sid or new_sid("MM" if spec.media else "SM")
-    base_url = f"{request.scheme}://{request.host}"
-    form = build_form(state, spec, message_sid, base_url)
+    form = build_form(state, spec, message_sid, media_base(request))
     _log_message(state, spec, message_sid)
     webhook = Webhook(
         kind="inbound",

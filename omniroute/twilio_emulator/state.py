@@ -235,12 +235,17 @@ class Fault:
 class EmulatorState:
     """Everything the emulator remembers; one instance per app, no globals.
 
-    ``accounts`` maps Account SID to auth token. ``templates`` optionally maps a ContentSid
-    to its approved text (``{{1}}`` placeholders) so template sends get a readable body.
+    ``accounts`` maps Account SID to auth token (change it to rotate a token: webhooks are
+    signed with the token current when they are sent, as Twilio signs with the primary).
+    ``templates`` optionally maps a ContentSid to its approved text (``{{1}}`` placeholders)
+    so template sends get a readable body. ``public_url`` is where the emulator's API is
+    reached (what the router's ``OMNIROUTE_TWILIO_API_URL`` names); customers' media URLs are
+    built on it, as Twilio's always name its API host whoever posted the message.
     """
 
     accounts: dict[str, str]
     callback_delay: float = 0.05
+    public_url: str | None = None
     clock: Clock = field(default=utc_now)
     messages: dict[str, OutboundMessage] = field(default_factory=dict)
     inbound: dict[str, InboundMessage] = field(default_factory=dict)

@@ -486,3 +486,67 @@ async def test_start_emulator_on_a_free_port() -> None:
         assert sent.sid in running.state.messages
     finally:
         await running.close()
+
+
+async def _media_url_sent_via(
+    http: aiohttp.ClientSession, api_url: str, receiver: Receiver, host: str
+) -> str:
+    """A customer's image, the control call made with ``Host: host``; its MediaUrl0."""
+    media = [{"content_type": "image/png", "data_base64": base64.b64encode(b"png").decode()}]
+    payload = {
+        "account_sid": SID,
+        "url": receiver.url("/twilio/contoso/inbound"),
+        "from": CUSTOMER,
+        "to": BUSINESS,
+        "body": "",
+        "media": media,
+    }
+    async with http.post(
+        f"{api_url}_emulator/customers/send", json=payload, headers={"Host": host}
+    ) as response:
+        assert response.status == 200, await response.text()
+    return (await receiver.next()).form["MediaUrl0"]
+
+
+async def test_media_urls_name_the_configured_public_url_not_the_host_header(
+    http: aiohttp.ClientSession, api_url: str, receiver: Receiver, state: EmulatorState
+) -> None:
+    # The router reaches the emulator by another name than the caller did (compose's
+    # service name): the media URL must be the one the router's credentials may go to.
+    state.public_url = "http://twilio-emulator.internal:8081/"
+    url = await _media_url_sent_via(http, api_url, receiver, "attacker.example:4444")
+    assert url.startswith(f"http://twilio-emulator.internal:8081/2010-04-01/Accounts/{SID}/")
+    path = url.removeprefix("http://twilio-emulator.internal:8081")
+    async with http.get(f"{api_url.rstrip('/')}{path}", headers=auth(SID, TOKEN)) as response:
+        assert (response.status, await response.read()) == (200, b"png")
+
+
+async def test_without_a_public_url_media_urls_name_the_listening_address(
+    http: aiohttp.ClientSession, api_url: str, receiver: Receiver, state: EmulatorState
+) -> None:
+    assert state.public_url is None
+    url = await _media_url_sent_via(http, api_url, receiver, "attacker.example:4444")
+    assert "attacker.example" not in url
+    assert url.startswith(f"{api_url}2010-04-01/Accounts/{SID}/Messages/")
+
+
+async def test_started_emulator_takes_its_public_url_or_its_address() -> None:
+    named = await start_emulator(EmulatorState(accounts={SID: TOKEN}, public_url="http://tw:1"))
+    bound = await start_emulator(EmulatorState(accounts={SID: TOKEN}))
+    try:
+        assert named.state.public_url == "http://tw:1"
+        assert bound.state.public_url == bound.url
+    finally:
+        await named.close()
+        await bound.close()
+
+
+async def test_a_rotated_token_signs_the_next_webhook(
+    http: aiohttp.ClientSession, api_url: str, receiver: Receiver, state: EmulatorState
+) -> None:
+    # Twilio signs with the account's primary token: once the secondary is promoted, the
+    # next webhook carries the new token's signature.
+    state.accounts[SID] = "the promoted secondary token"
+    receiver.token = "the promoted secondary token"
+    answer = await _customer_writes(http, api_url, receiver)
+    assert (await receiver.next()).signature_valid and answer["status"] == 200
