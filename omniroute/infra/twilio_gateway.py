@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,22 +83,37 @@ async def close_client(client: Client) -> None:
 
 
 class TwilioClients:
-    """One official client per account, created on first use, closed together."""
+    """One official client per account, created on first use, closed together.
+
+    A client holds the auth token it was made with: when a reload rotates an account's
+    token, the next ``get`` makes a new client with it (once Twilio's console promotes the
+    new token, the old one is refused). The replaced client is closed with the others, not
+    at once, since a send may still be in flight on it.
+    """
 
     def __init__(self, api_url: str, timeout: float = DEFAULT_TIMEOUT) -> None:
         self._api_url = api_url
         self._timeout = timeout
         self._clients: dict[str, Client] = {}
+        self._replaced: list[Client] = []
 
     def get(self, account_sid: str, auth_token: str) -> Client:
+        """The account's client for ``auth_token``, the one made before if its token."""
         client = self._clients.get(account_sid)
+        if client is not None and not hmac.compare_digest(
+            str(client.password).encode(), auth_token.encode()
+        ):
+            self._replaced.append(client)
+            log.info("twilio.client_token_changed", account_sid=account_sid)
+            client = None
         if client is None:
             client = make_client(account_sid, auth_token, self._api_url, timeout=self._timeout)
             self._clients[account_sid] = client
         return client
 
     async def close(self) -> None:
-        clients, self._clients = list(self._clients.values()), {}
+        clients, self._clients = [*self._replaced, *self._clients.values()], {}
+        self._replaced = []
         for client in clients:
             await close_client(client)
 
