@@ -41,6 +41,7 @@ class EventType(StrEnum):
     OFFER_DECLINED = "offer.declined"
     OFFER_EXPIRED = "offer.expired"
     CONFIG_RELOAD_REQUESTED = "config.reload-requested"
+    CONFIG_RELOAD_ANSWERED = "config.reload-answered"
     CONVERSATION_ENDED = "conversation.ended"
     CONVERSATION_REOPENED = "conversation.reopened"
     CONVERSATION_WAITING = "conversation.waiting"
@@ -550,7 +551,36 @@ class SystemEvent(BaseModel):
 
 
 class ConfigReloadRequested(SystemEvent):
-    """``config.reload-requested``: every process reloads its configuration; no payload."""
+    """``config.reload-requested``: every process reloads its configuration and answers."""
+
+    reply_to: str | None = Field(
+        default=None,
+        description="the queue (default exchange) each process sends its "
+        "config.reload-answered to, with the request's correlation_id; also the message's "
+        "AMQP reply_to property. Without it, answers go only to the events exchange",
+    )
+
+
+class ConfigReloadAnswered(SystemEvent):
+    """``config.reload-answered``: what one process did with a reload: applied, or refused
+    and why.
+
+    Sent to the request's ``reply_to`` queue (correlation_id: the request's) and published on
+    the events exchange for anyone watching, also after a reload by SIGHUP. ``error`` holds
+    the configuration's problems (file, line, field); never a secret's value.
+    """
+
+    process: str = Field(description="host:pid:role, as an operator reads it")
+    process_id: str = Field(description="the process's row in the registry (host:pid:start)")
+    role: str = Field(description="run, serve or consume")
+    stages: list[str] = Field(default_factory=list, description="the stages it runs")
+    applied: bool = Field(description="whether it runs the new configuration now")
+    hash: str = Field(description="the configuration hash it runs after the reload")
+    previous_hash: str = Field(description="the configuration hash it ran before")
+    error: str | None = Field(
+        default=None, description="why it refused: the problems, one a line; null if applied"
+    )
+    answered_at: datetime
 
 
 PAYLOADS: dict[str, type[BaseModel]] = {
@@ -573,6 +603,7 @@ PAYLOADS: dict[str, type[BaseModel]] = {
     EventType.MESSAGE_READ: MessageRead,
     EventType.MESSAGE_FAILED: MessageFailed,
     EventType.CONFIG_RELOAD_REQUESTED: ConfigReloadRequested,
+    EventType.CONFIG_RELOAD_ANSWERED: ConfigReloadAnswered,
     EventType.CONVERSATION_ENDED: ConversationEnded,
     EventType.SURVEY_ANSWERED: SurveyAnswered,
     EventType.CONVERSATION_REOPENED: ConversationReopened,

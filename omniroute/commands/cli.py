@@ -249,18 +249,39 @@ async def _reconcile(
     return 1 if report.errors else 0
 
 
+def _config_reload(args: argparse.Namespace, settings: Settings) -> int:
+    """Ask every running process to reload, print what each did; 0 only when every live
+    process applied the same configuration."""
+    from omniroute.commands.reload import ReloadReport, request_reload
+
+    _quiet_drivers(settings)
+    if args.wait <= 0:
+        print(
+            "omniroute config reload: --wait must be a positive number of seconds", file=sys.stderr
+        )
+        return 2
+    report: list[ReloadReport] = []
+
+    async def ask() -> None:
+        report.append(await request_reload(settings, args.wait))
+
+    try:
+        _run(ask())
+    except (TimeoutError, OSError, AMQPConnectionError):
+        print("omniroute config reload: the broker is unreachable", file=sys.stderr)
+        return 1
+    for line in report[0].lines():
+        print(line)
+    if report[0].ok:
+        print(report[0].verdict())
+        return 0
+    print(f"omniroute config reload: {report[0].verdict()}", file=sys.stderr)
+    return 1
+
+
 def cmd_config(args: argparse.Namespace, settings: Settings) -> int:
     if args.config_command == "reload":
-        from omniroute.commands.service import request_reload
-
-        _quiet_drivers(settings)
-        try:
-            _run(request_reload(settings))
-        except TimeoutError:
-            print("omniroute config reload: the broker is unreachable", file=sys.stderr)
-            return 1
-        print("reload requested: every running omniroute process re-reads its configuration")
-        return 0
+        return _config_reload(args, settings)
     if args.config_command == "schema":
         import json
 
@@ -407,7 +428,18 @@ def parser() -> argparse.ArgumentParser:
         help="do not require the auth-token environment variables",
     )
     config_sub.add_parser("schema", help="print the configuration's JSON Schema")
-    config_sub.add_parser("reload", help="make every running process reload its config")
+    reload = config_sub.add_parser(
+        "reload",
+        help="make every running process reload its config and say what each did (exit 1"
+        " unless all applied the same)",
+    )
+    reload.add_argument(
+        "--wait",
+        type=float,
+        default=10.0,  # reload.DEFAULT_WAIT, without importing the drivers for --help
+        metavar="SECONDS",
+        help="how long to wait for the answers of the running processes",
+    )
     classify = sub.add_parser(
         "classify", help="show how the rules would classify a message (no broker needed)"
     )

@@ -16,19 +16,30 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import structlog
-from aio_pika.abc import AbstractIncomingMessage
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 from aiohttp import web
+from pydantic import ValidationError
 
+from omniroute.commands.reload import (
+    DEFAULT_WAIT,
+    ReloadReport,
+    answer_event,
+    reply_address,
+    send_answer,
+)
+from omniroute.commands.reload import request_reload as ask_to_reload
 from omniroute.commands.stage_process import StageProcess
 from omniroute.domain.reconcile import running_reconciler
 from omniroute.errors import ConfigError, ListenFailed
 from omniroute.infra.bus import Bus
+from omniroute.infra.config_hash import config_hash
 from omniroute.infra.config_loader import LiveConfig
 from omniroute.infra.outbox import OutboxRelay
+from omniroute.infra.processes import ProcessHeartbeat, ProcessIdentity
 from omniroute.infra.settings import Settings
 from omniroute.infra.spool import SpoolRelay
 from omniroute.infra.topology import StageQueue
-from schemas.events import EXCHANGE, Envelope, EventType, event_id, utcnow
+from schemas.events import EXCHANGE, Envelope, EventType
 
 log = structlog.get_logger("omniroute.service")
 
@@ -57,6 +68,23 @@ class Service:
     child_stages: list[str] = field(default_factory=list)
     _listening: socket.socket | None = None
     _cleanups: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    _heartbeat: ProcessHeartbeat | None = None
+    _bus: Bus | None = None
+    _reload_channel: AbstractChannel | None = None
+    _reloads: set[asyncio.Task[Envelope]] = field(default_factory=set)
+    _reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    @property
+    def role(self) -> str:
+        """run, serve or consume: what an operator started (``omniroute run``'s stages child
+        is a consume process of its own)."""
+        if self.serve_http:
+            return "run" if self.child_stages else "serve"
+        return "consume"
+
+    def config_hash(self) -> str:
+        """The hash of the configuration this process runs now."""
+        return self.config.derive("config_hash", config_hash)
 
     async def start(self) -> None:
         from consumers.registry import STAGES
@@ -73,8 +101,17 @@ class Service:
         bus = Bus.from_settings(self.settings, declare_keys=self.declare_keys)
         store = Store.from_settings(self.settings)
         await bus.start()
+        self._bus = bus
         self._cleanups.append(store.close)
         self._cleanups.append(bus.close)
+        # Registered in the process registry once it listens for reloads (_listen_for_reload).
+        heartbeat = ProcessHeartbeat(
+            store,
+            ProcessIdentity.this_process(self.role, self.stages),
+            self.config_hash,
+        )
+        self._heartbeat = heartbeat
+        self._cleanups.append(heartbeat.stop)
         # Every process is a candidate for the deployment's one outbox relay.
         relay = OutboxRelay(bus=bus, store=store, settings=self.settings)
         await relay.start()
@@ -175,25 +212,76 @@ class Service:
 
     async def _listen_for_reload(self, bus: Bus) -> None:
         """Reload when anyone publishes ``config.reload-requested`` (``omniroute config
-        reload``): every process of the deployment, wherever it runs, re-reads its file."""
+        reload``): every process of the deployment, wherever it runs, re-reads its file and
+        answers. Once listening, the process joins the registry, so whoever asks knows to
+        wait for its answer."""
         await bus.wait_ready()
         channel = await bus.channel(prefetch=1)
+        self._reload_channel = channel
         exchange = await channel.get_exchange(EXCHANGE)
         queue = await channel.declare_queue(exclusive=True, auto_delete=True)
         await queue.bind(exchange, routing_key=EventType.CONFIG_RELOAD_REQUESTED)
 
         async def on_message(message: AbstractIncomingMessage) -> None:
             await message.ack()
-            self.reload_config()
+            try:
+                request: Envelope | None = Envelope.model_validate_json(message.body)
+            except ValidationError:
+                request = None  # still a request to reload; the answer has no cause to cite
+            await self.reload(request, reply_address(message, request))
 
         await queue.consume(on_message)
+        if self._heartbeat is not None:
+            await self._heartbeat.start()
+
+    async def reload(
+        self, request: Envelope | None = None, reply_to: str | None = None
+    ) -> Envelope:
+        """Re-read the configuration (and its secret files), then say what happened: to
+        ``reply_to`` when the request named a queue, and on the events exchange. On a
+        problem the current configuration stays. Returns the answer."""
+        async with self._reload_lock:  # two requests at once: answers in order, hashes true
+            previous = self.config_hash()
+            error: str | None = None
+            try:
+                self.config.reload(os.environ)
+            except ConfigError as exc:
+                error = "\n".join(exc.problems)
+                log.error("config.reload_failed", problems=exc.problems, hash=previous)
+            current = self.config_hash()
+            if error is None:
+                log.info(
+                    "config.reloaded",
+                    path=str(self.config.path),
+                    hash=current,
+                    previous_hash=previous,
+                )
+            heartbeat = self._heartbeat
+            identity = (
+                heartbeat.identity
+                if heartbeat is not None
+                else ProcessIdentity.this_process(self.role, self.stages)
+            )
+            answer = answer_event(
+                identity,
+                applied=error is None,
+                hash=current,
+                previous_hash=previous,
+                error=error,
+                request=request,
+            )
+            if heartbeat is not None:
+                heartbeat.wake()  # the registry shows the new hash now, not at the next beat
+            if self._bus is not None:
+                await send_answer(self._bus, self._reload_channel, answer, reply_to)
+            return answer
 
     def reload_config(self) -> None:
-        try:
-            self.config.reload(os.environ)
-            log.info("config.reloaded", path=str(self.config.path))
-        except ConfigError as exc:
-            log.error("config.reload_failed", problems=exc.problems)
+        """Reload now, from a signal handler (SIGHUP): the answer goes to the events
+        exchange."""
+        task = asyncio.get_running_loop().create_task(self.reload(), name="config-reload-signal")
+        self._reloads.add(task)
+        task.add_done_callback(self._reloads.discard)
 
 
 async def _close(sock: socket.socket) -> None:
@@ -206,27 +294,9 @@ async def _cancel(task: asyncio.Task[None]) -> None:
         await task
 
 
-async def request_reload(settings: Settings) -> None:
-    """Ask every running process to reload its configuration (confirmed publish)."""
-    from omniroute.infra.bus import Bus
-
-    bus = Bus.from_settings(settings)
-    await bus.start()
-    try:
-        async with asyncio.timeout(settings.broker_connect_timeout * 5):
-            await bus.wait_ready()
-        now = utcnow()
-        await bus.publish(
-            Envelope(
-                id=event_id(EventType.CONFIG_RELOAD_REQUESTED, now.isoformat()),
-                type=EventType.CONFIG_RELOAD_REQUESTED,
-                occurred_at=now,
-                account="*",
-                correlation_id=event_id("reload", now.isoformat()),
-            )
-        )
-    finally:
-        await bus.close()
+async def request_reload(settings: Settings, wait: float = DEFAULT_WAIT) -> ReloadReport:
+    """Ask every running process to reload and collect their answers (``reload.py``)."""
+    return await ask_to_reload(settings, wait)
 
 
 async def run_service(service: Service) -> None:

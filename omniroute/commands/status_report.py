@@ -1,10 +1,12 @@
-"""``omniroute status``: each stage's backlog, consumers, rates and dead letters at a glance.
+"""``omniroute status``: each stage's backlog, consumers, rates and dead letters at a glance,
+and each running process with the configuration hash it runs.
 
 Depth and consumers come over AMQP (passive declares), sampled twice ``interval`` apart to
 tell a backlog that drains from one that grows. When RabbitMQ's management API answers
 (``OMNIROUTE_RABBITMQ_API_URL``, by default the broker's host on port 15672 with the AMQP
 credentials), its per-queue publish and deliver rates and the in-flight (unacknowledged)
-count are shown too.
+count are shown too. The processes come from the registry (``omniroute.infra.processes``):
+when they run different configurations, a reload is half-applied and status says so.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import asyncio
 import base64
 import json
 import sys
+from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
@@ -22,6 +25,7 @@ import aiohttp
 import asyncpg
 from aio_pika.exceptions import ChannelClosed
 
+from omniroute.infra.processes import LIVE_WITHIN, ProcessRow, live_processes
 from omniroute.infra.settings import Settings
 from omniroute.infra.topology import STAGES
 
@@ -201,9 +205,48 @@ async def database_notes(settings: Settings) -> list[str]:
         await conn.close()
 
 
+def render_processes(processes: list[ProcessRow]) -> list[str]:
+    """One line per live process and its configuration hash; a warning when they differ."""
+    if not processes:
+        return [f"processes: none with a heartbeat in the last {LIVE_WITHIN:g} s"]
+    hashes = Counter(p.config_hash for p in processes)
+    majority = hashes.most_common(1)[0][0]
+    lines = [f"{'process':<40} {'config':<12} {'heartbeat':>9}  stages"]
+    for p in processes:
+        odd = "  ← differs" if len(hashes) > 1 and p.config_hash != majority else ""
+        lines.append(
+            f"{p.label:<40} {p.config_hash:<12} {p.heartbeat_age:>7.0f} s"
+            f"  {', '.join(p.stages) or '-'}{odd}"
+        )
+    if len(hashes) > 1:
+        spread = ", ".join(f"{h} on {n}" for h, n in hashes.most_common())
+        lines.append(
+            f"warning: half-applied configuration change: the processes run {len(hashes)}"
+            f" configurations ({spread}); `omniroute config reload` says which refused and why"
+        )
+    return lines
+
+
+async def process_notes(settings: Settings) -> list[str]:
+    """The live processes from the registry, rendered (or why they cannot be read)."""
+    try:
+        conn = await asyncpg.connect(
+            settings.database_url.get_secret_value(), timeout=settings.db_connect_timeout
+        )
+    except Exception as exc:
+        return [f"processes: database unreachable ({type(exc).__name__})"]
+    try:
+        return render_processes(await live_processes(conn))
+    except asyncpg.PostgresError as exc:
+        return [f"processes: {type(exc).__name__}: {exc}"[:300]]
+    finally:
+        await conn.close()
+
+
 async def run_status(settings: Settings, as_json: bool, interval: float = 1.0) -> int:
     rows = await collect(settings, interval)
     notes = await database_notes(settings)
+    notes += ["", *await process_notes(settings)]
     if as_json:
         print(json.dumps([{**asdict(r), "hints": r.hints()} for r in rows], indent=2))
         for note in notes:  # the JSON keeps its shape; the notes go to stderr
