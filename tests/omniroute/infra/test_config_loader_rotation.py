@@ -3,18 +3,18 @@ previous one accepted for the overlap, then only the current one."""
 
 from __future__ import annotations
 
-import io
-import json
-from collections.abc import Iterator
+from collections.abc import Iterator, MutableMapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 import structlog
+import structlog.testing
 from pydantic import SecretStr
 
 from omniroute.errors import ConfigError
+from omniroute.infra import config_loader
 from omniroute.infra.config_loader import LiveConfig, load_config
-from omniroute.infra.logging import configure_logging
 
 OLD = "old-token-1a2b3c-secret"
 NEW = "new-token-4d5e6f-secret"
@@ -160,29 +160,24 @@ def test_in_process_apply_rotates_like_a_reload(deployment: Deployment) -> None:
 
 
 @pytest.fixture
-def rendered_logs() -> Iterator[io.BytesIO]:
-    """Every structlog line rendered as the service renders it (JSON, info), into a buffer."""
-    previous = structlog.get_config()
-    buffer = io.BytesIO()
-    configure_logging("json", "info")
-    structlog.configure(logger_factory=structlog.BytesLoggerFactory(file=buffer))
-    try:
-        yield buffer
-    finally:
-        configure_logging("console", "warning")
-        structlog.configure(**previous)
+def captured_logs(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[MutableMapping[str, Any]]]:
+    """The config loader's log entries, whatever an earlier test did to structlog's global
+    configuration: a fresh logger (the module's may be cached by a CLI run in this process)
+    and structlog's own capture (structlog.testing.capture_logs)."""
+    monkeypatch.setattr(config_loader, "log", structlog.get_logger("omniroute.config"))
+    with structlog.testing.capture_logs() as entries:
+        yield entries
 
 
 def test_the_rotation_is_logged_without_either_token(
-    deployment: Deployment, rendered_logs: io.BytesIO
+    deployment: Deployment, captured_logs: list[MutableMapping[str, Any]]
 ) -> None:
     deployment.reload(contoso=NEW)
     deployment.reload(contoso=NEWER)
-    lines = [json.loads(line) for line in rendered_logs.getvalue().splitlines()]
-    rotated = [e for e in lines if e["event"] == "config.token_rotated"]
-    assert [(e["account"], e["previous_accepted_for"], e["level"]) for e in rotated] == [
+    rotated = [e for e in captured_logs if e["event"] == "config.token_rotated"]
+    assert [(e["account"], e["previous_accepted_for"], e["log_level"]) for e in rotated] == [
         ("contoso", OVERLAP, "info"),
         ("contoso", OVERLAP, "info"),
     ]
-    written = rendered_logs.getvalue().decode()
+    written = repr(captured_logs)
     assert OLD not in written and NEW not in written and NEWER not in written
