@@ -115,7 +115,10 @@ async def test_three_replicas_assign_each_conversation_once_within_capacity(
             )
     try:
         for start in range(0, len(triggers), 250):
-            await asyncio.gather(*(bus.publish(t) for t in triggers[start : start + 250]))
+            # While three replicas start, the broker may take longer than the bus's default
+            # second to confirm 250 at once (seen in CI on a loaded machine): wait longer.
+            batch = triggers[start : start + 250]
+            await asyncio.gather(*(bus.publish(t, confirm_within=15.0) for t in batch))
 
         async def all_active() -> bool:
             waiting = await db.fetchval(
