@@ -206,6 +206,7 @@ class StageRunner:
         self._ticker: asyncio.Task[None] | None = None
         self._follower: asyncio.Task[None] | None = None
         self._bound_for: Config | None = None
+        self._binding = asyncio.Lock()
         self._wake = asyncio.Event()
         self._resources: Any = None
         self._exit_stack: contextlib.AsyncExitStack | None = None
@@ -273,17 +274,31 @@ class StageRunner:
         self._bound_for = config
         log.info("stage.bound", stage=self.stage.name, keys=sorted(needed))
 
+    async def follow_config(self) -> None:
+        """Bind the queue for the current configuration now, if a reload changed it (a no-op
+        otherwise, and for a stage without ``needs``). The process calls it after a reload,
+        before answering that it applied: once it says so, the broker already routes here
+        what the new configuration needs (a bot or a greeting added at runtime does not miss
+        the first message after the reload). Raises what binding raised."""
+        if self.stage.needs is None or self._queue is None:
+            return
+        async with self._binding:
+            config = self._config.current
+            if config is not self._bound_for:
+                await self._bind_for(config)
+
     async def _follow_config(self) -> None:
-        """Rebind after a configuration reload (every replica reloads on the broadcast)."""
+        """Rebind after a reload the process did not hand over (``follow_config``), or
+        whose binding failed (the channel was away): checked every second."""
         while not self._stopping.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), 1.0)
-            config = self._config.current
-            if config is not self._bound_for and not self._stopping.is_set():
-                try:
-                    await self._bind_for(config)
-                except Exception as exc:  # the channel is away: next round
-                    log.warning("stage.bind_failed", error=f"{type(exc).__name__}: {exc}"[:200])
+            if self._stopping.is_set():
+                break
+            try:
+                await self.follow_config()
+            except Exception as exc:  # the channel is away: next round
+                log.warning("stage.bind_failed", error=f"{type(exc).__name__}: {exc}"[:200])
 
     async def stop(self) -> None:
         """Stop intake, let in-flight messages finish within the grace period, close."""

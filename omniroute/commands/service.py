@@ -14,6 +14,7 @@ import signal
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
@@ -40,6 +41,9 @@ from omniroute.infra.settings import Settings
 from omniroute.infra.spool import SpoolRelay
 from omniroute.infra.topology import StageQueue
 from schemas.events import EXCHANGE, Envelope, EventType
+
+if TYPE_CHECKING:
+    from consumers.runtime import StageRunner
 
 log = structlog.get_logger("omniroute.service")
 
@@ -73,6 +77,7 @@ class Service:
     _reload_channel: AbstractChannel | None = None
     _reloads: set[asyncio.Task[Envelope]] = field(default_factory=set)
     _reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _runners: list[StageRunner] = field(default_factory=list)
 
     @property
     def role(self) -> str:
@@ -177,6 +182,7 @@ class Service:
                     relay=relay,
                 )
                 await stage_runner.start()
+                self._runners.append(stage_runner)
                 self._cleanups.append(stage_runner.stop)
 
     def listen(self) -> None:
@@ -250,6 +256,7 @@ class Service:
                 log.error("config.reload_failed", problems=exc.problems, hash=previous)
             current = self.config_hash()
             if error is None:
+                await self._follow_bindings()
                 log.info(
                     "config.reloaded",
                     path=str(self.config.path),
@@ -275,6 +282,16 @@ class Service:
             if self._bus is not None:
                 await send_answer(self._bus, self._reload_channel, answer, reply_to)
             return answer
+
+    async def _follow_bindings(self) -> None:
+        """Each stage binds what the new configuration needs before the answer says it
+        applied (``StageRunner.follow_config``); a failure is left to the runner's retry."""
+        for runner in self._runners:
+            try:
+                async with asyncio.timeout(self.settings.broker_connect_timeout):
+                    await runner.follow_config()
+            except Exception as exc:
+                log.warning("config.bind_failed", stage=runner.stage.name, error=repr(exc)[:200])
 
     def reload_config(self) -> None:
         """Reload now, from a signal handler (SIGHUP): the answer goes to the events

@@ -15,12 +15,20 @@ from consumers import conversations, lifecycle
 from consumers.runtime import Stage, StageTx
 from omniroute.commands.dead_letters import list_dead, replay_dead
 from omniroute.infra.bus import Bus
-from omniroute.infra.config_loader import LiveConfig
+from omniroute.infra.config_loader import LiveConfig, parse_config
 from omniroute.infra.settings import Settings
 from omniroute.infra.topology import STAGES
 from schemas.events import Envelope, EventType, MessageReceived
 from tests.consumers.conftest import RunnerFactory
-from tests.support import EventTap, TcpProxy, new_customer, received_event, wait_for
+from tests.support import (
+    CONFIG_YAML,
+    ENVIRON,
+    EventTap,
+    TcpProxy,
+    new_customer,
+    received_event,
+    wait_for,
+)
 
 
 async def _dead_letter(
@@ -193,3 +201,42 @@ async def test_a_stage_is_bound_only_to_the_keys_its_configuration_needs(
     # Queued before it, the other event would have been taken first had it been routed here.
     await wait_for(counted)
     assert _lifecycle_taken() - before == 1  # the closed event only
+
+
+GREETING = '    automated_messages:\n      greeting: {text: {en: "Hi, you are in line"}}\n'
+
+
+async def test_a_reload_rebinds_the_stage_before_the_process_says_it_applied(
+    start_runner: RunnerFactory, bus: Bus, settings: Settings, config: LiveConfig
+) -> None:
+    # A greeting added at runtime: lifecycle must take conversation.queued from the moment
+    # the reload is answered (follow_config), not a poll later, or the first conversations
+    # after the reload get no greeting; removed again, the broker stops routing it here.
+    plain = config.current
+    greeted = parse_config(
+        CONFIG_YAML.replace(
+            "  - name: support-en\n    language: en\n",
+            "  - name: support-en\n    language: en\n" + GREETING,
+        ),
+        "greeted.yaml",
+        ENVIRON,
+    )
+    assert EventType.CONVERSATION_QUEUED in lifecycle.needs(greeted)
+    assert EventType.CONVERSATION_QUEUED not in lifecycle.needs(plain)
+    runner = await start_runner(lifecycle.STAGE)
+
+    config.apply(greeted)
+    await runner.follow_config()
+    routed = received_event().caused(EventType.CONVERSATION_QUEUED, {"not": "a queued event"})
+    await bus.publish(routed)  # invalid: dead-lettered, which proves it was routed here
+    await _dead_letter(settings, routed.id, stage="lifecycle")
+
+    config.apply(plain)
+    await runner.follow_config()
+    dropped = received_event().caused(EventType.CONVERSATION_QUEUED, {"not": "a queued event"})
+    closed = received_event().caused(EventType.CONVERSATION_CLOSED, {"not": "a closed event"})
+    await bus.publish(dropped)
+    await bus.publish(closed)
+    await _dead_letter(settings, closed.id, stage="lifecycle")
+    letters = await list_dead(settings, "lifecycle", 1000)
+    assert dropped.id not in {letter.message_id for letter in letters}

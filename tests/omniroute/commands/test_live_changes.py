@@ -71,22 +71,26 @@ FABRIKAM = f"""
     auth_token_file: {SECRET}
     numbers:
       - {{name: London, number: "{LONDON}", workstream: support}}"""
+GREETING = "Hello {customer_name}, you are in line"
 REST = """
 workstreams:
   - name: support
     language: en
     fallback_queue: general
-    distribution: {mode: push, auto_accept: true, units: 1}
-queues: [{name: general}]
+    distribution: {{mode: push, auto_accept: true, units: 1}}
+{greeting}queues: [{{name: general}}]
 """
 
 
 def config_text(*, numbers: tuple[str, ...] = (SUPPORT, SALES), fabrikam: bool) -> str:
+    """The deployment's file: with ``fabrikam`` the added account, whose change also gives
+    the workstream a greeting (a workstream changed at runtime)."""
     listed = "\n".join(
         f'      - {{name: N{n[-4:]}, number: "{n}", workstream: support}}' for n in numbers
     )
     accounts = CONTOSO.format(numbers=listed) + (FABRIKAM if fabrikam else "")
-    return "accounts:" + accounts + "\n" + REST
+    greeting = f'    automated_messages: {{greeting: {{text: {{en: "{GREETING}"}}}}}}\n'
+    return "accounts:" + accounts + "\n" + REST.format(greeting=greeting if fabrikam else "")
 
 
 @dataclass
@@ -290,6 +294,18 @@ async def test_accounts_tokens_and_numbers_change_while_it_runs(live: Live) -> N
         )
 
     assert await wait_until(stored, 10, 0.1, "the new account's message stored") == "fabrikam"
+
+    async def greeted() -> Any:
+        # The first conversation after the reload is greeted: the lifecycle stage's queue
+        # was bound to conversation.queued before its process answered that it applied.
+        return await live.db.fetchval(
+            "SELECT body FROM messages WHERE kind = 'system' AND direction = 'outbound'"
+            " AND conversation_id = (SELECT conversation_id FROM messages WHERE twilio_sid = $1)",
+            dict(form)["MessageSid"],
+        )
+
+    greeting = await wait_until(greeted, 10, 0.1, "the greeting added by the reload")
+    assert greeting.startswith("Hello Maria")
 
     # -- 2. its token rotated, with an overlap --------------------------------------------
     live.write_secret(SECOND_TOKEN)
