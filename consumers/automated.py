@@ -95,13 +95,26 @@ async def queue_automated(
     data = MessageSendRequested(
         message_id=message_id, kind="system", requested_at=now, automated=kind
     )
-    return [
-        new_event(
-            EventType.MESSAGE_SEND_REQUESTED,
-            account=account,
-            key=(message_id,),
-            data=data.model_dump(mode="json"),
-            occurred_at=now,
-            conversation_id=conversation_id,
-        )
-    ]
+    return [send_requested(data, account=account, conversation_id=conversation_id)]
+
+
+def send_requested(
+    data: MessageSendRequested,
+    *,
+    account: str,
+    conversation_id: str,
+    correlation_id: str | None = None,
+    causation_id: str | None = None,
+) -> Envelope:
+    """The ``message.send-requested`` event for a stored outbound message: the outbound
+    stage sends it through the 24-hour gate. Its id derives from the message's."""
+    return new_event(
+        EventType.MESSAGE_SEND_REQUESTED,
+        account=account,
+        key=(data.message_id,),
+        data=data.model_dump(mode="json"),
+        occurred_at=data.requested_at,
+        conversation_id=conversation_id,
+        correlation_id=correlation_id,
+        causation_id=causation_id,
+    )

@@ -53,7 +53,7 @@ import orjson
 import structlog
 from pydantic import BaseModel
 
-from consumers.automated import text_for
+from consumers.automated import send_requested, text_for
 from consumers.bot_protocol import (
     BotMessage,
     InvalidAnswer,
@@ -242,12 +242,9 @@ async def queue_bot_message(
         return []
     data = MessageSendRequested(message_id=message_id, kind=kind, requested_at=now)
     return [
-        new_event(
-            EventType.MESSAGE_SEND_REQUESTED,
+        send_requested(
+            data,
             account=account,
-            key=(message_id,),
-            data=data.model_dump(mode="json"),
-            occurred_at=now,
             conversation_id=conversation_id,
             correlation_id=correlation_id,
             causation_id=causation_id,
