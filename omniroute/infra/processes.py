@@ -85,7 +85,7 @@ class ProcessRow:
         return f"{self.host}:{self.pid}:{self.role}"
 
 
-async def beat(conn: Connection, identity: ProcessIdentity, config_hash: str) -> None:
+async def beat(conn: Conn, identity: ProcessIdentity, config_hash: str) -> None:
     """Upsert this process's row with the configuration hash it runs now."""
     await conn.execute(
         "INSERT INTO processes"
@@ -103,24 +103,35 @@ async def beat(conn: Connection, identity: ProcessIdentity, config_hash: str) ->
     )
 
 
-async def prune(conn: Connection, older_than: float = PRUNE_AFTER) -> int:
-    """Delete rows whose heartbeat is older than ``older_than`` seconds; how many."""
-    result = await conn.execute(
-        "DELETE FROM processes WHERE heartbeat_at < now() - make_interval(secs => $1)",
-        older_than,
+def _ago(seconds: float) -> str:
+    """``now() - <seconds>`` as SQL, the number written in: the planner folds it to a value
+    when estimating, so the heartbeat index is used even in a generic plan (a bound
+    parameter there would be estimated as a third of the table)."""
+    return f"now() - make_interval(secs => {float(seconds)!r})"
+
+
+def prune_sql(older_than: float = PRUNE_AFTER) -> str:
+    return f"DELETE FROM processes WHERE heartbeat_at < {_ago(older_than)}"
+
+
+def live_sql(within: float = LIVE_WITHIN) -> str:
+    return (
+        "SELECT id, host, pid, role, stages, config_hash, started_at, heartbeat_at,"
+        " extract(epoch FROM now() - heartbeat_at)::float8 AS age"
+        f" FROM processes WHERE heartbeat_at > {_ago(within)}"
+        " ORDER BY host, pid, id"
     )
+
+
+async def prune(conn: Conn, older_than: float = PRUNE_AFTER) -> int:
+    """Delete rows whose heartbeat is older than ``older_than`` seconds; how many."""
+    result = await conn.execute(prune_sql(older_than))
     return int(result.split()[-1])
 
 
 async def live_processes(conn: Conn, within: float = LIVE_WITHIN) -> list[ProcessRow]:
     """The processes whose heartbeat is at most ``within`` seconds old, by label."""
-    rows = await conn.fetch(
-        "SELECT id, host, pid, role, stages, config_hash, started_at, heartbeat_at,"
-        " extract(epoch FROM now() - heartbeat_at)::float8 AS age"
-        " FROM processes WHERE heartbeat_at > now() - make_interval(secs => $1)"
-        " ORDER BY host, pid, id",
-        within,
-    )
+    rows = await conn.fetch(live_sql(within))
     return [
         ProcessRow(
             id=r["id"],
@@ -137,7 +148,7 @@ async def live_processes(conn: Conn, within: float = LIVE_WITHIN) -> list[Proces
     ]
 
 
-async def forget(conn: Connection, identity: ProcessIdentity) -> None:
+async def forget(conn: Conn, identity: ProcessIdentity) -> None:
     await conn.execute("DELETE FROM processes WHERE id = $1", identity.id)
 
 
@@ -161,6 +172,7 @@ class ProcessHeartbeat(Background):
         self._current_hash = current_hash
         self._interval = interval
         self._prune_after = prune_after
+        self._stopping = False
 
     async def beat_once(self) -> None:
         """One upsert and prune. Raises StoreUnavailable."""
@@ -169,24 +181,41 @@ class ProcessHeartbeat(Background):
             await prune(conn, self._prune_after)
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             self._wake.clear()
             try:
                 await self.beat_once()
             except StoreUnavailable as exc:
                 log.warning("processes.heartbeat_failed", error=str(exc))
+            if self._stopping:
+                return
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for returns the result when it
+            # is cancelled just as the wake arrives, swallowing the cancellation (fixed in
+            # 3.12, python/cpython#86296); this loop then outlived its process's stop.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._interval)
+                async with asyncio.timeout(self._interval):
+                    await self._wake.wait()
 
     async def stop(self, within: float = 10.0) -> None:
-        """Stop beating and delete this process's row (best effort: a row left behind
-        stops counting as live after ``LIVE_WITHIN`` anyway)."""
-        started = self._task is not None
-        await super().stop(within)
-        if started:
-            try:
-                async with asyncio.timeout(within):
-                    async with self._store.transaction() as conn:
-                        await forget(conn, self.identity)
-            except (StoreUnavailable, TimeoutError):
-                log.warning("processes.forget_failed", process=self.identity.label)
+        """Stop beating, then delete this process's row (best effort: a row left behind
+        stops counting as live after ``LIVE_WITHIN`` anyway).
+
+        A beat in flight is let finish, not cancelled: cancelled mid-transaction, its upsert
+        could land after the delete and show a stopped process as live. Only a beat stuck
+        on an unreachable database is cancelled, after ``within`` seconds."""
+        task, self._task = self._task, None
+        if task is None:
+            return
+        self._stopping = True
+        self._wake.set()
+        done, _ = await asyncio.wait({task}, timeout=within)
+        if not done:
+            task.cancel()
+            await asyncio.wait({task}, timeout=1.0)
+            log.warning("background.stop_timed_out", task=self.task_name)
+        try:
+            async with asyncio.timeout(within):
+                async with self._store.transaction() as conn:
+                    await forget(conn, self.identity)
+        except (StoreUnavailable, TimeoutError):
+            log.warning("processes.forget_failed", process=self.identity.label)

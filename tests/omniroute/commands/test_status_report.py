@@ -4,6 +4,7 @@ broker."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -15,10 +16,13 @@ from omniroute.commands.status_report import (
     collect,
     database_notes,
     management_url,
+    process_notes,
     render,
+    render_processes,
 )
 from omniroute.infra.bus import Bus
 from omniroute.infra.outbox import add_to_outbox
+from omniroute.infra.processes import ProcessIdentity, ProcessRow, beat, forget
 from omniroute.infra.settings import Settings
 from omniroute.infra.topology import STAGES
 from schemas.events import EventType
@@ -114,3 +118,57 @@ async def test_status_adds_rates_and_in_flight_from_the_management_api(
 def test_the_management_api_defaults_to_the_brokers_host_and_credentials() -> None:
     settings = Settings.model_validate({"amqp_url": "amqp://ops:s%40cret@mq.internal:5672/prod"})
     assert management_url(settings) == ("http://mq.internal:15672", "prod", "ops", "s@cret")
+
+
+def _row(pid: int, config_hash: str, role: str = "consume") -> ProcessRow:
+    now = datetime.now(UTC)
+    return ProcessRow(
+        id=f"h:{pid}:x",
+        host="h",
+        pid=pid,
+        role=role,
+        stages=("classify",) if role == "consume" else (),
+        config_hash=config_hash,
+        started_at=now,
+        heartbeat_at=now,
+        heartbeat_age=2.0,
+    )
+
+
+def test_processes_on_one_configuration_raise_no_flag() -> None:
+    lines = render_processes([_row(1, "aaaaaaaaaaaa", "serve"), _row(2, "aaaaaaaaaaaa")])
+    assert len(lines) == 3  # the heading and one line each
+    assert lines[1].startswith("h:1:serve") and "aaaaaaaaaaaa" in lines[1]
+    assert lines[2].startswith("h:2:consume") and lines[2].endswith("classify")
+    assert not any("half-applied" in line or "differs" in line for line in lines)
+
+
+def test_a_half_applied_change_is_flagged_with_the_odd_process() -> None:
+    lines = render_processes(
+        [_row(1, "aaaaaaaaaaaa", "serve"), _row(2, "aaaaaaaaaaaa"), _row(3, "bbbbbbbbbbbb")]
+    )
+    odd = [line for line in lines if "← differs" in line]
+    assert len(odd) == 1 and odd[0].startswith("h:3:consume")
+    assert lines[-1].startswith("warning: half-applied configuration change")
+    assert "aaaaaaaaaaaa on 2, bbbbbbbbbbbb on 1" in lines[-1]
+    assert render_processes([])[0].startswith("processes: none")
+
+
+async def test_status_lists_the_registered_processes_with_their_hash(
+    settings: Settings, db: asyncpg.Pool
+) -> None:
+    one = ProcessIdentity(host="status-test", pid=11, role="serve", stages=())
+    two = ProcessIdentity(host="status-test", pid=12, role="consume", stages=("classify",))
+    async with db.acquire() as conn:
+        await beat(conn, one, "aaaaaaaaaaaa")
+        await beat(conn, two, "bbbbbbbbbbbb")
+    try:
+        lines = [line for line in await process_notes(settings) if "status-test" in line]
+        assert len(lines) == 2
+        assert lines[0].startswith("status-test:11:serve") and "aaaaaaaaaaaa" in lines[0]
+        assert lines[1].startswith("status-test:12:consume") and "bbbbbbbbbbbb" in lines[1]
+        assert any("half-applied" in line for line in await process_notes(settings))
+    finally:
+        async with db.acquire() as conn:
+            await forget(conn, one)
+            await forget(conn, two)
