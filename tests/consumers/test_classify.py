@@ -39,11 +39,19 @@ async def flow(settings: Settings) -> AsyncIterator[EventTap]:
         yield events
 
 
-async def _until(spy: EventTap, kind: str, customer_conversation: str | None = None) -> Any:
+async def _until(
+    spy: EventTap, kind: str, customer_conversation: str | None = None, customer: str | None = None
+) -> Any:
+    """The next ``kind`` event of this conversation (or this customer): events other tests
+    left in the outbox may be relayed while this one runs."""
     async with asyncio.timeout(10):
         while True:
             event = await spy.next()
-            if event["type"] == kind and customer_conversation in (None, event["conversation_id"]):
+            if event["type"] != kind:
+                continue
+            if customer_conversation not in (None, event["conversation_id"]):
+                continue
+            if customer is None or (event.get("data") or {}).get("customer") == customer:
                 return event
 
 
@@ -70,7 +78,7 @@ async def test_webhook_ends_queued_in_the_expected_queue(
     await start_runner(classify.STAGE, clock=lambda: WEDNESDAY_NOON_SP)
     customer = new_customer()
     await customer_writes(router, customer, body)
-    opened = await _until(flow, "conversation.opened")
+    opened = await _until(flow, "conversation.opened", customer=customer)
     classified = await _until(flow, "conversation.classified", opened["conversation_id"])
     queued = await _until(flow, "conversation.queued", opened["conversation_id"])
     assert classified["data"]["queue"] == queue == queued["data"]["queue"]
@@ -93,7 +101,7 @@ async def test_out_of_hours_close_action_closes_the_conversation(
     await start_runner(classify.STAGE, clock=lambda: SATURDAY_SP)
     customer = new_customer()
     await customer_writes(router, customer, "quero comprar hoje")
-    opened = await _until(flow, "conversation.opened")
+    opened = await _until(flow, "conversation.opened", customer=customer)
     classified = await _until(flow, "conversation.classified", opened["conversation_id"])
     closed = await _until(flow, "conversation.closed", opened["conversation_id"])
     assert classified["data"]["out_of_hours"] is True
@@ -106,7 +114,7 @@ async def test_out_of_hours_close_action_closes_the_conversation(
     assert state == "closed"
     # The customer writes again: a new conversation, not the closed one.
     await customer_writes(router, customer, "alô?")
-    again = await _until(flow, "conversation.opened")
+    again = await _until(flow, "conversation.opened", customer=customer)
     assert again["conversation_id"] != opened["conversation_id"]
 
 
@@ -116,7 +124,7 @@ async def test_redelivered_opened_event_is_classified_once(
     await start_runner(conversations.STAGE)
     customer = new_customer()
     await customer_writes(router, customer, "boleto")
-    opened = await _until(flow, "conversation.opened")
+    opened = await _until(flow, "conversation.opened", customer=customer)
     from omniroute.infra.bus import Bus
     from schemas.events import Envelope
 
@@ -144,7 +152,7 @@ async def test_unknown_workstream_goes_to_the_default_queue_with_a_note(
     await customer_writes(router, customer, "boleto")
     renamed = CONFIG_YAML.replace("support-pt", "support-br")
     config.current = parse_config(renamed, "renamed.yaml", ENVIRON)
-    opened = await _until(flow, "conversation.opened")
+    opened = await _until(flow, "conversation.opened", customer=customer)
     classified = await _until(flow, "conversation.classified", opened["conversation_id"])
     assert classified["data"]["queue"] == "general"
     assert any("no longer exists" in note for note in classified["data"]["notes"])
@@ -207,7 +215,7 @@ async def test_classification_uses_the_earliest_message_whichever_was_stored_fir
     await bus.publish(
         received_event(customer=customer, body="alô?", received_at=first_at + timedelta(seconds=1))
     )
-    opened = await _until(flow, "conversation.opened")
+    opened = await _until(flow, "conversation.opened", customer=customer)
     await bus.publish(
         received_event(customer=customer, body="meu boleto venceu", received_at=first_at)
     )
