@@ -3,6 +3,7 @@ previous one accepted for the overlap, then only the current one."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, MutableMapping
 from pathlib import Path
 from typing import Any
@@ -164,9 +165,16 @@ def captured_logs(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[MutableMappi
     """The config loader's log entries, whatever an earlier test did to structlog's global
     configuration: a fresh logger (the module's may be cached by a CLI run in this process)
     and structlog's own capture (structlog.testing.capture_logs)."""
+    previous = structlog.get_config()
+    # An earlier CLI test may have left every logger filtered at "critical" (the CLI quiets
+    # the drivers so), which capture_logs, replacing only the processors, would not undo.
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.INFO))
     monkeypatch.setattr(config_loader, "log", structlog.get_logger("omniroute.config"))
-    with structlog.testing.capture_logs() as entries:
-        yield entries
+    try:
+        with structlog.testing.capture_logs() as entries:
+            yield entries
+    finally:
+        structlog.configure(**previous)
 
 
 def test_the_rotation_is_logged_without_either_token(
