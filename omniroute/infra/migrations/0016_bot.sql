@@ -1,9 +1,14 @@
 -- A bot before the agents (issue 14). A conversation of a workstream with a bot opens in
 -- the state 'bot': no queue, no agent, until the bot hands it off (escalation moves it to
 -- 'open', where classification takes it as any new conversation).
+-- NOT VALID: the new check applies to every row written from now on without scanning a year of
+-- history under this migration's ACCESS EXCLUSIVE lock; 0018 validates the old rows under a
+-- SHARE UPDATE EXCLUSIVE lock, which lets reads and writes go on (PostgreSQL 15, ALTER TABLE:
+-- "VALIDATE CONSTRAINT … only a SHARE UPDATE EXCLUSIVE lock on the table being altered").
 ALTER TABLE conversations DROP CONSTRAINT conversations_state_check;
 ALTER TABLE conversations ADD CONSTRAINT conversations_state_check
-    CHECK (state IN ('bot', 'open', 'queued', 'offered', 'active', 'waiting', 'wrap-up', 'closed'));
+    CHECK (state IN ('bot', 'open', 'queued', 'offered', 'active', 'waiting', 'wrap-up', 'closed'))
+    NOT VALID;
 
 -- Why and with what the bot handed the conversation off (reason, detail, skills, priority,
 -- queue, turns): classification reads it in the row it locks anyway.
