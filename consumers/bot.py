@@ -3,10 +3,12 @@
 ``conversation.bot-started`` → the bot's greeting (if configured), as a bot message.
 ``message.received`` in a conversation in the ``bot`` state → one *turn*:
 
-1. in the handler's transaction: find the stored message (not stored yet: retried), lock
-   its conversation, and record the turn in ``bot_turns`` (its idempotency record, keyed by
-   the customer message). A hand-off keyword, or ``max_turns`` answers reached, escalates
-   at once without asking the bot. Otherwise the turn is ``calling``;
+1. in the handler's transaction: find the stored message and its conversation's state,
+   without a lock (a conversation not at the bot, the agents' or closed, costs this one
+   read); at the bot, lock the conversation and record the turn in ``bot_turns`` (its
+   idempotency record, keyed by the customer message). A hand-off keyword, or ``max_turns``
+   answers reached, escalates at once without asking the bot. Otherwise the turn is
+   ``calling``;
 2. after the commit (no transaction open during the call): POST to the bot over Rasa's
    REST channel protocol (``consumers.bot_protocol``), retried with backoff on refused
    connections and 5xx within the bot's ``timeout``;
@@ -17,7 +19,32 @@
    messages, in the same transaction (their send requests come first in the outbox). A
    failure escalates (``bot_error``) under ``handoff_on_error``; else the turn stays
    ``calling`` with the error and the delivery is retried, dead-lettered with the reason at
-   the delivery limit.
+   the delivery limit. An answer is read up to ``MAX_ANSWER_BYTES`` (beyond: invalid).
+
+The customer's message reaches this stage beside the conversations stage, which stores it:
+when it is not stored yet the handler raises ``NotYetStored``, which the runtime holds and
+retries in place without counting it toward the delivery limit (``consumers.runtime``), so
+a restart or backlog of the conversations stage delays the bot's answer and loses nothing.
+Driving the stage from an event the conversations stage emits when it stores the message
+would avoid the wait, but take a second event per customer message and a contract change.
+
+Which bot, if any, is decided by the conversation's row — its state and its workstream, as
+configured now — never by the message's workstream (a number moved to another workstream
+keeps its open conversations where they are). A conversation at the bot whose workstream
+has no bot any more (a reload removed it) is escalated ``bot_unavailable``: by its next
+customer message, and by this stage's tick, which sweeps such conversations once per
+configuration the process loads (``STRANDED``: the ``bot`` rows through
+``conversations_state``, opened before the configuration was applied here). A replica
+behind a reload that gave a workstream its bot would take the conversations opened at the
+new bot for stranded: the message path waits ``RELOAD_GRACE`` from the conversation's
+opening for this process to apply it (``NotYetStored``), and the sweep never touches
+conversations opened after its configuration was applied.
+
+``message.received`` is bound while any workstream has a bot (``needs``), whichever the
+message's workstream: the row, not the message, says whether it is the bot's. With no bot
+anywhere it is unbound (deployments without bots pay nothing per message); conversations
+left at a bot by that reload are escalated by the tick's sweep, and what their customers
+wrote meanwhile is stored by the conversations stage, so the agent sees it.
 
 A conversation left at the bot ends after the bot's ``close_after``: each customer message
 (step 1) and each answer (step 3) push its durable ``bot_idle`` timer later; the lifecycle
@@ -69,7 +96,7 @@ from consumers.conversations import SANDBOX_JOIN
 from consumers.runtime import Stage, StageTx
 from omniroute.domain.conversation import Handoff, close_at_bot, escalate
 from omniroute.domain.timers import BOT_IDLE, schedule
-from omniroute.errors import TransientError
+from omniroute.errors import NotYetStored, TransientError
 from omniroute.infra.config_loader import LiveConfig
 from omniroute.infra.outbox import add_to_outbox
 from omniroute.infra.settings import Settings
@@ -92,6 +119,14 @@ RETRY_BACKOFF_BASE = 0.2
 RETRY_BACKOFF_MAX = 2.0
 # Connections kept to bots by one process (the stage's prefetch bounds calls in flight).
 CONNECTION_LIMIT = 100
+# The most of a bot's answer read: beyond it the answer is invalid (a bot gone wrong must
+# not fill the process's memory).
+MAX_ANSWER_BYTES = 1024 * 1024
+# How long after a conversation opened at a bot this process waits to apply the reload that
+# gave its workstream the bot, before taking it for stranded (``bot_unavailable``).
+RELOAD_GRACE = timedelta(seconds=30)
+# Stranded conversations escalated per tick transaction.
+SWEEP_LIMIT = 100
 
 
 class BotUnavailable(TransientError):
@@ -187,18 +222,14 @@ async def ask(
                 allow_redirects=False,
             ) as response:
                 status = response.status
-                raw = await response.read()
+                raw = await _read_capped(response) if 200 <= status < 300 else b""
         except TimeoutError:
             return Failed(f"timeout after {_seconds(bot.timeout)}", elapsed())
         except aiohttp.ClientError as exc:
             last = f"connection failed ({type(exc).__name__})"
         else:
             if 200 <= status < 300:
-                try:
-                    messages = parse_answer(raw) if raw.strip() else []
-                except InvalidAnswer as exc:
-                    return Failed(f"invalid answer: {exc}", elapsed())
-                return Answered(messages, elapsed())
+                return _answer(raw, elapsed())
             last = f"HTTP {status}"
             if status < 500:
                 return Failed(last, elapsed())  # the bot refuses this request: not again
@@ -207,6 +238,29 @@ async def ask(
         if loop.time() + delay >= deadline:
             return Failed(f"{last}, {attempts} attempts in {_seconds(bot.timeout)}", elapsed())
         await asyncio.sleep(delay)
+
+
+def _answer(raw: bytes | None, latency_ms: float) -> Answered | Failed:
+    """A 2xx's body (None: longer than ``MAX_ANSWER_BYTES``) as the bot's messages."""
+    if raw is None:
+        return Failed(f"invalid answer: larger than {MAX_ANSWER_BYTES} bytes", latency_ms)
+    try:
+        messages = parse_answer(raw) if raw.strip() else []
+    except InvalidAnswer as exc:
+        return Failed(f"invalid answer: {exc}", latency_ms)
+    return Answered(messages, latency_ms)
+
+
+async def _read_capped(response: aiohttp.ClientResponse) -> bytes | None:
+    """The answer's body, or None when it is longer than ``MAX_ANSWER_BYTES``."""
+    if response.content_length is not None and response.content_length > MAX_ANSWER_BYTES:
+        return None
+    body = bytearray()
+    async for chunk in response.content.iter_chunked(64 * 1024):
+        body += chunk
+        if len(body) > MAX_ANSWER_BYTES:
+            return None
+    return bytes(body)
 
 
 # --- bot messages to the customer --------------------------------------------------------
@@ -305,16 +359,25 @@ async def _greeting(
 
 # --- message.received --------------------------------------------------------------------
 
-# The customer's message, its conversation (locked: the turns of one conversation are
-# numbered and recorded one at a time across replicas) and the customer's name.
+# The customer's message, its conversation and the customer's name; read first without a
+# lock (most conversations are not at the bot), then again locked (``_MESSAGE_LOCKED``: the
+# turns of one conversation are numbered and recorded one at a time across replicas).
 _MESSAGE = """
 SELECT m.id, m.body, m.media, c.id AS conversation_id, c.state, c.account, c.customer,
-       c.workstream, c.language, c.variables, ct.profile_name
+       c.workstream, c.language, c.variables, c.opened_at, ct.profile_name
 FROM messages m
 JOIN conversations c ON c.id = m.conversation_id
 JOIN contacts ct ON ct.id = c.contact_id
 WHERE m.twilio_sid = $1
-FOR UPDATE OF c
+"""
+_MESSAGE_LOCKED = _MESSAGE + "FOR UPDATE OF c"
+# Conversations at a bot whose workstream has none now (``$1``: those that have one),
+# opened before this process applied its configuration (``$2``).
+STRANDED = """
+SELECT id, workstream FROM conversations
+WHERE state = 'bot' AND opened_at < $2 AND workstream <> ALL($1::text[])
+ORDER BY opened_at LIMIT $3
+FOR UPDATE SKIP LOCKED
 """
 # The conversation's turns so far and the buttons of its last answer (``bot_turns_conversation``).
 _TURNS = """
@@ -386,24 +449,38 @@ async def _skip_and_escalate(tx: StageTx, row: Any, turn: int, handoff: Handoff)
     return [escalated] if escalated is not None else []
 
 
+def _unavailable(workstream: str) -> str:
+    return f"the workstream {workstream!r} has no bot (any more)"
+
+
 async def on_message(event: Envelope, payload: MessageReceived, tx: StageTx) -> list[Envelope]:
-    bot = _bot_of(tx.config.current, payload.workstream)
-    if bot is None:
-        return []
     row = await tx.conn.fetchrow(_MESSAGE, payload.message_sid)
     if row is None:
-        raise TransientError(f"message {payload.message_sid} is not stored (yet)")
+        raise NotYetStored(f"message {payload.message_sid} is not stored (yet)")
     if row["state"] != "bot":
         return []  # agents' (escalated, or a workstream given a bot later): not the bot's
+    row = await tx.conn.fetchrow(_MESSAGE_LOCKED, payload.message_sid)
+    if row is None or row["state"] != "bot":
+        return []  # handed off or closed since the first read
     turn = await tx.conn.fetchrow(
         "SELECT turn, state, request FROM bot_turns WHERE message_id = $1", row["id"]
     )
     if turn is not None and turn["state"] != "calling":
         return []  # answered, skipped or failed before: a redelivery asks nothing
-    workstream = tx.config.current.workstream(payload.workstream)
-    assert workstream is not None
+    workstream = tx.config.current.workstream(row["workstream"])
+    bot = workstream.bot if workstream is not None else None
     counts = await tx.conn.fetchrow(_TURNS, row["conversation_id"])
     assert counts is not None  # an aggregate: always one row
+    if workstream is None or bot is None:
+        if tx.now - row["opened_at"] < RELOAD_GRACE:
+            # Opened at a bot moments ago: this process may not have applied the reload
+            # that gave the workstream its bot yet.
+            raise NotYetStored(f"{_unavailable(row['workstream'])} in this process's configuration")
+        number = turn["turn"] if turn is not None else int(counts["turns"]) + 1
+        handoff = Handoff(
+            "bot_unavailable", _unavailable(row["workstream"]), turns=int(counts["answered"])
+        )
+        return await _skip_and_escalate(tx, row, number, handoff)
     events: list[Envelope] = []
     if turn is None:
         number = int(counts["turns"]) + 1
@@ -442,7 +519,7 @@ async def on_message(event: Envelope, payload: MessageReceived, tx: StageTx) -> 
         message_id=str(row["id"]),
         conversation_id=str(row["conversation_id"]),
         account=row["account"],
-        workstream=payload.workstream,
+        workstream=row["workstream"],
         turn=number,
         request=request,
         correlation_id=event.correlation_id,
@@ -467,8 +544,10 @@ async def _call(tx: StageTx, call: Call) -> list[Envelope]:
         if current is None or current["turn_state"] != "calling":
             return []
         bot = _bot_of(tx.config.current, call.workstream)
-        if current["state"] != "bot" or bot is None:
+        if current["state"] != "bot":
             return await tx.until_stored(lambda: _record_skip(store, call, "no longer the bot's"))
+        if bot is None:  # a reload removed the workstream's bot since the turn was recorded
+            return await tx.until_stored(lambda: _record_unavailable(store, tx, call))
         outcome = await ask(client.session, bot, call.request)
         log.info(
             "bot.called",
@@ -488,6 +567,29 @@ async def _call(tx: StageTx, call: Call) -> list[Envelope]:
     if isinstance(outcome, Failed) and not bot.handoff_on_error:
         raise BotUnavailable(f"the bot failed: {outcome.detail}")
     return events
+
+
+async def _record_unavailable(store: Any, tx: StageTx, call: Call) -> list[Envelope]:
+    """The turn skipped, and the conversation escalated ``bot_unavailable``."""
+    async with store.transaction() as conn:
+        now = datetime.now(tx.now.tzinfo)
+        skipped = await conn.fetchval(
+            "UPDATE bot_turns SET state = 'skipped', error = $2, answered_at = $3"
+            " WHERE message_id = $1 AND state = 'calling' RETURNING message_id",
+            call.message_id,
+            _unavailable(call.workstream),
+            now,
+        )
+        if skipped is None:
+            return []
+        handoff = Handoff(
+            "bot_unavailable",
+            _unavailable(call.workstream),
+            turns=await _answered(conn, call.conversation_id),
+        )
+        escalated = await escalate(conn, call.conversation_id, handoff, call.workstream, now)
+        added: list[Envelope] = await add_to_outbox(conn, [escalated] if escalated else [])
+        return added
 
 
 async def _record_skip(store: Any, call: Call, why: str) -> list[Envelope]:
@@ -646,6 +748,47 @@ def _event(kind: str, call: Call, data: BaseModel, now: datetime) -> Envelope:
     )
 
 
+# --- the tick: conversations left at a bot that is gone ---------------------------------
+
+
+@dataclass
+class _Sweep:
+    """The stranded-conversation sweep of one loaded configuration: from when it applied
+    here, and whether it is done."""
+
+    applied_at: datetime | None = None
+    done: bool = False
+
+
+async def tick(tx: StageTx) -> list[Envelope]:
+    """Once per configuration this process loads (a start, a reload): escalate
+    ``bot_unavailable`` the conversations at a bot whose workstream has none in it, so they
+    do not wait for their customer's next message. Afterwards a tick costs no query."""
+    sweep = tx.config.derive("bot.stranded", lambda _config: _Sweep())
+    if sweep.applied_at is None:
+        sweep.applied_at = tx.now
+    if sweep.done:
+        return []
+    with_bot = [ws.name for ws in tx.config.current.workstreams if ws.bot is not None]
+    rows = await tx.conn.fetch(STRANDED, with_bot, sweep.applied_at, SWEEP_LIMIT)
+    if not rows:
+        # Done only when a sweep finds nothing: a batch whose transaction failed, or rows
+        # another replica held, are looked for again (the runner ticks again at once while
+        # a tick makes progress).
+        sweep.done = True
+    events: list[Envelope] = []
+    for row in rows:
+        conversation_id = str(row["id"])
+        handoff = Handoff(
+            "bot_unavailable",
+            _unavailable(row["workstream"]),
+            turns=await _answered(tx.conn, conversation_id),
+        )
+        escalated = await escalate(tx.conn, conversation_id, handoff, row["workstream"], tx.now)
+        events += [escalated] if escalated is not None else []
+    return events
+
+
 # --- what the configuration asks of the stage --------------------------------------------
 
 
@@ -657,11 +800,13 @@ def needs(config: Config) -> frozenset[str]:
 
 
 def wants(event: Envelope, payload: BaseModel, config: Config) -> bool:
-    """Only messages of workstreams with a bot (never a sandbox join, which is not stored),
-    and bot starts with a greeting to send; the rest is acked without a transaction."""
+    """Customer messages while any workstream has a bot (its conversation's row says whose
+    it is; never a sandbox join, which is not stored), and bot starts with a greeting to
+    send; the rest is acked without a transaction."""
     if isinstance(payload, MessageReceived):
-        bot = _bot_of(config, payload.workstream)
-        return bot is not None and not (payload.sandbox and SANDBOX_JOIN.match(payload.body))
+        return any(ws.bot is not None for ws in config.workstreams) and not (
+            payload.sandbox and SANDBOX_JOIN.match(payload.body)
+        )
     if isinstance(payload, ConversationBotStarted):
         bot = _bot_of(config, payload.workstream)
         return bot is not None and bool(bot.greeting)
@@ -675,6 +820,7 @@ STAGE = Stage(
         EventType.MESSAGE_RECEIVED: on_message,
     },
     resources=bot_client,
+    tick=tick,
     wants=wants,
     needs=needs,
 )

@@ -25,7 +25,7 @@ from consumers.runtime import Stage, StageTx
 from omniroute.domain.conversation import close_at_bot, close_conversation
 from omniroute.domain.timers import BOT_IDLE, cancel, schedule, take_due
 from omniroute.domain.window import window
-from omniroute.errors import InvalidEvent, TransientError
+from omniroute.errors import InvalidEvent, NotYetStored, TransientError
 from omniroute.infra.store import Connection
 from schemas.config import Config, Workstream
 from schemas.events import (
@@ -325,7 +325,7 @@ async def _customer_activity(payload: MessageReceived, account: str, tx: StageTx
         payload.message_sid,
     )
     if stored is None:
-        raise TransientError("the customer's message is not stored (yet)")
+        raise NotYetStored(f"message {payload.message_sid} is not stored (yet)")
     if stored["state"] not in OPEN_STATES:
         return []  # a survey answer, kept in the closed conversation: nothing to time
     conversation_id = stored["id"]
@@ -354,10 +354,27 @@ async def tick(tx: StageTx) -> list[Envelope]:
         elif timer["kind"] == "wrap_up_end" and row["state"] == "wrap-up":
             events.append(await close_conversation(tx.conn, str(row["id"]), "agent", tx.now))
         elif timer["kind"] == BOT_IDLE and row["state"] == "bot":
-            # Still at the bot (not escalated meanwhile): the customer left it there.
-            closed = await close_at_bot(tx.conn, str(row["id"]), "bot_idle", tx.now)
-            events += [closed] if closed is not None else []
+            events += await _bot_idle(tx, row)
     return events
+
+
+async def _bot_idle(tx: StageTx, row: Any) -> list[Envelope]:
+    """Still at the bot (not escalated meanwhile): closed ``bot_idle`` if the customer has
+    been silent for the bot's ``close_after``. The bot stage pushes the timer only when it
+    handles a message: one stored but not handled yet (that stage behind) counts by the
+    conversation's ``last_customer_message_at``, and moves the timer to its own end. A bot
+    without ``close_after`` now (a reload turned it off) closes nothing; a workstream
+    without a bot now leaves it to the bot stage (escalated ``bot_unavailable``)."""
+    workstream = tx.config.current.workstream(row["workstream"])
+    bot = workstream.bot if workstream is not None else None
+    if bot is None or bot.close_after is None:
+        return []
+    due = row["last_customer_message_at"] + timedelta(seconds=bot.close_after)
+    if due > tx.now:
+        await schedule(tx.conn, str(row["id"]), BOT_IDLE, due, later_only=True)
+        return []
+    closed = await close_at_bot(tx.conn, str(row["id"]), "bot_idle", tx.now)
+    return [closed] if closed is not None else []
 
 
 STAGE = Stage(

@@ -15,6 +15,16 @@ Read top to bottom:
   dead-lettered with its reason when the delivery limit is reached.
 - When the database is unreachable the message is held and retried in place: the stage
   pauses instead of burning through the delivery limit, and resumes when it returns.
+- ``NotYetStored`` (what the event needs is not there yet: a row another stage stores, as a
+  customer message the conversations stage is behind on) is held and retried in place the
+  same way, with the same backoff, and is never counted toward the delivery limit: a
+  restart or backlog of the stage that stores it only delays the message. It is bounded by
+  the event's age (``NOT_YET_PATIENCE`` since it occurred, wall clock): past that, what it
+  waits for is taken as lost and the message is dead-lettered with the reason. Held rather
+  than nacked because a nack is a delivery the broker counts (``x-delivery-count``, and a
+  quorum queue's own limit) and would put the message behind the queue's backlog; a held
+  message takes one prefetch slot, as a database outage does, and goes back to the queue
+  (requeued) if the process stops meanwhile.
 - SIGTERM (``stop``) cancels the consumer, lets in-flight messages finish within the grace
   period and closes; what was prefetched but not started goes back to the queue.
 """
@@ -41,6 +51,7 @@ from consumers.group_commit import GroupCommit
 from omniroute.errors import (
     BrokerUnavailable,
     InvalidEvent,
+    NotYetStored,
     StoreUnavailable,
     TransientError,
 )
@@ -56,6 +67,9 @@ from schemas.events import PAYLOADS, Envelope
 
 log = structlog.get_logger("omniroute.consumer")
 ROUTINE = frozenset({"handled", "skipped", "coalesced"})
+# How long (since the event occurred) a message waits for what ``NotYetStored`` says is
+# not there yet before it is dead-lettered: far beyond a stage's restart or backlog.
+NOT_YET_PATIENCE = 600.0
 
 Clock = Callable[[], datetime]
 T = TypeVar("T")
@@ -394,12 +408,12 @@ class StageRunner:
             correlation_id=event.correlation_id,
         )
         try:
-            added, tx = await self._handle_until_stored(event, payload)
-        except InvalidEvent as exc:
+            added, tx = await self._handle_when_ready(event, payload)
+        except (InvalidEvent, _NeverReady) as exc:
             return await self._dead_letter(message, str(exc))
         except _Stopping:
             await message.nack(requeue=True)
-            return Outcome("requeued", "shutting down while the database was unavailable")
+            return Outcome("requeued", "shutting down while waiting for the database or a row")
         except Exception as exc:
             reason = f"{type(exc).__name__}: {str(exc)[:300]}"
             deliveries = delivery_count(message) + 1
@@ -479,6 +493,32 @@ class StageRunner:
             published += [e.type for e in await work()]
         return published
 
+    async def _handle_when_ready(
+        self, event: Envelope, payload: BaseModel
+    ) -> tuple[list[Envelope], StageTx]:
+        """Handle the event, held and retried in place (not counted as a delivery) while the
+        handler says what it needs is not stored yet, up to ``NOT_YET_PATIENCE`` since the
+        event occurred; raises ``_NeverReady`` past that, ``_Stopping`` on shutdown."""
+        attempt = 0
+        while True:
+            try:
+                return await self._handle_until_stored(event, payload)
+            except NotYetStored as exc:
+                age = time.time() - event.occurred_at.timestamp()
+                if age >= NOT_YET_PATIENCE:
+                    raise _NeverReady(
+                        f"not ready {age:.0f} s after the event (waits up to"
+                        f" {NOT_YET_PATIENCE:g} s): {type(exc).__name__}: {str(exc)[:300]}"
+                    ) from exc
+                attempt += 1
+                delay = min(self._backoff(attempt), NOT_YET_PATIENCE - age)
+                # Expected while the storing stage catches up: information, not a warning.
+                log.info("stage.not_yet", error=str(exc)[:300], retry_in=round(delay, 2))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), delay)
+                if self._stopping.is_set():
+                    raise _Stopping from exc
+
     async def _handle_until_stored(
         self, event: Envelope, payload: BaseModel
     ) -> tuple[list[Envelope], StageTx]:
@@ -547,6 +587,10 @@ class StageRunner:
 class NotForThisStage(Exception):
     """A valid event of a type the stage does not take (e.g. a binding an older release
     declared): acknowledged and skipped; its real consumers received their own copy."""
+
+
+class _NeverReady(Exception):
+    """What a ``NotYetStored`` message waited for did not come within ``NOT_YET_PATIENCE``."""
 
 
 class _Stopping(Exception):

@@ -36,6 +36,14 @@ class TransientError(OmnirouteError):
     """Handling failed for a reason that may pass: redeliver, up to the delivery limit."""
 
 
+class NotYetStored(TransientError):
+    """What the event needs is not there yet, and another part will bring it: the row
+    another stage stores (a customer message the conversations stage has not stored), or a
+    reload this process has not applied. Not a failure: the runtime holds the message and
+    retries it in place, without counting it toward the delivery limit, until the event is
+    ``consumers.runtime.NOT_YET_PATIENCE`` old; then it is dead-lettered with the reason."""
+
+
 class UnknownAccountSid(OmnirouteError):
     """A webhook's AccountSid is not the account its URL names."""
 

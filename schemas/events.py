@@ -517,7 +517,7 @@ class BotReplied(BaseModel):
     replied_at: datetime
 
 
-EscalationReason = Literal["bot", "customer_asked", "max_turns", "bot_error"]
+EscalationReason = Literal["bot", "customer_asked", "max_turns", "bot_error", "bot_unavailable"]
 
 
 class ConversationEscalated(BaseModel):
@@ -529,7 +529,8 @@ class ConversationEscalated(BaseModel):
     workstream: str
     reason: EscalationReason = Field(
         description="bot: the bot handed off; customer_asked: a hand-off keyword;"
-        " max_turns: the bot answered max_turns times; bot_error: the bot failed"
+        " max_turns: the bot answered max_turns times; bot_error: the bot failed;"
+        " bot_unavailable: the conversation was at a bot its workstream no longer has"
     )
     detail: str | None = Field(
         default=None, description="e.g. 'timeout after 10 s', 'HTTP 503', 'invalid answer: …'"

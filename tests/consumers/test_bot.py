@@ -37,9 +37,10 @@ from omniroute.infra.topology import STAGES
 from omniroute.twilio_emulator import EmulatorState, RunningEmulator, start_emulator
 from router.app import create_app
 from router.state import BUS
-from schemas.events import Envelope
+from schemas.events import Envelope, MessageReceived
 from tests.bot_servers import (
     BotServer,
+    Reply,
     Script,
     answers,
     bot_server,
@@ -489,6 +490,12 @@ async def test_after_max_turns_the_conversation_goes_to_agents(rig: Rig, started
         pytest.param(malformed(), "invalid answer: not JSON", id="malformed"),
         pytest.param(not_a_list(), "invalid answer: expected a list", id="not-a-list"),
         pytest.param(answers({"text": "x"}, status=404), "HTTP 404", id="4xx"),
+        pytest.param(
+            # Valid JSON (an empty list) but past the cap: never read whole.
+            lambda body: Reply(200, b"[" + b" " * (2 * 1024 * 1024) + b"]"),
+            "invalid answer: larger than",
+            id="too-large",
+        ),
     ],
 )
 async def test_a_failing_bot_escalates_with_the_reason(
@@ -924,3 +931,140 @@ async def test_a_customer_writing_after_the_bot_resolved_starts_a_new_conversati
     await rig.event("conversation.bot-started", str(second["id"]))
     assert not rig.events("conversation.reopened", first)
     assert not rig.events("conversation.queued", first)
+
+
+# --- review of issue 14: never lost to a lag, never stranded at a bot ----------------------
+
+
+async def test_a_message_stored_late_by_the_conversations_stage_still_reaches_the_bot(
+    rig: Rig,
+) -> None:
+    """The conversations stage down longer than the bot stage's delivery limit lasts: the
+    bot stage waits for the message to be stored (not counted as deliveries)."""
+    async with bot_server(echo()) as server:
+        rig.config.current = parse_config(
+            _yaml(rig.prefix, server.url, greeting={}), "bot.yaml", ENVIRON
+        )
+        await rig.start_runner(outbound.STAGE)
+        await rig.start_bot_stage(delivery_limit=3, retry_backoff_base=0.05, retry_backoff_max=0.1)
+        customer = new_customer()
+        await rig.writes(customer, "oi")
+        await asyncio.sleep(1.5)  # three deliveries take well under a second
+        assert server.calls == []
+        await rig.start_runner(conversations.STAGE)
+        [sent] = await rig.received(customer, 1)
+        assert sent.body == "echo: oi"
+
+
+async def test_a_conversation_left_at_a_removed_bot_is_escalated_without_a_message(
+    rig: Rig, started: Start
+) -> None:
+    """A reload removes the workstream's bot: the bot stage's sweep escalates the
+    conversations at it (``bot_unavailable``) into classification and a queue."""
+    server = await started(echo(), greeting={})
+    customer = new_customer()
+    await rig.writes(customer, "oi")
+    cid = str((await rig.conversation(customer))["id"])
+    await rig.event("bot.replied", cid)
+    rig.config.current = parse_config(
+        _yaml(rig.prefix, server.url, {"bot": None}), "bot.yaml", ENVIRON
+    )
+    escalated = await rig.event("conversation.escalated", cid)
+    assert escalated["data"]["reason"] == "bot_unavailable"
+    assert escalated["data"]["turns"] == 1
+    await rig.event("conversation.queued", cid)
+    assert len(server.calls) == 1
+
+
+async def test_the_conversations_row_decides_whose_a_message_is_not_the_messages_workstream(
+    rig: Rig, started: Start, bus: Bus
+) -> None:
+    """A number moved to a workstream without a bot: the conversation opened at the bot
+    stays the bot's (its row's workstream), its customer's next message is answered."""
+    server = await started(echo(), greeting={})
+    customer = new_customer()
+    sid = await rig.writes(customer, "oi")
+    cid = str((await rig.conversation(customer))["id"])
+    await rig.event("bot.replied", cid)
+    first = next(
+        e for e in rig.seen if e["type"] == "message.received" and e["data"]["message_sid"] == sid
+    )
+    moved_sid = f"SM{uuid.uuid4().hex}"
+    data = {
+        **first["data"],
+        "message_sid": moved_sid,
+        "body": "segunda",
+        "workstream": "support-en",
+        "received_at": datetime.now(UTC).isoformat(),
+        "form": {"MessageSid": moved_sid},
+    }
+    await bus.publish(
+        Envelope.model_validate(
+            {**first, "id": str(uuid.uuid4()), "occurred_at": data["received_at"], "data": data}
+        )
+    )
+    await wait_for(lambda: _count(rig, "bot.replied", cid, 2))
+    assert server.messages == ["oi", "segunda"]
+
+
+async def test_a_message_of_a_conversation_not_at_the_bot_takes_no_lock(
+    rig: Rig, started: Start, settings: Settings
+) -> None:
+    """Agents' conversations: the bot stage reads the state without ``FOR UPDATE`` (an agent's
+    transaction holding the row does not hold the bot stage up)."""
+    await started(echo(), greeting={})
+    customer = new_customer()
+    await rig.writes(customer, "quero um atendente")
+    cid = str((await rig.conversation(customer))["id"])
+    await rig.event("conversation.queued", cid)
+    sid = await rig.writes(customer, "alô?")
+
+    async def seen() -> dict[str, Any] | None:
+        await asyncio.sleep(0)
+        return next(
+            (
+                e
+                for e in rig.seen
+                if e["type"] == "message.received" and e["data"]["message_sid"] == sid
+            ),
+            None,
+        )
+
+    received: dict[str, Any] = await wait_for(seen, timeout=10)
+    await wait_for(lambda: rig.db.fetchval("SELECT 1 FROM messages WHERE twilio_sid = $1", sid))
+    event = Envelope.model_validate(received)
+    payload = MessageReceived.model_validate(received["data"])
+    async with rig.db.acquire() as holder, holder.transaction():
+        await holder.execute("SELECT 1 FROM conversations WHERE id = $1 FOR UPDATE", cid)
+        async with rig.db.acquire() as conn, conn.transaction():
+            tx = StageTx(conn, rig.config, datetime.now(UTC), settings)
+            async with asyncio.timeout(3):
+                assert await bot.on_message(event, payload, tx) == []
+
+
+async def test_a_message_stored_but_not_yet_handled_by_the_bot_keeps_it_from_idling_out(
+    rig: Rig, started: Start
+) -> None:
+    """The idle timer fires while the customer's newest message is stored but the bot stage
+    has not pushed the timer yet: not closed, the timer moves to that message's end."""
+    clock = SetClock()
+    await started(echo(), greeting={}, close_after="10m", workstream=CLOSING)
+    ticks = await _start_lifecycle(rig, clock)
+    customer = new_customer()
+    await rig.writes(customer, "oi")
+    cid = str((await rig.conversation(customer))["id"])
+    await rig.event("bot.replied", cid)
+    first = await _idle_due(rig, cid)
+    # A message stored a minute before the timer is due, which the bot stage is behind on.
+    last = first - timedelta(minutes=1)
+    await rig.db.execute(
+        "UPDATE conversations SET last_customer_message_at = $2 WHERE id = $1", cid, last
+    )
+    await ticks.past(clock.set(first + timedelta(seconds=1)))
+    assert (await rig.conversation(customer))["state"] == "bot"
+    assert not rig.events("conversation.closed", cid)
+    assert await _idle_due(rig, cid) == last + timedelta(minutes=10)
+    closed_at = clock.set(last + timedelta(minutes=10, seconds=1))
+    closed = await rig.event("conversation.closed", cid)
+    assert closed["data"]["reason"] == "bot_idle"
+    assert (await rig.conversation(customer))["closed_at"] >= closed_at - timedelta(seconds=1)

@@ -4,6 +4,7 @@ from the CLI's functions."""
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
 from typing import Any
 
 import aio_pika
@@ -12,8 +13,9 @@ from prometheus_client import REGISTRY
 from pydantic import BaseModel
 
 from consumers import conversations, lifecycle
-from consumers.runtime import Stage, StageTx
+from consumers.runtime import NOT_YET_PATIENCE, Stage, StageTx
 from omniroute.commands.dead_letters import list_dead, replay_dead
+from omniroute.errors import NotYetStored
 from omniroute.infra.bus import Bus
 from omniroute.infra.config_loader import LiveConfig, parse_config
 from omniroute.infra.settings import Settings
@@ -240,3 +242,46 @@ async def test_a_reload_rebinds_the_stage_before_the_process_says_it_applied(
     await _dead_letter(settings, closed.id, stage="lifecycle")
     letters = await list_dead(settings, "lifecycle", 1000)
     assert dropped.id not in {letter.message_id for letter in letters}
+
+
+async def test_a_row_not_stored_yet_is_waited_for_past_the_delivery_limit(
+    bus: Bus, start_runner: RunnerFactory, settings: Settings
+) -> None:
+    """``NotYetStored`` (another stage is behind) is held and retried in place, never
+    counted as a delivery: a lag longer than the delivery limit's backoff loses nothing."""
+    attempts: list[int] = []
+    done = asyncio.Event()
+
+    async def waiting(event: Envelope, payload: BaseModel, tx: StageTx) -> list[Envelope]:
+        attempts.append(1)
+        if len(attempts) <= settings.delivery_limit * 2:
+            raise NotYetStored("the message is not stored (yet)")
+        done.set()
+        return []
+
+    await start_runner(
+        Stage("conversations", {EventType.MESSAGE_RECEIVED: waiting}),
+        retry_backoff_base=0.01,
+        retry_backoff_max=0.02,
+    )
+    event = received_event()
+    await bus.publish(event)
+    async with asyncio.timeout(10):
+        await done.wait()
+    assert len(attempts) == settings.delivery_limit * 2 + 1
+    letters = await list_dead(settings, "conversations", 1000)
+    assert all(d.message_id != event.id for d in letters)
+
+
+async def test_a_row_never_stored_is_dead_lettered_once_the_event_is_too_old(
+    bus: Bus, start_runner: RunnerFactory, settings: Settings
+) -> None:
+    async def waiting(event: Envelope, payload: BaseModel, tx: StageTx) -> list[Envelope]:
+        raise NotYetStored("message SMx is not stored (yet)")
+
+    await start_runner(Stage("conversations", {EventType.MESSAGE_RECEIVED: waiting}))
+    event = received_event()
+    event.occurred_at -= timedelta(seconds=NOT_YET_PATIENCE + 1)
+    await bus.publish(event)
+    letter = await _dead_letter(settings, event.id)
+    assert "not ready" in letter.reason and "SMx is not stored" in letter.reason

@@ -654,3 +654,28 @@ def test_scans_walks_subplans() -> None:
     ]
     assert _big_seq_scans(_scans(plan)) == []
     assert _big_seq_scans([("Seq Scan", "timers", None)]) == [("Seq Scan", "timers", None)]
+
+
+# The bot stage after the review of issue 14: its message read locks only at the bot, and
+# its tick sweeps the conversations left at a bot a reload removed (the few ``bot`` rows
+# through ``conversations_state``, never the history).
+BOT_REVIEW_CASES = [
+    Case(
+        "bot._MESSAGE_LOCKED",
+        bot._MESSAGE_LOCKED,
+        lambda s: (f"SM{uuid.uuid4().hex}",),
+        (frozenset({"messages_twilio_sid_key"}),),
+    ),
+    Case(
+        "bot.STRANDED",
+        bot.STRANDED,
+        lambda s: (["support"], s.now, bot.SWEEP_LIMIT),
+        (frozenset({"conversations_state"}),),
+    ),
+]
+
+
+@pytest.mark.parametrize("mode", ["custom", "generic"])
+@pytest.mark.parametrize("case", BOT_REVIEW_CASES, ids=[c.name for c in BOT_REVIEW_CASES])
+async def test_bot_review_statement_is_index_driven(seeded: Seeded, case: Case, mode: str) -> None:
+    await test_hot_statement_is_index_driven(seeded, case, mode)
