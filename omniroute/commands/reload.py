@@ -49,6 +49,22 @@ UNLISTED_GRACE = 1.0
 
 # The answering side: every process (Service) -------------------------------------------
 
+# How an answer's error starts when the process loaded the new configuration but a stage
+# could not bind its queue for it (the answer is then not applied, ``hash`` the new one).
+BIND_FAILED = "queue not bound: "
+
+
+def bind_failed(stage: str, reason: str) -> str:
+    """One line of a not-applied answer's error: ``stage`` could not bind its queue."""
+    return (
+        f"{BIND_FAILED}stage {stage} could not bind its queue for this configuration"
+        f" ({reason}); events it now needs may not reach it until its retry succeeds"
+    )
+
+
+def _unbound(answer: ConfigReloadAnswered) -> bool:
+    return not answer.applied and (answer.error or "").startswith(BIND_FAILED)
+
 
 def answer_event(
     identity: ProcessIdentity,
@@ -139,7 +155,13 @@ class ReloadReport:
 
     @property
     def refused(self) -> list[ConfigReloadAnswered]:
+        """Every answer that did not apply: refusals and the unbound."""
         return [a for a in self.answers.values() if not a.applied]
+
+    @property
+    def unbound(self) -> list[ConfigReloadAnswered]:
+        """Processes that loaded the new configuration but could not bind a stage's queue."""
+        return [a for a in self.answers.values() if _unbound(a)]
 
     @property
     def hashes(self) -> Counter[str]:
@@ -164,15 +186,23 @@ class ReloadReport:
         for answer in sorted(self.answers.values(), key=lambda a: a.process):
             stages = f" [{', '.join(answer.stages)}]" if answer.stages else ""
             unlisted = "" if answer.process_id in listed else " (not in the registry yet)"
+            changed = (
+                "unchanged"
+                if answer.hash == answer.previous_hash
+                else f"was {answer.previous_hash}"
+            )
             if answer.applied:
-                changed = (
-                    "unchanged"
-                    if answer.hash == answer.previous_hash
-                    else f"was {answer.previous_hash}"
-                )
                 out.append(
                     f"{answer.process}{stages}: applied, config {answer.hash} ({changed}){unlisted}"
                 )
+            elif _unbound(answer):
+                problems = (answer.error or "").splitlines()
+                out.append(
+                    f"{answer.process}{stages}: not applied, runs config {answer.hash}"
+                    f" ({changed}) but its queues are not bound:"
+                    f" {problems[0].removeprefix(BIND_FAILED)}{unlisted}"
+                )
+                out.extend(f"    {problem.removeprefix(BIND_FAILED)}" for problem in problems[1:])
             else:
                 problems = (answer.error or "no reason given").splitlines()
                 out.append(
@@ -202,9 +232,13 @@ class ReloadReport:
             )
         elif not self.answers and not self.expected:
             problems.append("no running omniroute process (none in the registry) answered")
-        if self.refused:
-            names = ", ".join(a.process for a in self.refused)
-            problems.append(f"refused by {len(self.refused)} ({names})")
+        refused = [a for a in self.refused if not _unbound(a)]
+        if refused:
+            names = ", ".join(a.process for a in refused)
+            problems.append(f"refused by {len(refused)} ({names})")
+        if self.unbound:
+            names = ", ".join(a.process for a in self.unbound)
+            problems.append(f"could not bind its queues: {len(self.unbound)} ({names})")
         if self.missing:
             names = ", ".join(row.label for row in self.missing)
             problems.append(f"no answer from {len(self.missing)} ({names})")

@@ -25,6 +25,7 @@ from omniroute.commands.reload import (
     DEFAULT_WAIT,
     ReloadReport,
     answer_event,
+    bind_failed,
     reply_address,
     send_answer,
 )
@@ -245,24 +246,42 @@ class Service:
     ) -> Envelope:
         """Re-read the configuration (and its secret files), then say what happened: to
         ``reply_to`` when the request named a queue, and on the events exchange. On a
-        problem the current configuration stays. Returns the answer."""
+        problem the current configuration stays. Returns the answer.
+
+        The files are read in a worker thread, so a slow disk or a stuck mount never stops
+        the event loop (webhooks, stages, heartbeats); the new configuration is made current
+        back on the loop, where everything reads it. The answer says applied only when every
+        stage also bound its queue for the new configuration (``_follow_bindings``)."""
         async with self._reload_lock:  # two requests at once: answers in order, hashes true
             previous = self.config_hash()
             error: str | None = None
+            environ = dict(os.environ)
             try:
-                self.config.reload(os.environ)
+                loaded = await asyncio.to_thread(self.config.load, environ)
             except ConfigError as exc:
                 error = "\n".join(exc.problems)
                 log.error("config.reload_failed", problems=exc.problems, hash=previous)
+            else:
+                if loaded is not None:
+                    self.config.apply(loaded)
             current = self.config_hash()
             if error is None:
-                await self._follow_bindings()
-                log.info(
-                    "config.reloaded",
-                    path=str(self.config.path),
-                    hash=current,
-                    previous_hash=previous,
-                )
+                unbound = await self._follow_bindings()
+                if unbound:
+                    error = "\n".join(unbound)
+                    log.error(
+                        "config.reloaded_unbound",
+                        problems=unbound,
+                        hash=current,
+                        previous_hash=previous,
+                    )
+                else:
+                    log.info(
+                        "config.reloaded",
+                        path=str(self.config.path),
+                        hash=current,
+                        previous_hash=previous,
+                    )
             heartbeat = self._heartbeat
             identity = (
                 heartbeat.identity
@@ -283,15 +302,21 @@ class Service:
                 await send_answer(self._bus, self._reload_channel, answer, reply_to)
             return answer
 
-    async def _follow_bindings(self) -> None:
+    async def _follow_bindings(self) -> list[str]:
         """Each stage binds what the new configuration needs before the answer says it
-        applied (``StageRunner.follow_config``); a failure is left to the runner's retry."""
+        applied (``StageRunner.follow_config``). Returns one problem per stage that could
+        not (``BIND_FAILED``…): the answer then says not applied, and the runner keeps
+        retrying on its own."""
+        problems = []
         for runner in self._runners:
             try:
                 async with asyncio.timeout(self.settings.broker_connect_timeout):
                     await runner.follow_config()
             except Exception as exc:
-                log.warning("config.bind_failed", stage=runner.stage.name, error=repr(exc)[:200])
+                reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                log.warning("config.bind_failed", stage=runner.stage.name, error=reason[:200])
+                problems.append(bind_failed(runner.stage.name, reason[:200]))
+        return problems
 
     def reload_config(self) -> None:
         """Reload now, from a signal handler (SIGHUP): the answer goes to the events

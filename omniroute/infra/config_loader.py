@@ -258,16 +258,27 @@ class LiveConfig:
             self._derived[key] = cached
         return cached[1]  # type: ignore[return-value]
 
+    def load(self, environ: Mapping[str, str]) -> Config | None:
+        """Read the file and its secret files again, without making the result current (None
+        without a file). Touches no state, so a process runs it in a worker thread
+        (``asyncio.to_thread``) and keeps file reads off its event loop, then calls ``apply``
+        on the loop. Raises ConfigError."""
+        if self.path is None:
+            return None
+        return load_config(self.path, environ)
+
     def reload(self, environ: Mapping[str, str]) -> Config:
         """Re-read the file and its secret files; on error keep the current configuration
-        (and the tokens it accepts) and raise ConfigError."""
-        if self.path is None:
-            return self.current
-        self.apply(load_config(self.path, environ))
+        (and the tokens it accepts) and raise ConfigError. Synchronous: a running process
+        uses ``load`` in a thread, then ``apply``."""
+        config = self.load(environ)
+        if config is not None:
+            self.apply(config)
         return self.current
 
     def apply(self, config: Config) -> None:
-        """Make ``config`` current, remembering each auth token it replaces (see the class)."""
+        """Make ``config`` current, remembering each auth token it replaces (see the class).
+        Call it from the thread that reads ``current`` (a process's event loop)."""
         now = self._clock()
         previous: dict[str, tuple[SecretStr, float]] = {}
         for account in config.accounts:

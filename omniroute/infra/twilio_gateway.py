@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import hmac
 from dataclasses import dataclass
 from typing import Any
@@ -83,37 +85,72 @@ async def close_client(client: Client) -> None:
 
 
 class TwilioClients:
-    """One official client per account, created on first use, closed together.
+    """Official clients keyed by account and auth token, created on first use.
 
     A client holds the auth token it was made with: when a reload rotates an account's
     token, the next ``get`` makes a new client with it (once Twilio's console promotes the
-    new token, the old one is refused). The replaced client is closed with the others, not
-    at once, since a send may still be in flight on it.
+    new token, the old one is refused). Per account the current client and the one before
+    stay open (a send may be in flight on the previous one, and a reload back to the
+    previous token finds it again); an older one is closed ``grace`` seconds after it is
+    pushed out (by default the request timeout, after which nothing is in flight on it), so
+    repeated rotations never pile up open sessions. Clients are found by a SHA-256 digest
+    of the token: the token itself is only in the client.
     """
 
-    def __init__(self, api_url: str, timeout: float = DEFAULT_TIMEOUT) -> None:
+    KEEP = 2  # clients open per account: the current one and the one before
+
+    def __init__(
+        self, api_url: str, timeout: float = DEFAULT_TIMEOUT, *, grace: float | None = None
+    ) -> None:
         self._api_url = api_url
         self._timeout = timeout
-        self._clients: dict[str, Client] = {}
-        self._replaced: list[Client] = []
+        self._grace = timeout + 1.0 if grace is None else grace
+        # account sid → [(token digest, client)], the most recently used last
+        self._clients: dict[str, list[tuple[bytes, Client]]] = {}
+        self._closing: dict[asyncio.Task[None], Client] = {}
 
     def get(self, account_sid: str, auth_token: str) -> Client:
-        """The account's client for ``auth_token``, the one made before if its token."""
-        client = self._clients.get(account_sid)
-        if client is not None and not hmac.compare_digest(
-            str(client.password).encode(), auth_token.encode()
-        ):
-            self._replaced.append(client)
+        """The account's client for ``auth_token``: the one made before for it, if still
+        kept, else a new one (call it inside the running event loop)."""
+        digest = hashlib.sha256(auth_token.encode()).digest()
+        kept = self._clients.setdefault(account_sid, [])
+        for index, (known, client) in enumerate(kept):
+            if hmac.compare_digest(known, digest):
+                if index != len(kept) - 1:  # a reload went back to this token
+                    kept.append(kept.pop(index))
+                return client
+        if kept:
             log.info("twilio.client_token_changed", account_sid=account_sid)
-            client = None
-        if client is None:
-            client = make_client(account_sid, auth_token, self._api_url, timeout=self._timeout)
-            self._clients[account_sid] = client
+        client = make_client(account_sid, auth_token, self._api_url, timeout=self._timeout)
+        kept.append((digest, client))
+        while len(kept) > self.KEEP:
+            _, old = kept.pop(0)
+            self._close_later(old)
         return client
 
+    def open_clients(self, account_sid: str) -> list[Client]:
+        """The clients kept for an account, oldest first (the last is the current one)."""
+        return [client for _, client in self._clients.get(account_sid, [])]
+
+    def _close_later(self, client: Client) -> None:
+        task = asyncio.get_running_loop().create_task(
+            self._close_after_grace(client), name="twilio-client-close"
+        )
+        self._closing[task] = client
+        task.add_done_callback(lambda done: self._closing.pop(done, None))
+
+    async def _close_after_grace(self, client: Client) -> None:
+        await asyncio.sleep(self._grace)
+        await close_client(client)
+
     async def close(self) -> None:
-        clients, self._clients = [*self._replaced, *self._clients.values()], {}
-        self._replaced = []
+        """Close every client now, including those still in their grace."""
+        closing, self._closing = dict(self._closing), {}
+        for task in closing:
+            task.cancel()
+        await asyncio.gather(*closing, return_exceptions=True)
+        kept, self._clients = self._clients, {}
+        clients = [*closing.values(), *(client for pairs in kept.values() for _, client in pairs)]
         for client in clients:
             await close_client(client)
 

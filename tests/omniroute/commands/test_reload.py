@@ -12,17 +12,21 @@ import asyncio
 import os
 import signal
 import sys
+import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import asyncpg
 import pytest
 
-from omniroute.commands.reload import ReloadReport, request_reload
+from omniroute.commands.reload import BIND_FAILED, ReloadReport, request_reload
 from omniroute.commands.service import Service
+from omniroute.infra import config_loader
 from omniroute.infra.config_hash import config_hash
 from omniroute.infra.config_loader import LiveConfig, load_config
 from omniroute.infra.settings import Settings
+from schemas.config import Config
 from schemas.events import ConfigReloadAnswered, Envelope, EventType
 from tests.conftest import Infra
 from tests.support import AUTH_TOKEN, CONFIG_YAML, ENVIRON, tap, wait_for
@@ -51,7 +55,7 @@ StartService = Callable[..., Awaitable[Service]]
 
 @pytest.fixture
 async def start_service(
-    settings: Settings, monkeypatch: pytest.MonkeyPatch
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, db: asyncpg.Pool
 ) -> AsyncIterator[StartService]:
     """Services in this process, each like a process of its own (bus, store, registry row)."""
     for name, value in ENVIRON.items():  # a reload reads secrets from the process environment
@@ -66,7 +70,7 @@ async def start_service(
         service = Service(own, live, stages, serve_http=serve_http)
         started.append(service)
         await service.start()
-        await wait_for(lambda: _registered(service), timeout=10)
+        await wait_for(lambda: _registered(service, db), timeout=10)
         return service
 
     yield start
@@ -74,9 +78,13 @@ async def start_service(
         await service.stop()
 
 
-async def _registered(service: Service) -> bool:
+async def _registered(service: Service, db: asyncpg.Pool) -> bool:
+    """Its row is in the registry: a reload asked from now on waits for its answer."""
     heartbeat = service._heartbeat
-    return heartbeat is not None and heartbeat._task is not None
+    if heartbeat is None or heartbeat._task is None:
+        return False
+    row = await db.fetchval("SELECT 1 FROM processes WHERE id = $1", heartbeat.identity.id)
+    return row is not None
 
 
 def _mine(report: ReloadReport, *services: Service) -> dict[str, ConfigReloadAnswered]:
@@ -189,6 +197,95 @@ async def test_sighup_reloads_and_announces_the_answer_on_the_bus(
     assert (
         ROTATED not in envelope.model_dump_json() and AUTH_TOKEN not in envelope.model_dump_json()
     )
+
+
+async def test_a_stage_that_cannot_bind_makes_the_answer_not_applied(
+    start_service: StartService, settings: Settings, tmp_path: Path
+) -> None:
+    path = tmp_path / "omniroute.yaml"
+    secret = _with_token_file(path, AUTH_TOKEN)
+    service = await start_service(path, ["lifecycle"])
+    before = service.config_hash()
+    (runner,) = service._runners
+
+    async def broker_away() -> None:
+        raise ConnectionError("channel closed")
+
+    runner.follow_config = broker_away  # type: ignore[method-assign]
+    secret.write_text(ROTATED + "\n")
+    report = await request_reload(settings, wait=10)
+    (answer,) = _mine(report, service).values()
+    assert not answer.applied
+    assert answer.hash == _expected_hash(path) != before == answer.previous_hash
+    assert answer.error is not None and answer.error.startswith(BIND_FAILED)
+    assert "stage lifecycle" in answer.error and "ConnectionError: channel closed" in answer.error
+    assert not report.ok
+    assert f"could not bind its queues: 1 ({answer.process})" in report.verdict()
+    (line,) = [line for line in report.lines() if line.startswith(answer.process)]
+    assert f"not applied, runs config {answer.hash} (was {before}) but its queues" in line
+    assert "stage lifecycle could not bind" in line
+
+
+async def test_a_token_pasted_as_a_file_path_stays_out_of_the_answer(
+    start_service: StartService, settings: Settings, tmp_path: Path
+) -> None:
+    path = tmp_path / "omniroute.yaml"
+    _with_token_file(path, AUTH_TOKEN)
+    service = await start_service(path, ["classify"])
+    pasted = "0123456789abcdef0123456789abcdef"  # the token, pasted where its file goes
+    text = path.read_text()
+    path.write_text(
+        text.replace("auth_token_file: omniroute-contoso-token", f"auth_token_file: {pasted}")
+    )
+    assert pasted in path.read_text()
+    report = await request_reload(settings, wait=10)
+    (answer,) = _mine(report, service).values()
+    assert not answer.applied and answer.error is not None
+    assert "auth_token_file" in answer.error and f"{tmp_path}/…(32 chars)" in answer.error
+    assert pasted not in answer.error and all(pasted not in line for line in report.lines())
+
+
+async def test_a_reload_reads_files_off_the_event_loop_and_swaps_on_it(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "omniroute.yaml"
+    _with_token_file(path, AUTH_TOKEN)
+    live = LiveConfig(load_config(path, ENVIRON), path)
+    service = Service(settings, live, [], serve_http=False)  # not started: no bus, no registry
+    for name, value in ENVIRON.items():
+        monkeypatch.setenv(name, value)
+    slow_disk = 0.5
+
+    def slow_load(*args: object, **kwargs: object) -> Config:
+        time.sleep(slow_disk)  # a slow mount (or, before the fix, a FIFO's open())
+        return real_load(*args, **kwargs)  # type: ignore[arg-type]
+
+    real_load = config_loader.load_config
+    monkeypatch.setattr(config_loader, "load_config", slow_load)
+    swapped_on: list[int] = []
+    real_apply = live.apply
+
+    def apply(config: Config) -> None:
+        swapped_on.append(threading.get_ident())
+        real_apply(config)
+
+    monkeypatch.setattr(live, "apply", apply)
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    ticker = asyncio.create_task(tick())
+    try:
+        answer = await service.reload()
+    finally:
+        ticker.cancel()
+    assert ConfigReloadAnswered.model_validate(answer.data).applied
+    assert ticks >= 10, ticks  # the loop kept running while the files were read
+    assert swapped_on == [threading.get_ident()]  # the swap ran on the loop's thread
 
 
 async def _cli(*args: str, env: dict[str, str]) -> tuple[int, str, str]:

@@ -145,7 +145,7 @@ def test_an_unreadable_file_gives_the_reason_not_the_content(tmp_path: Path) -> 
     secret.mkdir()  # root reads any file, but nobody reads a directory as one
     (found,) = problems(path)
     assert found.startswith(f"{path}:{line_of(path, 'auth_token_file')}: ")
-    assert f"cannot read secret file {secret}: Is a directory" in found
+    assert f"secret file {secret} is a directory, not a regular file" in found
 
 
 @pytest.mark.parametrize(
@@ -239,3 +239,66 @@ def test_a_secret_file_the_process_cannot_open_is_an_error_not_a_crash(tmp_path:
     os.symlink(secret, secret)  # a symlink loop: open() fails with ELOOP
     (found,) = problems(path)
     assert f"workstreams[0].bot.token_file: cannot read secret file {secret}:" in found
+
+
+@pytest.mark.timeout(10)  # before the fix, open() waited for a writer forever
+def test_a_named_pipe_is_refused_without_waiting_for_a_writer(tmp_path: Path) -> None:
+    path = deployment(tmp_path)
+    secret = tmp_path / "secrets" / "twilio_contoso"
+    secret.unlink()
+    os.mkfifo(secret)
+    for require_secrets in (True, False):  # not a missing secret: a wrong kind of file
+        (found,) = problems(path, require_secrets=require_secrets)
+        assert found.endswith(
+            f"accounts[0].auth_token_file: secret file {secret} is a named pipe, not a regular file"
+        )
+
+
+def test_a_device_is_refused(tmp_path: Path) -> None:
+    path = deployment(tmp_path, token_file="/dev/null")  # read as empty, before the fix
+    (found,) = problems(path, require_secrets=False)
+    assert "secret file /dev/null is a device, not a regular file" in found
+
+
+def test_symlinks_are_followed_as_kubernetes_mounts_secrets(tmp_path: Path) -> None:
+    """A mounted secret is ``name -> ..data/name``, ``..data -> ..<timestamp>``; rotating it
+    swaps ``..data``."""
+    mount = tmp_path / "mount"
+    write(mount / "..2024_01_01" / "twilio_contoso", TOKEN)
+    write(mount / "..2024_02_01" / "twilio_contoso", "rotated\n")
+    os.symlink("..2024_01_01", mount / "..data")
+    os.symlink("..data/twilio_contoso", mount / "twilio_contoso")
+    path = deployment(tmp_path / "conf", token_file=str(mount / "twilio_contoso"))
+    assert load_config(path, {}).accounts[0].auth_token == SecretStr(TOKEN)
+    os.symlink("..2024_02_01", mount / "..data.new")
+    os.replace(mount / "..data.new", mount / "..data")
+    assert load_config(path, {}).accounts[0].auth_token == SecretStr("rotated")
+
+
+PASTED = [
+    "0123456789abcdef0123456789abcdef",  # a Twilio auth token: 32 hex
+    "Zq3xW9pL2vB7nK4m",  # mixed case
+    "hzx4kq8v2nmw7p3r",  # lowercase, no separator, longer than 12
+    "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJib3QifQ.c2lnbmF0dXJl",  # a JWT
+    "k3y/with+slash=",  # base64, split by its slash
+]
+
+
+@pytest.mark.parametrize("pasted", PASTED, ids=["hex", "mixed", "lower", "jwt", "base64"])
+def test_a_token_pasted_into_a_file_field_never_appears_in_the_error(
+    tmp_path: Path, pasted: str
+) -> None:
+    path = deployment(tmp_path, token_file=pasted)
+    (found,) = problems(path)
+    assert "accounts[0].auth_token_file: secret file " in found and "does not exist" in found
+    for part in [pasted, *pasted.split("/")]:
+        assert part not in found.split(": ", 2)[2], found
+    assert f"secret file {tmp_path}/…(" in found  # where it looked, as far as that exists
+    (absolute,) = problems(deployment(tmp_path, token_file=f"/tmp/{pasted}"))
+    assert pasted.split("/")[0] not in absolute and "secret file /tmp/…(" in absolute
+
+
+def test_a_missing_file_with_a_plain_name_is_shown_as_written(tmp_path: Path) -> None:
+    path = deployment(tmp_path, token_file="absent/twilio_contoso_token.txt")
+    (found,) = problems(path)
+    assert found.endswith(f"secret file {tmp_path}/absent/twilio_contoso_token.txt does not exist")

@@ -3,6 +3,8 @@ sends go out with the new one (Twilio refuses the old one once the new one is pr
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from twilio.base.exceptions import TwilioRestException
 
@@ -36,3 +38,43 @@ async def test_a_rotated_token_gets_a_new_client_and_the_old_one_stays_usable() 
     finally:
         await clients.close()
         await emulator.close()
+
+
+def _session_closed(client: object) -> bool:
+    session = client.http_client.session  # type: ignore[attr-defined]
+    return bool(session.closed)
+
+
+async def test_rotations_keep_two_clients_per_account_and_close_older_ones_after_a_grace() -> None:
+    clients = TwilioClients("http://127.0.0.1:9", timeout=5, grace=0.05)
+    other = "AC00000000000000000000000000000043"
+    try:
+        first = clients.get(SID, "token-1")
+        second = clients.get(SID, "token-2")
+        elsewhere = clients.get(other, "token-1")  # same token, another account: its own
+        assert elsewhere is not first
+        assert clients.get(SID, "token-1") is first  # a reload back finds the previous one
+        third = clients.get(SID, "token-3")  # pushes out token-2's, the least recent
+        assert clients.open_clients(SID) == [first, third]
+        assert not _session_closed(second)  # a send may still be in flight on it
+        await asyncio.sleep(0.2)
+        assert _session_closed(second)
+        assert not _session_closed(first) and not _session_closed(third)
+
+        pushed_out = [clients.get(SID, f"rotation-{n}") for n in range(10)]
+        assert clients.open_clients(SID) == pushed_out[-2:]
+        await asyncio.sleep(0.2)
+        assert all(_session_closed(c) for c in [first, third, *pushed_out[:-2]])
+        assert not any(_session_closed(c) for c in pushed_out[-2:])
+        assert clients.open_clients(other) == [elsewhere]
+    finally:
+        await clients.close()
+    assert all(_session_closed(c) for c in [*pushed_out, elsewhere])
+
+
+async def test_close_does_not_wait_for_the_grace_of_a_replaced_client() -> None:
+    clients = TwilioClients("http://127.0.0.1:9", timeout=5, grace=3600)
+    made = [clients.get(SID, f"token-{n}") for n in range(3)]
+    async with asyncio.timeout(2):
+        await clients.close()
+    assert all(_session_closed(c) for c in made)
