@@ -575,7 +575,10 @@ class ConfigReloadAnswered(SystemEvent):
     process_id: str = Field(description="the process's row in the registry (host:pid:start)")
     role: str = Field(description="run, serve or consume")
     stages: list[str] = Field(default_factory=list, description="the stages it runs")
-    applied: bool = Field(description="whether it runs the new configuration now")
+    applied: bool = Field(
+        description="whether it runs the new configuration now with its stages' queues bound"
+        " for it (false when it refused, or runs it but a stage could not bind: see error)"
+    )
     hash: str = Field(description="the configuration hash it runs after the reload")
     previous_hash: str = Field(description="the configuration hash it ran before")
     error: str | None = Field(
