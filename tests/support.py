@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
@@ -469,3 +470,10 @@ class TcpProxy:
         ):
             self._pipes.add(task)
             task.add_done_callback(self._pipes.discard)
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on now (for a server a test starts on a real port)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

@@ -13,7 +13,6 @@ import asyncio
 import base64
 import os
 import random
-import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +43,7 @@ from omniroute.commands.demo_bot import (
     check_bot,
     check_resolved,
     faq_bot,
+    free_port,
     with_bot_at,
 )
 from omniroute.commands.demo_console import (
@@ -153,17 +153,6 @@ def demo_database(settings: Settings) -> str:
     parts = urlsplit(settings.database_url.get_secret_value())
     name = (parts.path.lstrip("/") or "omniroute") + "_demo"
     return urlunsplit(parts._replace(path=f"/{name}"))
-
-
-def _free_port(preferred: int) -> int:
-    for port in (preferred, 0):
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return int(sock.getsockname()[1])
-    raise RuntimeError("no free port")
 
 
 def _script(account: Account) -> list[Step]:
@@ -403,7 +392,7 @@ async def _run_demo(settings: Settings, keep_running: bool, config_path: Path, b
             }
         )
     )
-    port = _free_port(settings.http_port)
+    port = free_port(settings.http_port)
     router_url = f"http://127.0.0.1:{port}"
     demo_settings = Settings.model_validate(
         settings.model_dump()

@@ -22,16 +22,22 @@ START_SECONDS = 10.0
 ANSWER_SECONDS = 15.0
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def free_port(preferred: int = 0) -> int:
+    """``preferred`` on loopback when nobody listens there, else any free port."""
+    for port in (preferred, 0):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return int(sock.getsockname()[1])
+    raise RuntimeError("no free port")
 
 
 @contextlib.asynccontextmanager
 async def faq_bot(script: Path = FAQ_BOT) -> AsyncIterator[str]:
     """Start the example bot; yield its REST channel URL; stop it."""
-    port = _free_port()
+    port = free_port()
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         str(script),

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import socket
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -34,7 +33,7 @@ from omniroute.infra.bus import Bus, declare_stage
 from omniroute.infra.config_loader import LiveConfig, parse_config
 from omniroute.infra.settings import Settings
 from omniroute.infra.topology import STAGES
-from omniroute.twilio_emulator import EmulatorState, RunningEmulator, start_emulator
+from omniroute.twilio_emulator import RunningEmulator
 from router.app import create_app
 from router.state import BUS
 from schemas.events import Envelope, MessageReceived
@@ -59,7 +58,6 @@ from tests.conftest import Infra, make_settings
 from tests.consumers.conftest import RunnerFactory
 from tests.support import (
     ACCOUNT_SID,
-    AUTH_TOKEN,
     BUSINESS,
     CONFIG_YAML,
     ENVIRON,
@@ -75,13 +73,6 @@ from tests.support import (
 Client = TestClient[Any, Any]
 STAGE_QUEUES = ("conversations", "classify", "distribute", "outbound", "bot", "lifecycle")
 GREETING = "Olá! Sou o assistente virtual."
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _yaml(prefix: str, url: str, workstream: dict[str, Any] | None = None, **bot: Any) -> str:
@@ -133,22 +124,6 @@ def _yaml(prefix: str, url: str, workstream: dict[str, Any] | None = None, **bot
 
 
 # --- fixtures ----------------------------------------------------------------------------
-
-
-@pytest.fixture
-async def emulator() -> AsyncIterator[RunningEmulator]:
-    running = await start_emulator(
-        EmulatorState(accounts={ACCOUNT_SID: AUTH_TOKEN}, callback_delay=0.02)
-    )
-    try:
-        yield running
-    finally:
-        await running.close()
-
-
-@pytest.fixture
-def router_port() -> int:
-    return _free_port()
 
 
 @pytest.fixture

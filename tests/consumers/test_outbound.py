@@ -11,7 +11,6 @@ import asyncio
 import base64
 import contextlib
 import secrets
-import socket
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -32,10 +31,8 @@ from omniroute.infra.metrics import GATE_REJECTIONS
 from omniroute.infra.settings import Settings
 from omniroute.infra.webhook_urls import status_url
 from omniroute.twilio_emulator import (
-    EmulatorState,
     RunningEmulator,
     StoredMedia,
-    start_emulator,
 )
 from router.app import create_app
 from router.state import BUS
@@ -44,11 +41,11 @@ from tests.conftest import Infra, make_settings
 from tests.consumers.conftest import RunnerFactory
 from tests.support import (
     ACCOUNT_SID,
-    AUTH_TOKEN,
     BUSINESS,
     CONFIG_YAML,
     ENVIRON,
     EventTap,
+    free_port,
     new_agent,
     new_customer,
     tap,
@@ -94,29 +91,6 @@ INBOUND = "/twilio/contoso/inbound"
 
 
 # --- fixtures: the emulator, a router on a real port, settings pointing at both ------------
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-@pytest.fixture
-async def emulator() -> AsyncIterator[RunningEmulator]:
-    running = await start_emulator(
-        EmulatorState(accounts={ACCOUNT_SID: AUTH_TOKEN}, callback_delay=0.02)
-    )
-    try:
-        yield running
-    finally:
-        await running.close()
-
-
-@pytest.fixture
-def router_port() -> int:
-    return _free_port()
 
 
 @pytest.fixture
@@ -730,7 +704,7 @@ async def test_an_unreachable_api_is_retried_then_fails(
     events: EventTap,
     db: asyncpg.Pool,
 ) -> None:
-    closed_port = _free_port()  # nothing listens there: the request never left
+    closed_port = free_port()  # nothing listens there: the request never left
     await start_runner(
         outbound.STAGE, twilio_api_url=f"http://127.0.0.1:{closed_port}", send_attempts=3
     )

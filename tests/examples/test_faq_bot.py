@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import socket
 import sys
 import uuid
 from collections.abc import AsyncIterator
@@ -19,6 +18,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from examples.faq_bot import HEALTH_PATH, REST_PATH, create_app
+from tests.support import free_port
 
 TOKEN = "faq-bot-test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -188,15 +188,8 @@ async def test_requests_that_are_not_rasa_messages_are_refused(
     assert (await response.json())["error"]["code"] in {"invalid_json", "invalid_message"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 async def test_the_script_serves_on_the_given_port_with_the_token_from_the_environment() -> None:
-    port = _free_port()
+    port = free_port()
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         str(SCRIPT),

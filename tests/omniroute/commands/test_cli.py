@@ -27,15 +27,10 @@ from tests.support import (
     BUSINESS,
     CONFIG_YAML,
     ENVIRON,
+    free_port,
     new_customer,
     wait_for,
 )
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def _cli(*args: str, env: dict[str, str]) -> tuple[int, str, str]:
@@ -71,7 +66,7 @@ async def test_run_process_end_to_end_and_no_secret_in_logs(
 ) -> None:
     config = tmp_path / "omniroute.yaml"
     config.write_text(CONFIG_YAML)
-    port = _free_port()
+    port = free_port()
     public = f"http://127.0.0.1:{port}"
     log = tmp_path / "run.log"
     emulator = await start_emulator(EmulatorState(accounts={ACCOUNT_SID: AUTH_TOKEN}))
@@ -241,7 +236,7 @@ async def test_reconcile_says_in_one_line_what_is_unreachable(infra: Infra, tmp_
     no_broker = _env(
         infra,
         config,
-        OMNIROUTE_AMQP_URL=f"amqp://guest:guest@127.0.0.1:{_free_port()}/",
+        OMNIROUTE_AMQP_URL=f"amqp://guest:guest@127.0.0.1:{free_port()}/",
         OMNIROUTE_BROKER_CONNECT_TIMEOUT="0.5",
     )
     code, out, err = await _cli("reconcile", env=no_broker)
@@ -250,7 +245,7 @@ async def test_reconcile_says_in_one_line_what_is_unreachable(infra: Infra, tmp_
     no_database = _env(
         infra,
         config,
-        OMNIROUTE_DATABASE_URL=f"postgresql://127.0.0.1:{_free_port()}/omniroute",
+        OMNIROUTE_DATABASE_URL=f"postgresql://127.0.0.1:{free_port()}/omniroute",
         OMNIROUTE_DB_CONNECT_TIMEOUT="0.5",
     )
     code, out, err = await _cli("reconcile", env=no_database)
@@ -268,7 +263,7 @@ async def test_reconcile_prints_a_line_per_number_and_the_statuses(
         customer = new_customer()
         send = {
             "account_sid": ACCOUNT_SID,
-            "url": f"http://127.0.0.1:{_free_port()}/twilio/contoso/inbound",  # nobody there
+            "url": f"http://127.0.0.1:{free_port()}/twilio/contoso/inbound",  # nobody there
             "from": f"whatsapp:{customer}",
             "to": f"whatsapp:{BUSINESS}",
             "body": "oi?",
@@ -330,7 +325,7 @@ async def test_migrate_says_in_one_line_what_is_wrong_with_the_database(
         f"omniroute migrate: database {name!r} does not exist on PostgreSQL at"
         f" {parts.hostname}:{parts.port or 5432} (omniroute migrate --create-database creates it)"
     )
-    port = _free_port()
+    port = free_port()
     nobody = _env(infra, config, OMNIROUTE_DATABASE_URL=f"postgresql://127.0.0.1:{port}/x")
     code, out, err = await _cli("migrate", env=nobody)
     assert (code, out) == (1, "")
@@ -399,7 +394,7 @@ async def test_a_missing_config_file_or_a_bad_setting_is_one_line(
 
 
 async def test_an_unreachable_broker_is_one_line(infra: Infra, tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     env = _env(
         infra, tmp_path / "x.yaml", OMNIROUTE_AMQP_URL=f"amqp://guest:guest@127.0.0.1:{port}/"
     )
