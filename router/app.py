@@ -67,7 +67,9 @@ def create_app(
         own_bus = bus is None
         own_store = store is None
         app[BUS] = bus if bus is not None else Bus.from_settings(settings)
-        app[STORE] = store if store is not None else Store.from_settings(settings)
+        app[STORE] = (
+            store if store is not None else Store.from_settings(settings, "omniroute router")
+        )
         await app[BUS].start()
         # A router on its own is a candidate for the outbox relay (API calls write events
         # there); under ``omniroute run``/``serve`` the service runs the process's candidate.

@@ -32,6 +32,7 @@ from omniroute.infra.settings import Settings
 from omniroute.infra.store import Store, init_connection, migrate
 from router.app import create_app
 from router.state import BUS
+from tests.relay_diagnosis import describe_relay
 from tests.support import CONFIG_YAML, ENVIRON, PUBLIC_URL, EventTap, tap
 
 BASE_AMQP = os.environ.get("OMNIROUTE_TEST_AMQP_BASE", "amqp://guest:guest@127.0.0.1:5672")
@@ -51,10 +52,13 @@ def _bounded(
 ) -> Callable[..., Awaitable[None]]:
     @functools.wraps(test)
     async def run(*args: Any, **kwargs: Any) -> None:
+        bound = asyncio.timeout(seconds)
         try:
-            async with asyncio.timeout(seconds):
+            async with bound:
                 await test(*args, **kwargs)
         except TimeoutError as exc:
+            if not bound.expired():
+                raise  # the test's own wait timed out (an event that never came): its error
             raise TimeoutError(f"{name} did not finish within {seconds:.0f} s") from exc
 
     return run
@@ -69,6 +73,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         limit = float(marker.args[0]) if marker and marker.args else default
         if limit > CANCEL_MARGIN * 2:
             item.obj = _bounded(item.obj, limit - CANCEL_MARGIN, item.nodeid)
+
+
+# The run's database, once the session created it: a failing test's report says what the
+# outbox relay is doing there (tests/relay_diagnosis.py).
+_RUN_DATABASE: list[str] = []
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    outcome = yield
+    report = outcome.get_result()
+    if report.when == "call" and report.failed and _RUN_DATABASE:
+        report.sections.append(("outbox relay", describe_relay(_RUN_DATABASE[0])))
 
 
 @dataclass(frozen=True)
@@ -98,11 +115,23 @@ async def infra() -> AsyncIterator[Infra]:
     database_url = f"{BASE_DB}/omniroute_test_{suffix}"
     await create_database(database_url)
     await migrate(database_url)
+    # As the README advises for production: a transaction a test leaves open (a connection
+    # abandoned mid-transaction) would hold the outbox relay back for the rest of the run.
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute(
+            f'ALTER DATABASE "omniroute_test_{suffix}"'
+            " SET idle_in_transaction_session_timeout = 60000"
+        )
+    finally:
+        await conn.close()
     await _rabbitmqctl("add_vhost", vhost)
     await _rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+    _RUN_DATABASE.append(database_url)
     try:
         yield Infra(f"{BASE_AMQP}/{quote(vhost, safe='')}", database_url, vhost)
     finally:
+        _RUN_DATABASE.clear()
         await _rabbitmqctl("delete_vhost", vhost)
         await drop_database(database_url)
 

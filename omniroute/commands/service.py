@@ -105,7 +105,7 @@ class Service:
         self.listen()
         listening = self._listening
         bus = Bus.from_settings(self.settings, declare_keys=self.declare_keys)
-        store = Store.from_settings(self.settings)
+        store = Store.from_settings(self.settings, f"omniroute {self.role}")
         await bus.start()
         self._bus = bus
         self._cleanups.append(store.close)

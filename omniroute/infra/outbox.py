@@ -149,6 +149,10 @@ async def _release(conn: asyncpg.Connection[Any]) -> None:
         conn.terminate()
 
 
+class _SteppedDown(Exception):
+    """The leader could not publish for ``outbox_leader_step_down`` seconds."""
+
+
 class OutboxRelay(Background):
     """A candidate for the deployment's outbox relay; the elected one tails the log."""
 
@@ -168,14 +172,17 @@ class OutboxRelay(Background):
         attempt = 0
         while True:
             try:
-                conn = await self._store.connect()
+                conn = await self._store.connect("outbox-relay")
             except UNAVAILABLE:
                 attempt += 1
                 await asyncio.sleep(min(5.0, 0.2 * attempt))
                 continue
             attempt = 0
+            stepped_down = False
             try:
                 await self._lead(conn)
+            except _SteppedDown:
+                stepped_down = True
             except UNAVAILABLE as exc:
                 log.info("outbox.relay_interrupted", error=f"{type(exc).__name__}: {exc}"[:200])
             except Exception as exc:
@@ -184,6 +191,9 @@ class OutboxRelay(Background):
             finally:
                 self._leave()
                 await _release(conn)
+            if stepped_down:
+                # Let a standby with a broker take the lock before standing again.
+                await asyncio.sleep(2 * self._settings.outbox_leader_poll)
 
     def _leave(self) -> None:
         if self.leading:
@@ -193,7 +203,11 @@ class OutboxRelay(Background):
     async def _lead(self, conn: asyncpg.Connection[Any]) -> None:
         """Wait for the lock on ``conn`` (held for as long as the connection lives), then
         relay until the connection, the broker or the process goes away."""
-        while not await conn.fetchval("SELECT pg_try_advisory_lock($1)", OUTBOX_LOCK):  # noqa: ASYNC110 (polling another process's lock)
+        # Only a candidate that reaches the broker stands: a leader without one would hold
+        # the lock and publish nothing while the other processes' relays wait.
+        while not (  # noqa: ASYNC110 (polling another process's lock)
+            self._bus.ready and await conn.fetchval("SELECT pg_try_advisory_lock($1)", OUTBOX_LOCK)
+        ):
             await asyncio.sleep(self._settings.outbox_leader_poll)
         self.leading = True
         OUTBOX_LEADER.set(1)
@@ -207,11 +221,22 @@ class OutboxRelay(Background):
         log.info("outbox.relay_leading", watermark=self._watermark)
         loop = asyncio.get_running_loop()
         next_prune = loop.time() + self._settings.outbox_prune_interval
+        stalled_since: float | None = None
         while True:
             try:
                 relayed, blocked = await self.relay_once(conn)
+                stalled = not self._bus.ready
             except BrokerUnavailable:
-                relayed, blocked = 0, False  # keep the lead; look again after the interval
+                relayed, blocked, stalled = 0, False, True  # look again after the interval
+            if not stalled:
+                stalled_since = None
+            elif stalled_since is None:
+                stalled_since = loop.time()
+            elif loop.time() - stalled_since >= self._settings.outbox_leader_step_down:
+                # This process lost the broker (or closed its bus without stopping the
+                # relay): hand the lead to a process that can publish.
+                log.warning("outbox.relay_stepping_down", reason="broker unreachable")
+                raise _SteppedDown
             if loop.time() >= next_prune:
                 await self.prune(conn)
                 next_prune = loop.time() + self._settings.outbox_prune_interval

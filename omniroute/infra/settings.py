@@ -99,6 +99,11 @@ class Settings(BaseSettings):
     outbox_leader_poll: float = Field(
         default=1.0, gt=0, description="a standby relay tries to become the leader this often, s"
     )
+    outbox_leader_step_down: float = Field(
+        default=10.0,
+        gt=0,
+        description="a leader that cannot reach the broker this long lets a standby lead, s",
+    )
     outbox_retention: float = Field(
         default=3600.0, ge=0, description="published outbox rows kept this long, s"
     )

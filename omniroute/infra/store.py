@@ -62,9 +62,18 @@ class Store:
     """A lazily connected pool: processes start while PostgreSQL is down and recover."""
 
     def __init__(
-        self, dsn: str, *, min_size: int = 1, max_size: int = 10, connect_timeout: float = 3.0
+        self,
+        dsn: str,
+        *,
+        min_size: int = 1,
+        max_size: int = 10,
+        connect_timeout: float = 3.0,
+        application_name: str = "omniroute",
     ) -> None:
         self._dsn = dsn
+        # Shown in pg_stat_activity, so an operator (and a failing test's report) can tell
+        # which process holds a lock or a transaction; PostgreSQL keeps 63 bytes of it.
+        self._server_settings = {"application_name": application_name[:63]}
         self._min_size = min_size
         self._max_size = max_size
         self._connect_timeout = connect_timeout
@@ -72,12 +81,13 @@ class Store:
         self._lock = asyncio.Lock()
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> Store:
+    def from_settings(cls, settings: Settings, application_name: str = "omniroute") -> Store:
         return cls(
             settings.database_url.get_secret_value(),
             min_size=settings.db_pool_min,
             max_size=settings.db_pool_max,
             connect_timeout=settings.db_connect_timeout,
+            application_name=application_name,
         )
 
     async def pool(self) -> asyncpg.Pool:
@@ -93,6 +103,7 @@ class Store:
                         timeout=self._connect_timeout,
                         init=init_connection,
                         reset=_keep_session,
+                        server_settings=self._server_settings,
                     )
                 except UNAVAILABLE as exc:
                     raise StoreUnavailable(f"database unreachable: {type(exc).__name__}") from exc
@@ -108,10 +119,11 @@ class Store:
         except UNAVAILABLE as exc:
             raise StoreUnavailable(f"database unavailable: {type(exc).__name__}") from exc
 
-    async def connect(self) -> asyncpg.Connection[asyncpg.Record]:
+    async def connect(self, purpose: str = "") -> asyncpg.Connection[asyncpg.Record]:
         """A connection of its own, outside the pool (session state: locks, LISTEN)."""
+        name = f"{self._server_settings['application_name']} {purpose}".strip()[:63]
         conn: asyncpg.Connection[asyncpg.Record] = await asyncpg.connect(
-            self._dsn, timeout=self._connect_timeout
+            self._dsn, timeout=self._connect_timeout, server_settings={"application_name": name}
         )
         await init_connection(conn)
         return conn

@@ -3,6 +3,7 @@ transaction, nothing published twice, pruning behind the watermark."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from typing import Any
 
@@ -96,6 +97,36 @@ async def test_one_relay_leads_and_another_takes_over_when_it_goes(
 
 async def _one_leads(relays: list[OutboxRelay]) -> bool:
     return any(r.leading for r in relays)
+
+
+async def test_a_leader_that_loses_its_broker_hands_the_lead_to_one_that_has_it(
+    bus: Bus, store: Store, settings: Settings
+) -> None:
+    """A leader whose bus is gone published nothing and kept the lock forever (every other
+    process's relay stood by): it steps down after ``outbox_leader_step_down``, and a
+    candidate without a broker does not take the lead."""
+    fast = Settings.model_validate({**_fast(settings).model_dump(), "outbox_leader_step_down": 0.5})
+    lost = Bus.from_settings(fast)
+    await lost.start()
+    await lost.wait_ready()
+    first = OutboxRelay(bus=lost, store=store, settings=fast)
+    await first.start()
+    second = OutboxRelay(bus=bus, store=store, settings=fast)
+    try:
+        await wait_for(lambda: _one_leads([first]))
+        await second.start()
+        await lost.close()  # the leader's broker connection is gone for good
+        event = _event("after the broker went")
+        async with tap(settings.amqp_url.get_secret_value(), "conversation.opened") as spy:
+            async with store.transaction() as conn:
+                await add_to_outbox(conn, [event])
+            await _published(spy, {event.id}, 1)
+        assert second.leading and not first.leading
+        await asyncio.sleep(0.5)  # the bus-less candidate keeps standing by
+        assert not first.leading
+    finally:
+        await first.stop()
+        await second.stop()
 
 
 async def test_an_event_written_twice_is_recorded_once(store: Store) -> None:
