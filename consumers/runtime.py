@@ -217,6 +217,7 @@ class StageRunner:
         )
         self._in_flight: set[asyncio.Task[Any]] = set()
         self._stopping = asyncio.Event()
+        self._draining = False  # the consumer is cancelled: deliveries no longer start
         self._ticker: asyncio.Task[None] | None = None
         self._follower: asyncio.Task[None] | None = None
         self._bound_for: Config | None = None
@@ -324,12 +325,8 @@ class StageRunner:
         if self._queue is not None and self._consumer_tag is not None:
             with contextlib.suppress(Exception):
                 await self._queue.cancel(self._consumer_tag)
-        if self._in_flight:
-            _, pending = await asyncio.wait(
-                set(self._in_flight), timeout=self._settings.shutdown_grace
-            )
-            for task in pending:
-                task.cancel()
+        self._draining = True
+        await self._drain()
         if self._queue is not None:
             with contextlib.suppress(Exception):
                 await self._queue.channel.close()
@@ -339,7 +336,30 @@ class StageRunner:
             await self._exit_stack.aclose()
         log.info("stage.stopped", stage=self.stage.name)
 
+    async def _drain(self) -> None:
+        """Let the deliveries in flight finish within the grace period, then cancel the rest
+        (each nacks itself back to the queue). The set is read again until it is empty: a
+        delivery the client had buffered before the consumer was cancelled may have started
+        meanwhile, and closing the channel under it after its commit would leave it both
+        stored and redelivered."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._settings.shutdown_grace
+        while self._in_flight and (left := deadline - loop.time()) > 0:
+            await asyncio.wait(set(self._in_flight), timeout=left)
+        if self._in_flight:
+            pending = set(self._in_flight)
+            log.warning("stage.drain_timed_out", stage=self.stage.name, cancelled=len(pending))
+            for task in pending:
+                task.cancel()
+            await asyncio.wait(pending, timeout=2.0)  # their nacks go out before the close
+
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        if self._draining:
+            # Buffered by the client before the consumer was cancelled and dispatched after:
+            # not started, so it goes back to the queue for the next process untouched.
+            with contextlib.suppress(Exception):
+                await message.nack(requeue=True)
+            return
         task = asyncio.current_task()
         if task is not None:
             self._in_flight.add(task)

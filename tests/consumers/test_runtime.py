@@ -285,3 +285,41 @@ async def test_a_row_never_stored_is_dead_lettered_once_the_event_is_too_old(
     await bus.publish(event)
     letter = await _dead_letter(settings, event.id)
     assert "not ready" in letter.reason and "SMx is not stored" in letter.reason
+
+
+class _Buffered:
+    """A delivery the client had buffered: only what the runner may call on it."""
+
+    def __init__(self) -> None:
+        self.nacked: list[bool] = []
+        self.acked = False
+        self.body = received_event().model_dump_json().encode()
+        self.headers: dict[str, Any] = {}
+        self.routing_key = "message.received"
+        self.message_id = "buffered"
+
+    async def nack(self, requeue: bool = True) -> None:
+        self.nacked.append(requeue)
+
+    async def ack(self) -> None:
+        self.acked = True
+
+
+async def test_a_delivery_dispatched_after_the_consumer_was_cancelled_goes_back_untouched(
+    start_runner: RunnerFactory,
+) -> None:
+    """A delivery whose task first ran after the drain began was neither waited for nor
+    refused: it was handled, committed, and its ack lost with the closed channel (seen under
+    load: one message both stored and back in the queue after a clean SIGTERM)."""
+    handled: list[str] = []
+
+    async def record(event: Envelope, payload: BaseModel, tx: StageTx) -> list[Envelope]:
+        handled.append(event.id)
+        return []
+
+    runner = await start_runner(Stage("conversations", {EventType.MESSAGE_RECEIVED: record}))
+    await runner.stop()
+    late = _Buffered()
+    await runner._on_message(late)  # type: ignore[arg-type]
+    assert late.nacked == [True] and not late.acked
+    assert handled == []

@@ -96,8 +96,11 @@ async def test_sigterm_drains_in_flight_work_and_loses_nothing(
     stored = await _stored(db, customers)
     waiting = await _ready_in_queue(infra.amqp_url)
     assert stored < TOTAL, "stopped too late to test anything: everything was done"
-    # A clean drain: every message is either stored (and acked) or back in the queue.
-    assert stored + waiting == TOTAL
+    # A clean drain: every message is either stored (and acked) or back in the queue. Only
+    # work cancelled at the end of the grace period (said in the log) may be both.
+    assert stored + waiting >= TOTAL, "lost"
+    drained = "stage.drain_timed_out" not in log.read_text()
+    assert stored + waiting == TOTAL or not drained, (stored, waiting)
 
     second = await _consume(env, log)
     try:
