@@ -7,6 +7,10 @@ connection: exponential backoff with jitter through the message's ``next_attempt
 picked up by the stage's tick in any replica), or reject (63016 window closed, which also
 corrects the conversation's window; 21610 opted out), or fail (other 4xx, retries spent).
 
+Order: a conversation's messages are handed to Twilio in the order they were requested (a
+bot's answers, an agent's quick lines, across replicas): one whose earlier sibling is still
+to go out waits for it through the retry timer, at most ``send_order_wait`` seconds.
+
 Never two sends: a redelivered message already past ``requested`` is not sent again; one
 found in ``sending`` (the process died during the call) becomes ``unknown`` and is shown
 as such, for the agent to retry explicitly.
@@ -49,11 +53,22 @@ log = structlog.get_logger("omniroute.outbound")
 
 _MESSAGE = """
 SELECT m.id, m.status, m.kind, m.body, m.media, m.template, m.attempts, m.agent_id,
-       c.id AS conversation_id, c.account, c.business_number, c.customer, c.workstream,
-       c.language, c.last_customer_message_at, c.window_closed_at
+       m.received_at, c.id AS conversation_id, c.account, c.business_number, c.customer,
+       c.workstream, c.language, c.last_customer_message_at, c.window_closed_at
 FROM messages m JOIN conversations c ON c.id = m.conversation_id
 WHERE m.id = $1
 FOR UPDATE OF m
+"""
+
+
+# An earlier outbound message of the same conversation, requested within the order wait,
+# that has not been handed to Twilio yet (messages_conversation: conversation, received_at).
+_EARLIER_UNSENT = """
+SELECT EXISTS (
+    SELECT 1 FROM messages
+    WHERE conversation_id = $1 AND received_at >= $2::timestamptz - make_interval(secs => $4)
+      AND (received_at, id) < ($2, $3) AND direction = 'outbound'
+      AND status IN ('requested', 'retrying', 'sending'))
 """
 
 
@@ -171,6 +186,17 @@ async def prepare_send(tx: StageTx, message_id: str) -> list[Envelope]:
                 verdict.templates,
             )
         ]
+    if await _behind_an_earlier_send(tx, row):
+        # Twilio sends what it is given in the order it was queued (support.twilio.com,
+        # "Can my SMS messages arrive in order?"), so a conversation's messages are handed
+        # over in the order they were requested: a bot's two answers, an agent's quick
+        # lines. Deferred through the durable retry timer, not counted as an attempt.
+        await tx.conn.execute(
+            "UPDATE messages SET status = 'retrying', next_attempt_at = $2 WHERE id = $1",
+            row["id"],
+            tx.now + timedelta(seconds=tx.settings.tick_interval),
+        )
+        return []
     slot = await _pace(tx.conn, row["business_number"], tx.settings.send_interval, tx.now)
     if slot > tx.now + timedelta(seconds=tx.settings.tick_interval):
         await tx.conn.execute(
@@ -187,6 +213,20 @@ async def prepare_send(tx: StageTx, message_id: str) -> list[Envelope]:
     params = _twilio_params(tx, row, verdict.rendered)
     tx.after_commit.append(lambda: _send(tx, row, params))
     return []
+
+
+async def _behind_an_earlier_send(tx: StageTx, row: Any) -> bool:
+    """Whether an earlier message of the conversation is still to be handed to Twilio; a
+    message waits for that at most ``send_order_wait`` after it was requested (an earlier
+    one stuck in ``sending`` by a crash, or retrying for long, does not hold it forever)."""
+    wait = tx.settings.send_order_wait
+    if wait <= 0 or tx.now - row["received_at"] >= timedelta(seconds=wait):
+        return False
+    return bool(
+        await tx.conn.fetchval(
+            _EARLIER_UNSENT, row["conversation_id"], row["received_at"], row["id"], wait
+        )
+    )
 
 
 def _twilio_params(tx: StageTx, row: Any, rendered: Any) -> dict[str, Any]:

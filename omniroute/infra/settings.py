@@ -114,6 +114,12 @@ class Settings(BaseSettings):
     send_attempts: int = Field(default=5, ge=1, description="then message.failed")
     send_backoff_base: float = Field(default=1.0, gt=0)
     send_backoff_max: float = Field(default=60.0, gt=0)
+    send_order_wait: float = Field(
+        default=60.0,
+        ge=0,
+        description="a message waits at most this long for an earlier one of its"
+        " conversation to be handed to Twilio (0: no ordering), s",
+    )
     send_interval: float = Field(
         default=0.0125, ge=0, description="per sender number: 80 messages/s"
     )

@@ -247,6 +247,17 @@ async def _status_is(
     return found
 
 
+async def _history_of(db: asyncpg.Pool, message_id: str, steps: int) -> list[Any] | None:
+    """The message's status history in the order the callbacks were received, once it
+    holds ``steps`` entries."""
+    history = await db.fetchval(
+        "SELECT jsonb_agg(step ORDER BY (step ->> 'received_at')::timestamptz)"
+        " FROM messages, jsonb_array_elements(status_history) AS step WHERE id = $1",
+        uuid.UUID(message_id),
+    )
+    return history if history is not None and len(history) >= steps else None
+
+
 async def _sid_stored(db: asyncpg.Pool, message_id: str) -> asyncpg.Record:
     async def stored() -> asyncpg.Record | None:
         row = await _message(db, message_id)
@@ -360,7 +371,10 @@ async def test_text_inside_the_window_is_sent_once_and_followed_to_read(
     assert sent[0]["content_sid"] is None and sent[0]["media_urls"] == []
     assert read["twilio_sid"] == sent[0]["sid"]
     assert read["attempts"] == 1 and read["kind"] == "text" and read["direction"] == "outbound"
-    assert [h["status"] for h in read["status_history"]] == ["sent", "delivered", "read"]
+    # The status stage applies concurrent callbacks in any order (the row's history is in
+    # that order; the API orders it by receipt): every step recorded, in the order received.
+    history = await wait_for(lambda: _history_of(db, message_id, 3), timeout=10)
+    assert [h["status"] for h in history] == ["sent", "delivered", "read"]
 
     assert await _events_until(events, message_id, EventType.MESSAGE_READ) == [
         EventType.MESSAGE_SEND_REQUESTED,
@@ -1072,3 +1086,57 @@ async def test_customer_media_proxy_uses_no_deprecated_api(
     )
     assert fetched.status == 200
     assert await fetched.read() == b"%PDF-1.4 hello"
+
+
+async def test_a_conversations_messages_are_handed_to_twilio_in_the_order_asked(
+    router: TestClient[Any, Any],
+    start_runner: RunnerFactory,
+    emulator: RunningEmulator,
+    http: aiohttp.ClientSession,
+    db: asyncpg.Pool,
+) -> None:
+    """Twilio sends in the order it was given messages; we gave a conversation's messages in
+    any order (two replicas, or a retry of the first while the second went out)."""
+    for _ in range(2):  # the first send's retry comes 0.5-1 s later
+        await start_runner(outbound.STAGE, send_backoff_base=1.0, send_backoff_max=1.0)
+    chat = await _chat(db)
+    _customer_wrote(emulator, chat)
+    await _fault(http, emulator, chat, status=503, code=20503)
+    code, first = await _send(router, chat, {"text": "1. Olá"})
+    assert code == 202
+    await _status_is(db, first["id"], "retrying")
+    asked = [first["id"]]
+    for n in (2, 3, 4):
+        code, answer = await _send(router, chat, {"text": f"{n}. mais uma linha"})
+        assert code == 202
+        asked.append(answer["id"])
+    rows = [await _sid_stored(db, message_id) for message_id in asked]
+    sent = await _emulated(http, emulator, "messages", chat.customer)
+    assert [m["sid"] for m in sent] == [row["twilio_sid"] for row in rows]
+    assert [m["body"][:2] for m in sent] == ["1.", "2.", "3.", "4."]
+    # Waiting behind the first is not an attempt of their own.
+    assert [row["attempts"] for row in rows] == [2, 1, 1, 1]
+
+
+async def test_a_message_waits_for_an_earlier_one_only_so_long(
+    router: TestClient[Any, Any],
+    start_runner: RunnerFactory,
+    emulator: RunningEmulator,
+    http: aiohttp.ClientSession,
+    db: asyncpg.Pool,
+) -> None:
+    """An earlier message that keeps failing does not hold the conversation's next one
+    beyond ``send_order_wait``."""
+    await start_runner(
+        outbound.STAGE, send_order_wait=1.0, send_backoff_base=20.0, send_backoff_max=20.0
+    )
+    chat = await _chat(db)
+    _customer_wrote(emulator, chat)
+    await _fault(http, emulator, chat, status=503, code=20503)
+    _, first = await _send(router, chat, {"text": "primeira"})
+    await _status_is(db, first["id"], "retrying")
+    _, second = await _send(router, chat, {"text": "segunda"})
+    second_row = await _sid_stored(db, second["id"])
+    first_row = await _message(db, first["id"])
+    assert first_row["twilio_sid"] is None  # still waiting for its retry
+    assert second_row["attempts"] == 1

@@ -41,7 +41,7 @@ from typing import Any, cast
 import asyncpg
 import pytest
 
-from consumers import bot, classify, distribute, lifecycle, overflow
+from consumers import bot, classify, distribute, lifecycle, outbound, overflow
 from omniroute.domain import conversation, queue_view, timers
 from omniroute.infra import outbox
 from omniroute.infra.database import create_database, drop_database
@@ -435,6 +435,13 @@ CASES = [
         distribute.DUE_OFFERS,
         lambda s: (s.now,),
         (frozenset({"offers_due"}),),
+    ),
+    Case(
+        # Every send: is an earlier message of the conversation still to go out?
+        "outbound._EARLIER_UNSENT",
+        outbound._EARLIER_UNSENT,
+        lambda s: (s.active, s.now, uuid.uuid4(), 60.0),
+        (frozenset({"messages_conversation"}),),
     ),
     Case("lifecycle.AHEAD", lifecycle.AHEAD, _ahead_args, (frozenset({"conversations_queue"}),)),
     Case(
