@@ -9,7 +9,8 @@ corrects the conversation's window; 21610 opted out), or fail (other 4xx, retrie
 
 Order: a conversation's messages are handed to Twilio in the order they were requested (a
 bot's answers, an agent's quick lines, across replicas): one whose earlier sibling is still
-to go out waits for it through the retry timer, at most ``send_order_wait`` seconds.
+to go out waits for it (held in place by the runtime, or a later tick for a retry), at most
+``send_order_wait`` seconds after it was requested.
 
 Never two sends: a redelivered message already past ``requested`` is not sent again; one
 found in ``sending`` (the process died during the call) becomes ``unknown`` and is shown
@@ -32,7 +33,7 @@ from pydantic import BaseModel
 from consumers.runtime import Stage, StageTx
 from omniroute.domain.conversation import note_window_closed
 from omniroute.domain.window import gate, window
-from omniroute.errors import TransientError
+from omniroute.errors import NotYetStored, TransientError
 from omniroute.infra.config_loader import LiveConfig
 from omniroute.infra.metrics import GATE_REJECTIONS, TWILIO_CALLS, TWILIO_ERRORS
 from omniroute.infra.outbox import add_to_outbox
@@ -149,7 +150,7 @@ async def _pace(conn: Connection, sender: str, interval: float, now: datetime) -
     return slot
 
 
-async def prepare_send(tx: StageTx, message_id: str) -> list[Envelope]:
+async def prepare_send(tx: StageTx, message_id: str, from_tick: bool = False) -> list[Envelope]:
     """Gate, pace and mark ``sending`` inside the transaction; the send runs after commit."""
     row = await tx.conn.fetchrow(_MESSAGE, message_id)
     if row is None:
@@ -190,7 +191,10 @@ async def prepare_send(tx: StageTx, message_id: str) -> list[Envelope]:
         # Twilio sends what it is given in the order it was queued (support.twilio.com,
         # "Can my SMS messages arrive in order?"), so a conversation's messages are handed
         # over in the order they were requested: a bot's two answers, an agent's quick
-        # lines. Deferred through the durable retry timer, not counted as an attempt.
+        # lines. Not an attempt. A delivery is held in place by the runtime (a crash leaves
+        # it on the queue, still ``requested``); the tick's retries wait for a later tick.
+        if not from_tick:
+            raise NotYetStored(f"message {message_id} waits for an earlier one to go out")
         await tx.conn.execute(
             "UPDATE messages SET status = 'retrying', next_attempt_at = $2 WHERE id = $1",
             row["id"],
@@ -349,7 +353,7 @@ async def tick(tx: StageTx) -> list[Envelope]:
     )
     events: list[Envelope] = []
     for row in due:
-        events += await prepare_send(tx, str(row["id"]))
+        events += await prepare_send(tx, str(row["id"]), from_tick=True)
     return events
 
 
