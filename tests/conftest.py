@@ -141,6 +141,9 @@ def make_settings(infra: Infra, **overrides: object) -> Settings:
         "amqp_url": infra.amqp_url,
         "database_url": infra.database_url,
         "public_url": PUBLIC_URL,
+        # Loopback only (a refused port): a test that starts reconciliation or a send without
+        # an emulator must not reach for api.twilio.com (seen: reconcile.number_failed, DNS).
+        "twilio_api_url": "http://127.0.0.1:9",
         "delivery_limit": 3,
         "retry_backoff_base": 0.01,
         "retry_backoff_max": 0.2,

@@ -176,7 +176,7 @@ async def test_reload_switches_rules_for_new_conversations_only(
     try:
         before = new_customer()
         await customer_writes(router, before, "boleto")
-        first = await _until(flow, "conversation.queued")
+        first = await _queued_for(flow, db, before)
         assert first["data"]["queue"] == "billing"
 
         path.write_text(CONFIG_YAML.replace("queue: billing}", "queue: general}"))
@@ -186,7 +186,7 @@ async def test_reload_switches_rules_for_new_conversations_only(
 
         after = new_customer()
         await customer_writes(router, after, "boleto")
-        second = await _until(flow, "conversation.queued")
+        second = await _queued_for(flow, db, after)
         assert second["conversation_id"] != first["conversation_id"]
         assert second["data"]["queue"] == "general"
         still = await db.fetchval(
@@ -195,6 +195,15 @@ async def test_reload_switches_rules_for_new_conversations_only(
         assert still == "billing"
     finally:
         await service.stop()
+
+
+async def _queued_for(flow: EventTap, db: asyncpg.Pool, customer: str) -> Any:
+    """``conversation.queued`` of this customer's conversation (not another test's leftover
+    relayed meanwhile: seen taking one queued in general for this test's billing)."""
+    conversation = await wait_for(
+        lambda: db.fetchval("SELECT id::text FROM conversations WHERE customer = $1", customer)
+    )
+    return await _until(flow, "conversation.queued", customer_conversation=conversation)
 
 
 async def _changed(live: LiveConfig, old: object) -> bool:
