@@ -195,20 +195,10 @@ async def prepare_send(tx: StageTx, message_id: str, from_tick: bool = False) ->
         # it on the queue, still ``requested``); the tick's retries wait for a later tick.
         if not from_tick:
             raise NotYetStored(f"message {message_id} waits for an earlier one to go out")
-        await tx.conn.execute(
-            "UPDATE messages SET status = 'retrying', next_attempt_at = $2 WHERE id = $1",
-            row["id"],
-            tx.now + timedelta(seconds=tx.settings.tick_interval),
-        )
-        return []
+        return await _retry_at(tx.conn, row, tx.now + timedelta(seconds=tx.settings.tick_interval))
     slot = await _pace(tx.conn, row["business_number"], tx.settings.send_interval, tx.now)
     if slot > tx.now + timedelta(seconds=tx.settings.tick_interval):
-        await tx.conn.execute(
-            "UPDATE messages SET status = 'retrying', next_attempt_at = $2 WHERE id = $1",
-            row["id"],
-            slot,
-        )
-        return []
+        return await _retry_at(tx.conn, row, slot)
     await tx.conn.execute(
         "UPDATE messages SET status = 'sending', attempts = attempts + 1,"
         " next_attempt_at = NULL, updated_at = now() WHERE id = $1",
@@ -216,6 +206,16 @@ async def prepare_send(tx: StageTx, message_id: str, from_tick: bool = False) ->
     )
     params = _twilio_params(tx, row, verdict.rendered)
     tx.after_commit.append(lambda: _send(tx, row, params))
+    return []
+
+
+async def _retry_at(conn: Connection, row: Any, at: datetime) -> list[Envelope]:
+    """Leave the message to the tick at ``at`` (not an attempt: nothing was sent)."""
+    await conn.execute(
+        "UPDATE messages SET status = 'retrying', next_attempt_at = $2 WHERE id = $1",
+        row["id"],
+        at,
+    )
     return []
 
 

@@ -689,6 +689,19 @@ class Ticks:
         await wait_for(enough, timeout=10)
 
 
+async def _answered_at_a_closing_bot(rig: Rig, started: Start) -> tuple[SetClock, Ticks, str, str]:
+    """A customer's "oi" answered by a bot that closes after 10 min idle, lifecycle ticking
+    on a settable clock: (clock, ticks, customer, conversation id)."""
+    clock = SetClock()
+    await started(echo(), greeting={}, close_after="10m", workstream=CLOSING)
+    ticks = await _start_lifecycle(rig, clock)
+    customer = new_customer()
+    await rig.writes(customer, "oi")
+    cid = str((await rig.conversation(customer))["id"])
+    await rig.event("bot.replied", cid)
+    return clock, ticks, customer, cid
+
+
 async def _start_lifecycle(rig: Rig, clock: Callable[[], datetime] | None = None) -> Ticks:
     ticks = Ticks()
     await rig.start_runner(
@@ -807,13 +820,7 @@ async def test_a_customer_silent_at_the_bot_is_closed_after_close_after_and_not_
 ) -> None:
     """``close_after`` counts from the bot's last answer; a message in between starts it
     again; the timer closes the conversation ``bot_idle`` once, without a survey."""
-    clock = SetClock()
-    await started(echo(), greeting={}, close_after="10m", workstream=CLOSING)
-    ticks = await _start_lifecycle(rig, clock)
-    customer = new_customer()
-    await rig.writes(customer, "oi")
-    cid = str((await rig.conversation(customer))["id"])
-    await rig.event("bot.replied", cid)
+    clock, ticks, customer, cid = await _answered_at_a_closing_bot(rig, started)
     answered = await rig.db.fetchval(
         "SELECT answered_at FROM bot_turns WHERE conversation_id = $1", cid
     )
@@ -1022,13 +1029,7 @@ async def test_a_message_stored_but_not_yet_handled_by_the_bot_keeps_it_from_idl
 ) -> None:
     """The idle timer fires while the customer's newest message is stored but the bot stage
     has not pushed the timer yet: not closed, the timer moves to that message's end."""
-    clock = SetClock()
-    await started(echo(), greeting={}, close_after="10m", workstream=CLOSING)
-    ticks = await _start_lifecycle(rig, clock)
-    customer = new_customer()
-    await rig.writes(customer, "oi")
-    cid = str((await rig.conversation(customer))["id"])
-    await rig.event("bot.replied", cid)
+    clock, ticks, customer, cid = await _answered_at_a_closing_bot(rig, started)
     first = await _idle_due(rig, cid)
     # A message stored a minute before the timer is due, which the bot stage is behind on.
     last = first - timedelta(minutes=1)
