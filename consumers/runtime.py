@@ -134,6 +134,11 @@ class Stage:
     # The routing keys (of the topology's bindings) the current configuration needs: the
     # queue is bound to those only, so the broker does not route what would be skipped.
     needs: Needs | None = None
+    # Whether deliveries may share a transaction (group commit). A stage whose events about
+    # one row must be published in the order their transactions took its lock says False:
+    # the relay publishes in transaction-id order, and a batch takes its id at its first
+    # write, before it waits for that row's lock behind a transaction with a later id.
+    batch: bool = True
 
     @property
     def takes(self) -> frozenset[str]:
@@ -211,7 +216,7 @@ class StageRunner:
         self._commits: GroupCommit[tuple[Envelope, BaseModel], Handled] = GroupCommit(
             self._until_stored,
             self._handle_alone,
-            max_batch=settings.prefetch,
+            max_batch=settings.prefetch if stage.batch else 1,
             max_concurrent=2,  # two transactions in flight: one fills while one commits
             fatal=(_Stopping,),
         )

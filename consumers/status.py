@@ -194,4 +194,7 @@ STAGE = Stage(
     name="status",
     handlers={EventType.MESSAGE_STATUS: handle},
     tick=retry_parked,
+    # A message's receipts (sent, delivered, read) are published in the order they were
+    # applied: each callback in a transaction of its own (see Stage.batch).
+    batch=False,
 )
